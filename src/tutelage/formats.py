@@ -1,0 +1,38 @@
+"""How an (instruction, input) pair becomes the student's prompt, shared by training and evaluation.
+
+Both stages must format identically, or the evaluation measures a prompt the student never saw.
+`alpaca` is the Stanford Alpaca template (for base models); `chat` is the student's own chat
+template; a path to a Jinja file is a user template with `instruction` and `input` variables.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@lru_cache(maxsize=None)
+def _template(path: str) -> jinja2.Template:
+    env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(Path(path).read_text(encoding="utf-8"))
+
+
+def render_template(path: Path, **values: object) -> str:
+    return _template(str(path)).render(**values)
+
+
+def student_prompt(instruction: str, input: str = "", style: str = "alpaca", tokenizer=None) -> str:
+    """The text the student sees before its answer."""
+    if style == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("training.prompt_format: chat, but the student has no chat template")
+        content = f"{instruction}\n\n{input}" if input else instruction
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    path = TEMPLATES / "student" / f"{style}.jinja" if style == "alpaca" else Path(style)
+    return render_template(path, instruction=instruction, input=input)

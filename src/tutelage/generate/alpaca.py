@@ -1,0 +1,108 @@
+"""The Stanford Alpaca batch recipe: one request asks for many numbered tasks at once.
+
+The prompt lists the requirements and a few seed tasks as numbered Instruction/Input/Output blocks,
+then opens the next block; the teacher continues the list. Parsing is tolerant on purpose: small or
+sloppy teachers renumber blocks, drop the `###` separators or the Input field, and every piece that
+cannot be read is still returned (as a parse error) so that nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..formats import TEMPLATES, render_template
+from ..teachers.base import Request
+
+NAME = "alpaca"
+DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 2048}
+NO_INPUT = "<noinput>"
+
+# "12. Instruction:" at the start of a line (number optional, any case, markdown bold tolerated).
+FIELD = re.compile(
+    r"^[ \t]*(?:#+[ \t]*)?\**[ \t]*(?:\d+[ \t]*[.)][ \t]*)?\**[ \t]*(instruction|input|output)"
+    r"[ \t]*\**[ \t]*:[ \t]*\**[ \t]*",
+    re.I | re.M,
+)
+LIST_NUMBER = re.compile(r"^\d+[.)]\s+")
+SEPARATOR = re.compile(r"^[ \t]*#{2,}[ \t]*$", re.M)
+
+
+@dataclass
+class Parsed:
+    """One task read from a response, or the raw text of a piece that could not be read."""
+
+    instruction: str
+    input: str = ""
+    output: str = ""
+    error: str | None = None  # a reason code: parse_error, length_truncated
+    raw: str | None = None
+
+
+def build_request(idx: int, seeds: list[dict], config, chat: bool, seed: int) -> Request:
+    """Request number `idx` of the loop. Its demonstrations depend only on (seed, idx), so a
+    rerun asks exactly the same request and the ledger answers it from the store."""
+    gen = config.generation
+    rng = random.Random(f"{seed}:{NAME}:{idx}")
+    demos = [
+        {"instruction": s["instruction"], "input": s["instances"][0]["input"],
+         "output": s["instances"][0]["output"]}
+        for s in rng.sample(seeds, min(gen.demonstrations, len(seeds)))
+    ]
+    template = gen.prompt_template or TEMPLATES / "generate" / "alpaca.jinja"
+    prompt = render_template(Path(template), n_tasks=gen.tasks_per_request, demonstrations=demos,
+                             topics=gen.topics, language=gen.language)
+    sampling = {**DEFAULT_SAMPLING, **config.teacher.sampling.model_dump(
+        exclude_unset=True)}
+    if chat:
+        return Request.make(messages=[{"role": "user", "content": prompt}], sampling=sampling,
+                            sample_index=idx)
+    return Request.make(prompt=prompt, sampling=sampling, sample_index=idx)
+
+
+def parse(text: str, finish_reason: str | None, continued: bool, first_number: int) -> list[Parsed]:
+    """Read the numbered tasks out of one response.
+
+    `continued`: the response continues a prompt that ended with "N. Instruction:" (completion
+    teachers), so its first characters are the first instruction.
+    """
+    text = SEPARATOR.sub("", text)
+    # A continuation starts inside the open block, unless the teacher restarted it with a marker.
+    if continued and not FIELD.match(text.lstrip("\n")):
+        text = f"{first_number}. Instruction: " + text
+    markers = list(FIELD.finditer(text))
+    # Split at every Instruction marker: one chunk per task, whatever the separators and numbers.
+    starts = [m.start() for m in markers if m.group(1).lower() == "instruction"]
+    chunks = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)])]
+    tasks = [_parse_chunk(chunk) for chunk in chunks]
+    if tasks and finish_reason == "length":
+        # The teacher stopped mid-task: its last block may be cut anywhere.
+        last = tasks[-1]
+        tasks[-1] = Parsed(last.instruction, last.input, last.output, "length_truncated",
+                           chunks[-1].strip())
+    return tasks
+
+
+def _parse_chunk(chunk: str) -> Parsed:
+    fields: dict[str, str] = {}
+    marks = list(FIELD.finditer(chunk))
+    for m, nxt in zip(marks, [*marks[1:], None]):
+        name = m.group(1).lower()
+        value = chunk[m.end(): nxt.start() if nxt else len(chunk)].strip()
+        if name in fields:  # a field twice in one task: the block is garbled
+            return Parsed("", error="parse_error", raw=chunk.strip())
+        fields[name] = value
+    instruction = fields.get("instruction", "")
+    if not instruction or "output" not in fields:
+        return Parsed(instruction, error="parse_error", raw=chunk.strip())
+    task_input = fields.get("input", "")
+    if task_input.strip().lower() in (NO_INPUT, "<no input>", "none", "n/a", ""):
+        task_input = ""
+    return Parsed(_one_line(instruction), task_input, fields["output"])
+
+
+def _one_line(text: str) -> str:
+    """Instructions are one line; a list number the teacher repeated inside one is not content."""
+    return LIST_NUMBER.sub("", re.sub(r"\s+", " ", text).strip())

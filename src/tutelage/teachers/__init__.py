@@ -1,0 +1,43 @@
+"""Teacher backends behind one protocol (`base.Teacher`), and the ledger every request goes through.
+
+Backends are imported only when made, so importing this package needs neither torch nor llama_cpp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import EMBEDDED, TeacherConfig
+from .base import Completion, Request, Teacher, TeacherError
+from .ledger import BudgetExceeded, Ledger, LedgerResult
+from .prices import PriceQuote, price_for
+
+__all__ = [
+    "BudgetExceeded", "Completion", "Ledger", "LedgerResult", "PriceQuote", "Request", "Teacher",
+    "TeacherError", "make_teacher", "price_for",
+]
+
+
+def make_teacher(config: TeacherConfig) -> Teacher:
+    """The backend `config.backend` names, set up from the teacher section of the configuration."""
+    if config.backend == "llamacpp":
+        from ..models import embedded_teacher_gguf
+        from .llamacpp import LlamaCppTeacher
+
+        path = (embedded_teacher_gguf() if config.model == EMBEDDED
+                else Path(config.model).expanduser())
+        return LlamaCppTeacher(path, n_ctx=config.n_ctx, threads=config.threads)
+    if config.backend == "transformers":
+        from .hf import TransformersTeacher
+
+        # A batch can hold at most what the ledger keeps in flight.
+        return TransformersTeacher(config.model, max_batch=config.concurrency,
+                                   threads=config.threads)
+    if config.backend == "openai":
+        from .openai import DEFAULT_BASE_URL, OpenAITeacher
+
+        return OpenAITeacher(
+            config.model, base_url=config.base_url or DEFAULT_BASE_URL,
+            api_key_env=config.api_key_env, concurrency=config.concurrency,
+            timeout_s=config.timeout_s, max_retries=config.max_retries)
+    raise ValueError(f"teacher.backend: unknown backend {config.backend!r}")

@@ -1,0 +1,95 @@
+"""The one small protocol every teacher backend speaks.
+
+A backend takes a batch of requests (a raw prompt for completion models, or chat messages) with
+sampling parameters, and returns for each the text, why it stopped, and the tokens it used.
+Everything else (caching, retries bookkeeping, cost, budget) lives around it, in the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Request:
+    """One thing to ask the teacher. Exactly one of `prompt` and `messages` is set."""
+
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None  # ((role, content), ...), hashable
+    sampling: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs, hashable
+    # Distinguishes several samples of the same prompt, so each is its own ledger entry.
+    sample_index: int = 0
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[dict] | None = None,
+        sampling: dict | None = None,
+        sample_index: int = 0,
+    ) -> Request:
+        if (prompt is None) == (messages is None):
+            raise ValueError("a teacher request needs exactly one of prompt and messages")
+        msgs = tuple((m["role"], m["content"]) for m in messages) if messages is not None else None
+        clean = {k: v for k, v in (sampling or {}).items() if v is not None}
+        if "stop" in clean:
+            clean["stop"] = tuple(clean["stop"])
+        return cls(prompt, msgs, tuple(sorted(clean.items())), sample_index)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.messages or ()]
+
+    def params(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.sampling}
+
+    def canonical(self, backend: str, model: str) -> dict:
+        """What makes two requests the same request: the basis of the ledger key."""
+        return {
+            "backend": backend,
+            "model": model,
+            "prompt": self.prompt,
+            "messages": self.message_dicts() if self.messages is not None else None,
+            "sampling": self.params(),
+            "sample_index": self.sample_index,
+        }
+
+    def key(self, backend: str, model: str) -> str:
+        blob = json.dumps(self.canonical(backend, model), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop", "length", ...
+    tokens_in: int
+    tokens_out: int
+    raw: dict | None = field(default=None, repr=False)  # the backend's response, for the ledger
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TeacherError(RuntimeError):
+    """A request that cannot succeed by retrying (bad key, unknown model, bad request)."""
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    backend: str  # "openai", "llamacpp", ...
+    model: str  # the model's name as the ledger records it
+
+    async def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        """Answer every request, in order. Raise TeacherError on a non-retryable failure."""
+        ...
+
+    async def aclose(self) -> None: ...

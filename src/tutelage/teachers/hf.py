@@ -1,0 +1,142 @@
+"""A teacher run by transformers (the `transformers` backend): batched generation, on CUDA when
+there is a GPU. Slower than llama.cpp on a CPU, but it runs any HF model folder as it is.
+
+Sampling keeps transformers' defaults for what the request does not set (top_k 50).
+Greedy decoding (temperature 0) gives each request the same answer in any batch. Sampling draws from
+one random stream per batch, seeded from the batch's requests, so a rerun reproduces an answer only
+when the same requests are batched together again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers as hf
+
+from ..config import EMBEDDED
+from ..models import ModelNotFound, cache_dir, embedded_teacher_hf, gguf_to_hf
+from .base import Completion, Request
+
+
+def resolve_teacher_folder(model: str | Path) -> Path:
+    """The HF folder for teacher.model: the embedded teacher, an HF folder, or a GGUF file
+    (converted once into the cache)."""
+    if str(model) == EMBEDDED:
+        return embedded_teacher_hf()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_hf(path, cache_dir() / "hf" / f"{path.stem}-{path.stat().st_size}")
+    if (path / "config.json").is_file():
+        return path
+    raise ModelNotFound(f"teacher.model: {model}: not an HF model folder (with config.json) "
+                        "or a .gguf file")
+
+
+class OpenAIPenalties(hf.LogitsProcessor):
+    """presence_penalty and frequency_penalty as OpenAI defines them, over the tokens generated
+    so far (transformers has only the multiplicative repetition_penalty)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len:]
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class TransformersTeacher:
+    backend = "transformers"
+
+    def __init__(self, model: str | Path, *, max_batch: int = 8, seed: int = 0,
+                 threads: int | None = None):
+        if threads:  # torch's threads are per process: teacher.threads sets them for the run
+            torch.set_num_threads(threads)
+        folder = resolve_teacher_folder(model)
+        self.model = Path(model).name if str(model).endswith(".gguf") else folder.name
+        self.max_batch = max_batch
+        self.seed = seed
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = hf.AutoTokenizer.from_pretrained(folder)
+        # Left padding: every row of a batch then ends where its generation starts.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.lm = hf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        self.lm.to(self.device).eval()
+        eos = self.lm.generation_config.eos_token_id
+        self.end_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                        *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+        self._lock = threading.Lock()  # one generate() at a time: they would only compete
+
+    async def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        """Requests with the same sampling parameters are generated together, max_batch at once."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.sampling, []).append(i)
+        out: list[Completion | None] = [None] * len(requests)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.max_batch):
+                chunk = indices[start:start + self.max_batch]
+                answers = await asyncio.to_thread(self._generate, [requests[i] for i in chunk])
+                for i, answer in zip(chunk, answers, strict=True):
+                    out[i] = answer
+        return out
+
+    def _token_ids(self, request: Request) -> list[int]:
+        if request.is_chat:
+            text = self.tokenizer.apply_chat_template(
+                request.message_dicts(), add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(request.prompt).input_ids
+
+    def _generate(self, requests: list[Request]) -> list[Completion]:
+        """One batch of requests that share their sampling parameters."""
+        params = requests[0].params()
+        ids = [self._token_ids(r) for r in requests]
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
+        prompt_len = batch["input_ids"].shape[1]
+        temperature = params.get("temperature", 1.0)
+        stop = params.get("stop") or []
+        room = self.lm.config.max_position_embeddings - prompt_len  # no max_tokens: to the end
+        kwargs = dict(max_new_tokens=params.get("max_tokens") or room,
+                      do_sample=temperature > 0, pad_token_id=self.tokenizer.pad_token_id)
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=params.get("top_p", 1.0))
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
+        presence = params.get("presence_penalty", 0.0)
+        frequency = params.get("frequency_penalty", 0.0)
+        if presence or frequency:
+            kwargs["logits_processor"] = hf.LogitsProcessorList(
+                [OpenAIPenalties(prompt_len, presence, frequency)])
+        with self._lock, torch.inference_mode():
+            torch.manual_seed(params.get("seed", self._batch_seed(requests)))
+            sequences = self.lm.generate(**batch, **kwargs)
+        return [self._completion(row[prompt_len:].tolist(), len(prompt), stop)
+                for row, prompt in zip(sequences, ids, strict=True)]
+
+    def _batch_seed(self, requests: list[Request]) -> int:
+        keys = "".join(r.key(self.backend, self.model) for r in requests)
+        return (int(hashlib.sha256(keys.encode()).hexdigest()[:8], 16) + self.seed) % 2**32
+
+    def _completion(self, generated: list[int], tokens_in: int, stop: list[str]) -> Completion:
+        # A finished row is padded to the batch's length: its own tokens end at the first end id.
+        n = next((j for j, t in enumerate(generated) if t in self.end_ids), len(generated))
+        text = self.tokenizer.decode(generated[:n], skip_special_tokens=True)
+        cuts = [text.find(s) for s in stop if s in text]
+        if cuts:  # stopped at a stop string, which (as in OpenAI's API) is not part of the answer
+            return Completion(text[:min(cuts)], "stop", tokens_in, n)
+        if n < len(generated):  # the end-of-sequence token, counted as generated
+            return Completion(text, "stop", tokens_in, n + 1)
+        return Completion(text, "length", tokens_in, n)
+
+    async def aclose(self) -> None:
+        return None  # the model is freed with the teacher

@@ -1,0 +1,136 @@
+"""The whole pipeline through the CLI, on the real embedded models at minimal sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CONFIG = textwrap.dedent("""
+    seed: 1
+    teacher:
+      sampling: {max_tokens: 384, temperature: 0.7}
+    generation:
+      target: 6
+      max_requests: 12
+      stall_requests: 12
+    filter:
+      test_fraction: 0.2
+      valid_fraction: 0.2
+    training:
+      max_steps: 3
+      batch_size: 2
+      max_seq_len: 192
+      eval_every: 2
+      save_every: 2
+    evaluation:
+      builtin_limit: 2
+      max_new_tokens: 12
+      bootstrap: 50
+""")
+
+
+def tutelage(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tutelage.cli", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def db_rows(run: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(run / "tutelage.db")
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def embedded_models():
+    from tutelage.models import embedded_student_hf, embedded_teacher_gguf
+
+    return embedded_teacher_gguf(), embedded_student_hf()
+
+
+def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
+    config = tmp_path / "tutelage.yaml"
+    config.write_text(CONFIG)
+    run = tmp_path / "run"
+
+    # Kill -9 generation as soon as it has ingested its first answer.
+    proc = subprocess.Popen([sys.executable, "-m", "tutelage.cli", "generate", "-c", str(config),
+                             "--run-dir", str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "tutelage.db").exists() and db_rows(run, "SELECT COUNT(*) FROM batches")[0][0]:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = db_rows(run, "SELECT key, text FROM requests WHERE status='done'")
+    assert before, "generation never finished a request"
+
+    done = tutelage("run", "-c", str(config), "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # No stored answer was asked again, none was lost, no record is duplicated.
+    after = dict(db_rows(run, "SELECT key, text FROM requests"))
+    for key, text in before:
+        assert after[key] == text
+    batches = db_rows(run, "SELECT idx, request_key FROM batches ORDER BY idx")
+    assert [b[0] for b in batches] == list(range(len(batches)))
+    assert len({b[1] for b in batches}) == len(batches)
+    assert set(after) == {b[1] for b in batches} or len(after) == len(batches) + 1
+    dup = db_rows(run, "SELECT request_key, position, COUNT(*) FROM instructions "
+                       "GROUP BY 1, 2 HAVING COUNT(*) > 1")
+    assert dup == []
+    kept = db_rows(run, "SELECT COUNT(*) FROM instructions i JOIN instances n ON n.instruction_id=i.id "
+                        "WHERE i.source='machine' AND i.status='kept' AND n.status='kept'")[0][0]
+    assert kept >= 6
+
+    # Every stage left its output.
+    stages = dict(db_rows(run, "SELECT name, status FROM stages"))
+    assert stages == {"generate": "done", "filter": "done", "train": "done", "evaluate": "done",
+                      "report": "done"}
+    assert db_rows(run, "SELECT COUNT(*) FROM train_steps")[0][0] >= 3
+    summary = json.loads((run / "evaluation.json").read_text())
+    assert summary
+    assert db_rows(run, "SELECT COUNT(DISTINCT model_role) FROM eval_items")[0][0] == 2
+    html = (run / "report.html").read_text()
+    assert "<svg" in html and (run / "report.md").exists()
+
+    # The student loads without tutelage.
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from transformers import AutoModelForCausalLM as M; "
+         f"m = M.from_pretrained({str(run / 'student')!r}); "
+         "assert 'tutelage' not in sys.modules; print(m.config.model_type)"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert probe.returncode == 0 and "gemma" in probe.stdout, probe.stderr[-2000:]
+
+    # A second run has nothing left to do: no new request, no new training run.
+    requests_before = len(after)
+    again = tutelage("run", "-c", str(config), "--run-dir", str(run))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert db_rows(run, "SELECT COUNT(*) FROM requests")[0][0] == requests_before
+    assert db_rows(run, "SELECT COUNT(*) FROM train_runs")[0][0] == 1
+
+    # Exports.
+    for fmt, name in (("alpaca", "d.json"), ("jsonl", "d.jsonl"), ("hf", "d_hf")):
+        r = tutelage("export", str(run), "--format", fmt, "-o", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+    assert len(json.loads((tmp_path / "d.json").read_text())) == kept
+    from datasets import load_from_disk
+
+    assert sum(len(s) for s in load_from_disk(str(tmp_path / "d_hf")).values()) == kept
+    r = tutelage("export", str(run), "--model", "-o", str(tmp_path / "student"))
+    assert r.returncode == 0 and (tmp_path / "student" / "config.json").exists()
