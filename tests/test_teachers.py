@@ -28,9 +28,9 @@ SECRET = "sk-test-DO-NOT-LEAK-4242"
 KEY_ENV = "TUTELAGE_TEST_KEY"
 
 
-def chat(i: int, max_tokens: int = 10) -> Request:
+def chat(i: int) -> Request:
     return Request.make(messages=[{"role": "user", "content": f"task number {i}"}],
-                        sampling={"max_tokens": max_tokens, "temperature": 0.0, "stop": []})
+                        sampling={"max_tokens": 10, "temperature": 0.0, "stop": []})
 
 
 @pytest.fixture

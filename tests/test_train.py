@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tutelage import train as tr
+from tutelage.export import export_model
 from tutelage.config import Config
 from tutelage.formats import student_prompt
 from tutelage.models import ModelNotFound, embedded_teacher_hf
@@ -152,12 +153,11 @@ def test_batch_plan_groups_lengths_and_covers_epochs():
 # -- training -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method, steps", [("lora", 60), ("full", 40)])
 def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, method, steps):
-    store, config = make_run(tmp_path / "run", tiny_model, method, {"target_modules": LORA_WITH_HEAD},
-                             max_steps=steps, eval_every=10, save_every=100,
-                             gradient_checkpointing=method == "full")
+    store, config = make_run(tmp_path / "run", tiny_model, method,
+                             {"target_modules": LORA_WITH_HEAD}, max_steps=steps, eval_every=10,
+                             save_every=100, gradient_checkpointing=method == "full")
     calls = []
-    metrics = tr.train(store, config, tmp_path / "run",
-                       progress=lambda *a: calls.append(a))
+    metrics = tr.train(store, config, tmp_path / "run", progress=lambda *a: calls.append(a))
     assert [c[:2] for c in calls] == [(s, steps) for s in range(1, steps + 1)]
 
     steps_rows = store.train_steps(metrics["run_id"])
@@ -249,10 +249,10 @@ def test_an_identical_rerun_is_reused_and_a_changed_one_retrains(tmp_path, tiny_
 
 def test_exported_student_loads_and_generates_without_tutelage(tmp_path, tiny_model):
     with pytest.raises(FileNotFoundError, match="tutelage train"):
-        tr.export_model(tmp_path / "run", tmp_path / "out")
+        export_model(tmp_path / "run", tmp_path / "out")
     store, config = make_run(tmp_path / "run", tiny_model, max_steps=1)
     tr.train(store, config, tmp_path / "run")
-    out = tr.export_model(tmp_path / "run", tmp_path / "out")
+    out = export_model(tmp_path / "run", tmp_path / "out")
     probe = subprocess.run(
         [sys.executable, "-c",
          "import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from .config import Config
 from .filter import rouge_l_f1, tokenize
-from .formats import student_prompt
+from .formats import prompt_ids, student_prompt
 from .models import ModelNotFound, resolve_student
 from .store import Store
 
@@ -130,11 +130,6 @@ def load_student(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, tokenizer
-
-
-def prompt_ids(tokenizer, prompt: str, style: str) -> list[int]:
-    # A chat template writes its own BOS; the Alpaca text needs the tokenizer to add it.
-    return tokenizer(prompt, add_special_tokens=style != "chat")["input_ids"]
 
 
 def cut_answer(text: str) -> str:

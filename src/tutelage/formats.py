@@ -36,3 +36,9 @@ def student_prompt(instruction: str, input: str = "", style: str = "alpaca", tok
         )
     path = TEMPLATES / "student" / f"{style}.jinja" if style == "alpaca" else Path(style)
     return render_template(path, instruction=instruction, input=input)
+
+
+def prompt_ids(tokenizer, prompt: str, style: str) -> list[int]:
+    """Token ids of a rendered prompt: a chat template writes its own BOS, the others need the
+    tokenizer to add it. Training and evaluation must agree on this token for token."""
+    return tokenizer(prompt, add_special_tokens=style != "chat")["input_ids"]

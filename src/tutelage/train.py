@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import Config
-from .formats import student_prompt
+from .formats import prompt_ids, student_prompt
 from .models import resolve_student
 from .store import Store
 
@@ -49,11 +49,6 @@ class Example:
     labels: list[int]  # IGNORE on the prompt, the token id on the response and its EOS
 
 
-def prompt_ids(tokenizer, prompt: str, style: str) -> list[int]:
-    # As evaluation tokenizes it: a chat template writes its own BOS, the others get the tokenizer's.
-    return tokenizer(prompt, add_special_tokens=style != "chat")["input_ids"]
-
-
 def tokenize_example(tokenizer, row: dict, style: str, max_seq_len: int) -> Example | None:
     """Prompt and response tokenized apart, then joined, so the loss mask falls exactly on the
     boundary. The response is cut to fit `max_seq_len`; None when the prompt alone fills it."""
@@ -67,7 +62,8 @@ def tokenize_example(tokenizer, row: dict, style: str, max_seq_len: int) -> Exam
     return Example(prompt + target, [IGNORE] * len(prompt) + target)
 
 
-def tokenize_examples(tokenizer, rows: list[dict], style: str, max_seq_len: int) -> tuple[list[Example], int, int]:
+def tokenize_examples(tokenizer, rows: list[dict], style: str,
+                      max_seq_len: int) -> tuple[list[Example], int, int]:
     """(examples, dropped, truncated)."""
     examples, dropped, truncated = [], 0, 0
     for row in rows:
@@ -120,7 +116,8 @@ def load_model(config: Config, path: Path, device: torch.device) -> torch.nn.Mod
     # bf16 where the GPU has it (pure bf16, as torchtune does); fp32 elsewhere.
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16 if bf16 else torch.float32)
     except Exception as e:  # a folder with a config.json that transformers cannot load
         raise ValueError(f"student.model: {config.student.model}: cannot load the model "
                          f"({_first_line(e)})") from e
@@ -363,7 +360,7 @@ def _fit(store: Store, config: Config, run_id: int, fp: str, path: Path, tokeniz
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
     model = load_model(config, path, device)
     model.train()
@@ -409,7 +406,8 @@ def _fit(store: Store, config: Config, run_id: int, fp: str, path: Path, tokeniz
 
         loss_value, tokens_per_s = step_loss / n_targets, tokens / train_s
         evaluated = step % cfg.eval_every == 0 or step == total_steps
-        valid_loss = eval_loss(model, valid_set, cfg.batch_size, pad_id, device) if evaluated else None
+        valid_loss = (eval_loss(model, valid_set, cfg.batch_size, pad_id, device)
+                      if evaluated else None)
         elapsed = elapsed_before + time.perf_counter() - loop_start
         store.log_train_step(run_id, step, epoch=seen / len(train_set), loss=loss_value,
                              eval_loss=valid_loss, lr=lr, tokens=tokens, tokens_per_s=tokens_per_s,
@@ -428,17 +426,9 @@ def _fit(store: Store, config: Config, run_id: int, fp: str, path: Path, tokeniz
     metrics = {
         "train_loss": losses[-1], "train_loss_avg": sum(losses) / len(losses),
         "eval_loss": evals[-1] if evals else None, "eval_loss_first": evals[0] if evals else None,
-        "steps": total_steps, "useful_tokens": tokens, "tokens_per_s": tokens / train_s if train_s else None,
+        "steps": total_steps, "useful_tokens": tokens,
+        "tokens_per_s": tokens / train_s if train_s else None,
         "seconds": elapsed_before + time.perf_counter() - loop_start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     return model, metrics
-
-
-def export_model(run_dir: Path, out_dir: Path) -> Path:
-    """Copy the trained student (a plain HF folder, LoRA merged) to `out_dir`."""
-    source = Path(run_dir) / "student"
-    if not (source / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir}: no trained student yet; run `tutelage train` first")
-    shutil.copytree(source, out_dir, dirs_exist_ok=True)
-    return Path(out_dir)

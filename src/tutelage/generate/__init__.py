@@ -116,9 +116,13 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
             idle = 0 if n_new else idle + 1
             idx += 1
             report()
-    finally:
+    except BaseException:
         for task in in_flight.values():
             task.cancel()
+        raise
+    finally:
+        # At a normal stop, requests already sent are paid for: let them finish so the ledger
+        # stores their answers for the next run.
         await asyncio.gather(*in_flight.values(), return_exceptions=True)
         await teacher.aclose()
 
