@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	for b in bench/*.py; do $(PY) $$b; done
+	@ls bench/*.py >/dev/null 2>&1 || { echo 'no benchmarks yet'; exit 0; }; for b in bench/*.py; do $(PY) $$b; done
 
 clean:
 	rm -rf $(VENV) runs

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from tutelage import evaluate as ev
 from tutelage.config import Config
 from tutelage.formats import student_prompt
 from tutelage.models import embedded_teacher_hf
 from tutelage.store import Store
+
+from helpers import add_examples, save_tiny_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXAMPLES = [
@@ -27,43 +29,12 @@ EXAMPLES = [
 ]
 
 
-def save_tiny_model(path: Path, tokenizer, seed: int) -> Path:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     tokenizer = AutoTokenizer.from_pretrained(embedded_teacher_hf())
     root = tmp_path_factory.mktemp("tiny")
     return {"base": save_tiny_model(root / "base", tokenizer, 0),
             "tuned": save_tiny_model(root / "tuned", tokenizer, 1)}
-
-
-def add_examples(store: Store, examples: list[tuple[str, str, str]], split: str) -> None:
-    """Store kept generated examples assigned to `split`, through the public store API."""
-    key = f"request-{split}"
-    store.begin_request(key, "scripted", "teacher", {"split": split}, "generate")
-    store.finish_request(key, text="", finish_reason="stop", tokens_in=0, tokens_out=0,
-                         cost_usd=0.0, latency_s=0.0, attempts=1)
-    records = [{"text": ins, "status": "kept",
-                "instances": [{"input": inp, "output": out, "status": "kept"}]}
-               for ins, inp, out in examples]
-    ids = set(store.put_batch(store.next_batch_index(), key, "alpaca", records))
-    store.set_decisions([
-        {"id": r["id"], "status": "kept", "reason": None, "nearest_id": None, "nearest_score": None,
-         "instance_id": r["instance_id"], "instance_status": "kept", "instance_reason": None,
-         "split": split}
-        for r in store.machine_records() if r["id"] in ids
-    ])
 
 
 def make_run(tmp_path: Path, tiny: dict[str, Path], sets: list[Path] = ()) -> tuple[Store, Config]:

@@ -32,7 +32,7 @@ def test_shipped_template_is_valid_and_commented():
     text = DEFAULT_CONFIG.read_text()
     assert text.count("#") > 30
     cfg = load_config(DEFAULT_CONFIG)
-    assert cfg.generation.recipe == "alpaca" and cfg.generation.target == 60
+    assert cfg.generation.recipe == "alpaca" and cfg.generation.target == 50
 
 
 def test_unknown_field_names_file_and_field(tmp_path):

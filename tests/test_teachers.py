@@ -453,3 +453,19 @@ def test_openai_backend_against_a_real_llama_cpp_server(llama_server, store, mon
         assert c.text.strip() and c.finish_reason in ("stop", "length")
         assert c.tokens_in > 5 and 1 <= c.tokens_out <= 8
     assert ledger.requests_sent == 2 and store.request_totals()["done"] == 2
+
+
+def test_embedded_teacher_falls_back_to_transformers_without_llama_cpp(monkeypatch):
+    import importlib.util
+
+    import tutelage.teachers as teachers
+    from tutelage.config import TeacherConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.warns(UserWarning, match="runs on transformers"):
+        teacher = teachers.make_teacher(TeacherConfig())
+    assert teacher.backend == "transformers"
+    with pytest.raises(teachers.TeacherError, match="needs llama-cpp-python"):
+        teachers.make_teacher(TeacherConfig(model="/some/model.gguf"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tutelage import train as tr
 from tutelage.export import export_model
@@ -19,6 +19,8 @@ from tutelage.config import Config
 from tutelage.formats import student_prompt
 from tutelage.models import ModelNotFound, embedded_teacher_hf
 from tutelage.store import Store
+
+from helpers import add_examples, save_tiny_model
 
 EXAMPLES = [
     ("Name a primary colour.", "", "Red is a primary colour."),
@@ -40,34 +42,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "base"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def add_examples(store: Store, examples: list[tuple[str, str, str]], split: str) -> None:
-    """Store kept generated examples assigned to `split`, as generation and filter would."""
-    key = f"request-{split}"
-    store.begin_request(key, "scripted", "teacher", {"split": split}, "generate")
-    store.finish_request(key, text="", finish_reason="stop", tokens_in=0, tokens_out=0,
-                         cost_usd=0.0, latency_s=0.0, attempts=1)
-    records = [{"text": ins, "status": "kept",
-                "instances": [{"input": inp, "output": out, "status": "kept"}]}
-               for ins, inp, out in examples]
-    ids = set(store.put_batch(store.next_batch_index(), key, "alpaca", records))
-    store.set_decisions([
-        {"id": r["id"], "status": "kept", "reason": None, "nearest_id": None, "nearest_score": None,
-         "instance_id": r["instance_id"], "instance_status": "kept", "instance_reason": None,
-         "split": split}
-        for r in store.machine_records() if r["id"] in ids
-    ])
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tokenizer, max_positions=512)
 
 
 def make_run(run_dir: Path, model: Path, method: str = "lora", lora: dict | None = None,

@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .filter.quality import DEFAULT_BLACKLIST
+
 EMBEDDED = "embedded"
 
 
@@ -104,13 +106,7 @@ class FilterConfig(Strict):
     unicode: bool = False
     min_words: int = Field(4, ge=0)
     max_words: int = Field(150, ge=1)
-    blacklist: list[str] = Field(
-        default_factory=lambda: [
-            "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
-            "map", "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart",
-            "diagram",
-        ]
-    )
+    blacklist: list[str] = Field(default_factory=lambda: list(DEFAULT_BLACKLIST))
     check_write_a_program: bool = True
     check_punctuation_start: bool = True
     check_non_ascii_start: bool = True

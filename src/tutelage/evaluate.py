@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from .config import Config
 from .filter import rouge_l_f1, tokenize
 from .formats import prompt_ids, student_prompt
+from .jsonrows import read_rows
 from .models import ModelNotFound, resolve_student
 from .store import Store
 
@@ -56,36 +57,10 @@ def load_eval_file(path: Path) -> list[EvalItem]:
     Self-Instruct {"instruction", "instances": [{"input", "output"}]} (one item per instance),
     Alpaca {"instruction", "input", "output"}, or AlpacaEval {"instruction"} (no reference)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-    items = [item for where, row in _rows(path, text) for item in _row_items(where, row)]
+    items = [item for where, row in read_rows(path) for item in _row_items(where, row)]
     if not items:
         raise ValueError(f"{path}: no evaluation items in the file")
     return items
-
-
-def _rows(path: Path, text: str) -> Iterator[tuple[str, object]]:
-    """(where, row) pairs; `where` is `file:line` (JSONL) or `file: row N` (a JSON list has no line
-    per row)."""
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        for i, row in enumerate(data):
-            yield f"{path}: row {i + 1}", row
-        return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                msg = f"not valid JSON ({e.msg} at column {e.colno})"
-                raise ValueError(f"{path}:{n}: {msg}") from None
 
 
 def _row_items(where: str, row: object) -> list[EvalItem]:

@@ -9,8 +9,9 @@ Every task comes out as {"name", "instruction", "is_classification", "instances"
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .jsonrows import read_rows
 
 BUILTIN_SEEDS = Path(__file__).parent / "data" / "seed_tasks.jsonl"
 
@@ -22,42 +23,17 @@ class SeedError(ValueError):
 def load_seeds(path: Path | None = None) -> list[dict]:
     path = Path(path) if path is not None else BUILTIN_SEEDS
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SeedError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise SeedError(f"{path}: not UTF-8 text") from None
-    rows = list(_rows(path, text))
+        rows = list(read_rows(path))
+    except ValueError as e:
+        raise SeedError(str(e)) from None
     if not rows:
         raise SeedError(f"{path}: no seed tasks in the file")
-    return [_normalise(path, where, row) for where, row in rows]
+    return [_normalise(where, row) for where, row in rows]
 
 
-def _rows(path: Path, text: str):
-    """Yield (line number, row) pairs from a JSON list or JSON Lines."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SeedError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        # A JSON list has no line per row; report the row's index instead.
-        for i, row in enumerate(data):
-            yield f"row {i + 1}", row
-        return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield str(n), json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SeedError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
-def _normalise(path: Path, where: str, row: object) -> dict:
+def _normalise(where: str, row: object) -> dict:
     def fail(msg: str) -> SeedError:
-        sep = ":" if where[0].isdigit() else ": "
-        return SeedError(f"{path}{sep}{where}: {msg}")
+        return SeedError(f"{where}: {msg}")
 
     if not isinstance(row, dict):
         raise fail("a seed task must be a JSON object")

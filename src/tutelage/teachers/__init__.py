@@ -5,6 +5,8 @@ Backends are imported only when made, so importing this package needs neither to
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from pathlib import Path
 
 from ..config import EMBEDDED, TeacherConfig
@@ -20,20 +22,28 @@ __all__ = [
 
 def make_teacher(config: TeacherConfig) -> Teacher:
     """The backend `config.backend` names, set up from the teacher section of the configuration."""
-    if config.backend == "llamacpp":
+    backend = config.backend
+    if backend == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+        if config.model != EMBEDDED:
+            raise TeacherError("teacher.backend: llamacpp needs llama-cpp-python "
+                               "(pip install 'tutelage[llamacpp]'), or use backend: transformers")
+        # The embedded teacher also runs on transformers, only slower (about 20 tokens/s here).
+        warnings.warn("llama-cpp-python is not installed: the embedded teacher runs on transformers")
+        backend = "transformers"
+    if backend == "llamacpp":
         from ..models import embedded_teacher_gguf
         from .llamacpp import LlamaCppTeacher
 
         path = (embedded_teacher_gguf() if config.model == EMBEDDED
                 else Path(config.model).expanduser())
         return LlamaCppTeacher(path, n_ctx=config.n_ctx, threads=config.threads)
-    if config.backend == "transformers":
+    if backend == "transformers":
         from .hf import TransformersTeacher
 
         # A batch can hold at most what the ledger keeps in flight.
         return TransformersTeacher(config.model, max_batch=config.concurrency,
                                    threads=config.threads)
-    if config.backend == "openai":
+    if backend == "openai":
         from .openai import DEFAULT_BASE_URL, OpenAITeacher
 
         return OpenAITeacher(

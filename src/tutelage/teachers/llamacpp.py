@@ -31,10 +31,10 @@ class LlamaCppTeacher:
             raise ModelNotFound(f"teacher.model: {path}: no such GGUF file")
         self.model = path.name
         self.seed = seed
-        # Default: half the logical cores, for prompts too (llama.cpp would use all of them there).
-        # Its threads spin-wait for each other, so on a machine busy with other work every extra
-        # thread costs a lot: 2 threads on 2 busy cores ran 10x slower than 1 here.
-        threads = threads or max(1, (os.cpu_count() or 2) // 2)
+        # Default: every core. llama.cpp's threads spin-wait for each other, so on a machine busy
+        # with other work fewer threads do better (2 threads on 2 busy cores ran 10x slower than
+        # 1 here): set teacher.threads then.
+        threads = threads or os.cpu_count() or 1
         self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads,
                                    n_threads_batch=threads, seed=seed, verbose=False)
         self._lock = threading.Lock()  # llama.cpp contexts are not thread-safe
