@@ -10,8 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from . import __version__
 from .config import Config, ConfigError, load_config
@@ -93,7 +95,7 @@ def resolve_config(config: Path | None, run_dir: Path | None, **overrides) -> Co
     return cfg
 
 
-def _bar(*extra: str) -> Progress:
+def _bar() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
