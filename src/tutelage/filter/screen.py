@@ -7,7 +7,7 @@ run, so both reach the same decisions. Only tasks that pass the rules enter the 
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .quality import QualityRules
 from .rouge import RougeNoveltyIndex
@@ -30,14 +30,8 @@ class Screen:
     @classmethod
     def from_config(cls, cfg) -> Screen:
         """Build from a `FilterConfig`-shaped object (duck-typed: filter knows no config module)."""
-        rules = QualityRules(
-            min_words=cfg.min_words, max_words=cfg.max_words, blacklist=tuple(cfg.blacklist),
-            check_write_a_program=cfg.check_write_a_program,
-            check_punctuation_start=cfg.check_punctuation_start,
-            check_non_ascii_start=cfg.check_non_ascii_start, check_output=cfg.check_output,
-            check_list_markers=cfg.check_list_markers, check_control_chars=cfg.check_control_chars,
-            check_output_colon=cfg.check_output_colon,
-        )
+        rules = QualityRules(**{f.name: getattr(cfg, f.name) for f in fields(QualityRules)})
+        rules.blacklist = tuple(rules.blacklist)
         return cls(rules, RougeNoveltyIndex(threshold=cfg.rouge_threshold, unicode=cfg.unicode))
 
     def add_reference(self, text: str, key: Hashable) -> None:
