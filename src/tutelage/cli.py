@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 DEFAULT_CONFIG = TEMPLATES / "tutelage.yaml"
+DEBUG = False  # --debug: tracebacks instead of one-line errors
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "-c", "--config", help="tutelage.yaml (default: the run folder's stored configuration, "
@@ -69,7 +69,7 @@ def one_line_errors():
     except Exception as e:  # a stage failed: one line, the details with --debug
         from .teachers.base import TeacherError
 
-        if "--debug" in sys.argv or not isinstance(e, (ValueError, TeacherError, OSError, RuntimeError)):
+        if DEBUG or not isinstance(e, (ValueError, TeacherError, OSError, RuntimeError)):
             console.print_exception()
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(1) from None
@@ -80,16 +80,8 @@ def resolve_config(config: Path | None, run_dir: Path | None, **overrides) -> Co
     from .pipeline import stored_config
 
     flat = {k: v for k, v in overrides.items() if v is not None}
-    if config is None and run_dir is not None and (stored := stored_config(run_dir)):
-        cfg = Config.model_validate(stored)
-        for dotted, value in flat.items():
-            node = cfg
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = getattr(node, p)
-            setattr(node, leaf, value)
-    else:
-        cfg = load_config(config if config is not None else None, flat)
+    stored = stored_config(run_dir) if config is None and run_dir is not None else None
+    cfg = load_config(config, flat, base=stored)
     if run_dir is not None:
         cfg.run_dir = run_dir
     return cfg
@@ -365,6 +357,8 @@ def dedup(input: Annotated[Path, typer.Argument(help="JSONL or JSON: Alpaca, Sel
 @app.callback(invoke_without_command=True)
 def main(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
+    global DEBUG
+    DEBUG = debug
     if version:
         print(__version__)
         raise typer.Exit()

@@ -163,10 +163,12 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the file and the field."""
 
 
-def load_config(path: Path | None, overrides: dict | None = None) -> Config:
-    """Read and validate `path` (None: all defaults), then apply dotted-key `overrides`."""
-    raw: dict = {}
-    where = str(path) if path else "<defaults>"
+def load_config(path: Path | None, overrides: dict | None = None,
+                base: dict | None = None) -> Config:
+    """Read and validate `path` (None: `base`, a stored configuration, else all defaults), then
+    apply dotted-key `overrides`."""
+    raw: dict = dict(base or {})
+    where = str(path) if path else "<stored configuration>" if base else "<defaults>"
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")

@@ -72,7 +72,11 @@ def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
         del config.quantization_config
     config = AutoConfig.for_model(**config.to_dict())
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Only a tied output head may be absent from the file; anything else is a broken conversion.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelNotFound(f"{gguf}: cannot convert (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
     model.generation_config = loaded.generation_config
     tmp = out_dir.with_name(out_dir.name + ".partial")

@@ -74,8 +74,6 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
     price = price_for(config.teacher.backend, teacher.model, config.teacher.price)
     ledger = Ledger(teacher, store, price=price, budget_usd=gen.budget_usd,
                     concurrency=config.teacher.concurrency)
-    requests = {i: recipe.build_request(i, seeds, config, chat, config.seed)
-                for i in range(start, gen.max_requests)}
     in_flight: dict[int, asyncio.Task] = {}
     next_launch = idx = start
     stop_reason = ""
@@ -98,8 +96,9 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
                 stop_reason = "stalled"
                 break
             while len(in_flight) < gen.concurrency and next_launch < gen.max_requests:
+                request = recipe.build_request(next_launch, seeds, config, chat, config.seed)
                 in_flight[next_launch] = asyncio.create_task(
-                    ledger.complete(requests[next_launch], purpose="generate"))
+                    ledger.complete(request, purpose="generate"))
                 next_launch += 1
             try:
                 result = await in_flight.pop(idx)
