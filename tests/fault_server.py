@@ -6,17 +6,30 @@
 
 Faults: "429" (Retry-After: `retry_after`), "500", "slow" (answers after `slow_s`), "drop" (closes
 the connection without an answer), "malformed" (200 with a cut-off JSON body), "quota" (429
-insufficient_quota), "400", "401" (echoes the key it got, as some servers do), "403", "404".
+insufficient_quota), "400", "401" (echoes the key it got, as some servers do), "403", "404",
+"lost" (does the work, then closes the connection without the answer), "ok" (no fault).
 A normal answer echoes the prompt: "echo: <prompt or last message>", one token per word.
+
+It also speaks the Batch API (/v1/files, /v1/batches): a batch reports `in_progress` for
+`batch_polls` status reads, then ends `batch_end` ("completed", "expired": only the first half
+answered, "failed": rejected at validation). A request whose text contains "FAIL" gets a 400 line
+in the error file. Faults apply to the batch endpoints' calls too.
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
+import itertools
 import json
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the default 5 resets connections under a burst of clients
 
 
 class FaultServer:
@@ -25,8 +38,12 @@ class FaultServer:
         self.requests: list[dict] = []  # every request received: path, headers, body
         self.delay_s, self.slow_s, self.retry_after = delay_s, slow_s, retry_after
         self.in_flight = self.max_in_flight = 0
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.batch_polls, self.batch_end = 1, "completed"
+        self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._http = Server(("127.0.0.1", 0), _handler(self))
         self._http.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._http.server_address[1]}/v1"
 
@@ -50,6 +67,10 @@ class FaultServer:
             return self.faults.pop(0) if self.faults else None
 
 
+def _text(body: dict) -> str:
+    return body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+
+
 def answer(path: str, body: dict) -> dict:
     if path.endswith("/chat/completions"):
         prompt = body["messages"][-1]["content"]
@@ -69,7 +90,12 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:  # keep test output clean
             pass
 
+        lose = False
+
         def reply(self, status: int, payload: bytes, headers: dict | None = None) -> None:
+            if self.lose:  # the work is done, but the answer never arrives
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
@@ -82,10 +108,25 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             body = {"error": {"message": message, "type": "test_error", "code": code}}
             self.reply(status, json.dumps(body).encode(), headers)
 
+        def do_GET(self) -> None:
+            self.handle_any(None)
+
         def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            fault = server._next_fault({"path": self.path, "headers": dict(self.headers),
-                                        "body": body})
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
+                self.handle_any(self.form(raw))
+            else:
+                self.handle_any(json.loads(raw))
+
+        def form(self, raw: bytes) -> dict:
+            head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+            return {part.get_param("name", header="content-disposition"):
+                    part.get_payload(decode=True) for part in message.iter_parts()}
+
+        def handle_any(self, body) -> None:
+            fault = server._next_fault({"path": self.path, "method": self.command,
+                                        "headers": dict(self.headers), "body": body})
             try:
                 self.respond(fault, body)
             except OSError:  # the client gave up (timeout) while we were slow
@@ -96,6 +137,7 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
 
         def respond(self, fault: str | None, body: dict) -> None:
             time.sleep(server.delay_s)
+            self.lose = fault == "lost"
             if fault == "429":
                 self.error(429, "Rate limit reached", "rate_limit_exceeded",
                            **{"Retry-After": server.retry_after})
@@ -120,6 +162,83 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             else:
                 if fault == "slow":
                     time.sleep(server.slow_s)
-                self.reply(200, json.dumps(answer(self.path, body)).encode())
+                if "/files" in self.path or "/batches" in self.path:
+                    self.batch_api(body)
+                else:
+                    self.reply(200, json.dumps(answer(self.path, body)).encode())
+
+        def batch_api(self, body) -> None:
+            path = self.path.split("?")[0].removeprefix("/v1/")
+            parts = path.split("/")
+            if path == "files":
+                file_id = f"file-{next(server._ids)}"
+                server.files[file_id] = body["file"]
+                self.send_json({"id": file_id, "object": "file", "purpose": body["purpose"].decode()})
+            elif parts[0] == "files" and parts[-1] == "content":
+                payload = server.files[parts[1]]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            elif path == "batches" and self.command == "POST":
+                batch_id = f"batch-{next(server._ids)}"
+                server.batches[batch_id] = {
+                    "id": batch_id, "object": "batch", "endpoint": body["endpoint"],
+                    "input_file_id": body["input_file_id"], "status": "validating",
+                    "metadata": body.get("metadata"), "polls": 0, "output_file_id": None,
+                    "error_file_id": None, "request_counts": {"total": 0, "completed": 0,
+                                                              "failed": 0}}
+                self.send_json(self.public(server.batches[batch_id]))
+            elif path == "batches":
+                newest = sorted(server.batches.values(), key=lambda b: b["id"], reverse=True)
+                self.send_json({"object": "list", "data": [self.public(b) for b in newest]})
+            elif parts[0] == "batches" and parts[1] in server.batches:
+                batch = server.batches[parts[1]]
+                batch["polls"] += 1
+                if batch["status"] == "validating":
+                    batch["status"] = "in_progress"
+                elif batch["status"] == "in_progress" and batch["polls"] > server.batch_polls:
+                    self.end_batch(batch)
+                self.send_json(self.public(batch))
+            else:
+                self.error(404, f"no such object: {path}")
+
+        @staticmethod
+        def public(batch: dict) -> dict:
+            return {k: v for k, v in batch.items() if k != "polls"}
+
+        def end_batch(self, batch: dict) -> None:
+            lines = [json.loads(x) for x in server.files[batch["input_file_id"]].splitlines()]
+            batch["request_counts"]["total"] = len(lines)
+            if server.batch_end == "failed":
+                batch["status"] = "failed"
+                batch["errors"] = {"data": [{"code": "invalid_request",
+                                             "message": "the input file is not valid"}]}
+                return
+            answered = lines if server.batch_end == "completed" else lines[:len(lines) // 2]
+            out, errors = [], []
+            for line in lines:
+                cid = line["custom_id"]
+                if line not in answered:
+                    errors.append({"custom_id": cid, "response": None,
+                                   "error": {"code": "batch_expired",
+                                             "message": "This request could not be executed "
+                                                        "before the completion window expired."}})
+                elif "FAIL" in _text(line["body"]):
+                    errors.append({"custom_id": cid, "error": None, "response": {
+                        "status_code": 400, "body": {"error": {"message": "bad request line"}}}})
+                else:
+                    out.append({"custom_id": cid, "error": None, "response": {
+                        "status_code": 200, "body": answer(line["url"], line["body"])}})
+            for name, rows in (("output_file_id", out), ("error_file_id", errors)):
+                if rows:
+                    file_id = f"file-{next(server._ids)}"
+                    server.files[file_id] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                    batch[name] = file_id
+            batch["status"] = server.batch_end
+            batch["request_counts"].update(completed=len(out), failed=len(errors))
+
+        def send_json(self, data: dict) -> None:
+            self.reply(200, json.dumps(data).encode())
 
     return Handler

@@ -216,3 +216,32 @@ def test_parse_tolerates_markdown_bold_and_repeated_numbers():
     text = "**5. Instruction:** 5. Name a primary colour.\n**5. Input:** <noinput>\n**5. Output:** Red.\n"
     (task,) = alpaca.parse(text, "stop", continued=False, first_number=4)
     assert (task.instruction, task.input, task.output, task.error) == ("Name a primary colour.", "", "Red.", None)
+
+
+def test_budget_stops_generation_before_the_cap_and_a_raised_cap_goes_on(cfg, tmp_path):
+    from tutelage.config import Price
+
+    script = [unique_blocks(i) for i in range(30)]
+    cfg.generation.target = 24  # 8 requests of 3 tasks
+    reference_cfg = cfg.model_copy(deep=True)
+    reference_cfg.run_dir = tmp_path / "reference"
+    reference = open_run(reference_cfg)
+    generate(reference, reference_cfg, ScriptedTeacher(script))
+
+    # 20 answer tokens at $1,000 per million: $0.02 a request, and at worst $0.02 too.
+    cfg.teacher.price = Price(input=0.0, output=1000.0)
+    cfg.teacher.sampling.max_tokens = 20
+    cfg.generation.budget_usd = 0.11
+    store = open_run(cfg)
+    teacher = ScriptedTeacher(script)
+    stopped = generate(store, cfg, teacher)
+    assert stopped.stop_reason == "budget" and "budget_usd=0.11" in stopped.message
+    assert teacher.calls == 5 and stopped.cost_usd == pytest.approx(0.10)
+    assert stopped.kept < cfg.generation.target
+
+    cfg.generation.budget_usd = 1.0
+    more = generate(store, cfg, teacher)
+    assert more.stop_reason == "target" and more.cost_usd <= 1.0
+    assert teacher.calls == reference.batch_stats()["batches"]  # none asked twice
+    assert [e["instruction"] for e in store.examples()] == [
+        e["instruction"] for e in reference.examples()]

@@ -224,6 +224,26 @@ def test_rate_limit_waits_for_tokens():
     assert 0.45 <= asyncio.run(go()) <= 3
 
 
+@pytest.mark.parametrize("limit", [{"rpm": 60}, {"tpm": 60 * 20}])
+def test_configured_rate_limits_pace_the_requests(server, store, limit):
+    """A full bucket lets a minute's worth through at once; the rest wait for it to refill."""
+    cfg = TeacherConfig(backend="openai", model="gpt-x", base_url=server.url, api_key_env=KEY_ENV,
+                        concurrency=64, **limit)
+    small = [Request.make(prompt=f"p{i}", sampling={"max_tokens": 19}) for i in range(62)]
+    start = time.monotonic()  # 1 request and 20 tokens each: 60 at once, then one a second
+    ask(Ledger(make_teacher(cfg), store, concurrency=64), *small)
+    assert 1.6 <= time.monotonic() - start <= 6 and server.hits == 62
+
+
+@pytest.mark.parametrize("message", ["Invalid model name passed in model=gpt-x",
+                                     "model 'gpt-x' not found, try pulling it first"])
+def test_a_400_naming_an_unknown_model_says_so(message):
+    teacher = OpenAITeacher("gpt-x", base_url="http://127.0.0.1:9/v1", api_key_env=None)
+    response = httpx.Response(400, json={"error": {"message": message}})
+    with pytest.raises(TeacherError, match="unknown model: check teacher.model"):
+        teacher._check(response, "here")
+
+
 # -- budget -----------------------------------------------------------------------------------
 # $0.1 per output token: a request may cost up to $1 (10 tokens) and costs $0.4 (4 tokens).
 EXPENSIVE = Price(input=0.0, output=100_000.0)

@@ -102,9 +102,11 @@ def do_generate(store, cfg: Config) -> dict:
         task = bar.add_task("generate", total=cfg.generation.target, info="")
 
         def progress(kept: int, target: int, info: dict) -> None:
-            bar.update(task, completed=min(kept, target), info=(
-                f"requests {info['requests']}  ${info['cost_usd']:.4f}"
-                f"  cached {info['cache_hits']}"))
+            projected = info.get("projected_usd")
+            bar.update(task, completed=min(kept, target), info=" ".join(filter(None, (
+                f"requests {info['requests']}  ${info['cost_usd']:.4f}",
+                f"(~${projected:.4f} in all)" if projected is not None else "",
+                f"cached {info['cache_hits']}", info.get("remote")))))
 
         detail = staged(store, "generate", lambda: generate_stage(store, cfg, progress),
                         generation_status)

@@ -53,16 +53,28 @@ class TeacherConfig(Strict):
     chat: bool | None = None
     sampling: Sampling = Field(default_factory=Sampling)
     concurrency: int = Field(8, ge=1, le=1024)
+    # Client-side limits for hosted APIs (the account's limits): requests and tokens per minute.
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    # openai only: send requests through the Batch API (/v1/files + /v1/batches), about half the
+    # price, answered within 24 hours. Generation then asks in waves of `batch_size` requests.
+    batch: bool = False
+    batch_size: int = Field(200, ge=1, le=50_000)
+    batch_poll_s: float = Field(30.0, gt=0)
     n_ctx: int = Field(4096, ge=256)
     threads: int | None = None
+    # USD per 1M tokens, as charged: in batch mode give the batch price. Unset: list prices for
+    # known hosted models (halved in batch mode), zero for local backends.
     price: Price | None = None
 
     @model_validator(mode="after")
     def _openai_needs_url_or_name(self) -> TeacherConfig:
         if self.backend == "openai" and self.model == EMBEDDED:
             raise ValueError("teacher.model: the openai backend needs a model name")
+        if self.batch and self.backend != "openai":
+            raise ValueError("teacher.batch: the Batch API is only for backend: openai")
         return self
 
 

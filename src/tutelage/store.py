@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 DB_NAME = "tutelage.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -44,7 +44,18 @@ CREATE TABLE IF NOT EXISTS requests (
     error         TEXT,
     purpose       TEXT NOT NULL DEFAULT 'generate',
     created_at    REAL NOT NULL,
-    completed_at  REAL
+    completed_at  REAL,
+    remote_batch  TEXT  -- the remote batch (Batch API) that carries this request, if any
+);
+-- Remote batches (OpenAI's Batch API): recorded as soon as one exists, so a restart polls it.
+CREATE TABLE IF NOT EXISTS remote_batches (
+    id           TEXT PRIMARY KEY,
+    endpoint     TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    n_requests   INTEGER NOT NULL,
+    detail_json  TEXT NOT NULL DEFAULT '{}',
+    submitted_at REAL NOT NULL,
+    updated_at   REAL NOT NULL
 );
 -- One row per generation request the loop has finished with, in loop order; its records commit
 -- in the same transaction, so a batch is either wholly ingested or not at all.
@@ -165,7 +176,11 @@ class Store:
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{path}: written by a newer tutelage (schema {version})")
         # executescript runs as one script of idempotent statements; a kill in between is harmless.
-        self.db.executescript(SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+        self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(requests)")}
+        if "remote_batch" not in columns:  # a schema-1 store
+            self.db.execute("ALTER TABLE requests ADD COLUMN remote_batch TEXT")
+        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -249,6 +264,28 @@ class Store:
                 " WHERE key=? AND status != 'done'",
                 (error, attempts, time.time(), key),
             )
+
+    def put_remote_batch(self, batch: dict, keys: list[str]) -> None:
+        """Record a remote batch and mark the requests it carries, in one transaction."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO remote_batches (id, endpoint, status, n_requests, detail_json,"
+                " submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET status=excluded.status,"
+                " detail_json=excluded.detail_json, updated_at=excluded.updated_at",
+                (batch["id"], batch.get("endpoint", ""), batch.get("status", "validating"),
+                 len(keys), json.dumps(batch), now, now))
+            db.executemany("UPDATE requests SET remote_batch=? WHERE key=? AND status='pending'",
+                           [(batch["id"], k) for k in keys])
+
+    def update_remote_batch(self, batch: dict) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE remote_batches SET status=?, detail_json=?, updated_at=? WHERE id=?",
+                       (batch.get("status", ""), json.dumps(batch), time.time(), batch["id"]))
+
+    def remote_batches(self) -> list[dict]:
+        return self._all("SELECT * FROM remote_batches ORDER BY submitted_at")
 
     def request_totals(self) -> dict:
         row = self._one(

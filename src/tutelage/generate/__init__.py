@@ -71,17 +71,35 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
             break
         idle += 1
 
-    price = price_for(config.teacher.backend, teacher.model, config.teacher.price)
+    price = price_for(config.teacher.backend, teacher.model, config.teacher.price,
+                      batch=config.teacher.batch)
     ledger = Ledger(teacher, store, price=price, budget_usd=gen.budget_usd,
                     concurrency=config.teacher.concurrency)
+    # A Batch API teacher answers a whole wave at once, hours later: launch the next wave only
+    # when this one is ingested, so the filter sees the wave's tasks before asking for more.
+    remote = getattr(teacher, "remote", False)
+    window = config.teacher.batch_size if remote else gen.concurrency
     in_flight: dict[int, asyncio.Task] = {}
     next_launch = idx = start
     stop_reason = ""
+    remote_status = ""
 
     def report() -> None:
         if progress:
+            # The cost of reaching the target, if the rest keeps tasks at the rate so far.
+            projected = ledger.projection(kept / gen.target) if kept else None
             progress(kept, gen.target, {"requests": idx, "cost_usd": ledger.spent_usd,
-                                        "cache_hits": ledger.cache_hits})
+                                        "projected_usd": projected,
+                                        "cache_hits": ledger.cache_hits, "remote": remote_status})
+
+    def on_remote(batch: dict) -> None:
+        nonlocal remote_status
+        counts = batch.get("request_counts") or {}
+        remote_status = (f"batch {batch.get('status')} {counts.get('completed', 0)}/"
+                         f"{counts.get('total', '?')}")
+        report()
+
+    ledger.on_remote_update = on_remote
 
     report()
     try:
@@ -95,7 +113,8 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
             if idle >= gen.stall_requests:
                 stop_reason = "stalled"
                 break
-            while len(in_flight) < gen.concurrency and next_launch < gen.max_requests:
+            topping_up = not (remote and in_flight)  # a wave waits until the last one is ingested
+            while topping_up and len(in_flight) < window and next_launch < gen.max_requests:
                 request = recipe.build_request(next_launch, seeds, config, chat, config.seed)
                 in_flight[next_launch] = asyncio.create_task(
                     ledger.complete(request, purpose="generate"))
@@ -121,7 +140,11 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
         raise
     finally:
         # At a normal stop, requests already sent are paid for: let them finish so the ledger
-        # stores their answers for the next run.
+        # stores their answers for the next run. A remote batch may take hours: its id is in
+        # the store, and the next run collects it.
+        if remote:
+            for task in in_flight.values():
+                task.cancel()
         await asyncio.gather(*in_flight.values(), return_exceptions=True)
         await teacher.aclose()
 

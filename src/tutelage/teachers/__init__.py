@@ -45,9 +45,14 @@ def make_teacher(config: TeacherConfig) -> Teacher:
                                    threads=config.threads)
     if backend == "openai":
         from .openai import DEFAULT_BASE_URL, OpenAITeacher
+        from .openai_batch import OpenAIBatchTeacher
 
-        return OpenAITeacher(
-            config.model, base_url=config.base_url or DEFAULT_BASE_URL,
-            api_key_env=config.api_key_env, concurrency=config.concurrency,
-            timeout_s=config.timeout_s, max_retries=config.max_retries)
+        online = {"base_url": config.base_url or DEFAULT_BASE_URL,
+                  "api_key_env": config.api_key_env, "concurrency": config.concurrency,
+                  "rpm": config.rpm, "tpm": config.tpm, "timeout_s": config.timeout_s,
+                  "max_retries": config.max_retries}
+        if config.batch:
+            return OpenAIBatchTeacher(config.model, batch_size=config.batch_size,
+                                      poll_s=config.batch_poll_s, **online)
+        return OpenAITeacher(config.model, **online)
     raise ValueError(f"teacher.backend: unknown backend {config.backend!r}")

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import Price
@@ -61,6 +61,14 @@ class Ledger:
         self._key_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._queue: list[tuple[Request, asyncio.Future]] = []
         self._batcher: asyncio.Task | None = None
+        # Batch API teachers: requests wait in remote batches the ledger submits and polls.
+        self.remote = getattr(teacher, "remote", False)
+        self.on_remote_update: Callable[[dict], None] | None = None
+        self._remote_queue: list[tuple[str, Request, str | None, asyncio.Future]] = []
+        self._remote_tasks: set[asyncio.Task] = set()
+        if self.remote:  # a remote batch holds many requests: the semaphore must not split it
+            self._slots = asyncio.Semaphore(max(concurrency, 4 * self.max_batch))
+            self.batch_window_s = max(batch_window_s, 0.05)
 
     def key(self, request: Request) -> str:
         return request.key(self.teacher.backend, self.teacher.model)
@@ -73,8 +81,10 @@ class Ledger:
             if row is not None and row["status"] == "done":
                 self.cache_hits += 1
                 return LedgerResult(key, completion_from_row(row), True, row["cost_usd"])
+            # A request a remote batch carries is waited for, not sent again.
+            remote = row["remote_batch"] if row and row["status"] == "pending" else None
             async with self._slots:
-                return await self._send(key, request, purpose)
+                return await self._send(key, request, purpose, remote)
 
     async def complete_many(self, requests: Sequence[Request],
                             purpose: str = "generate") -> list[LedgerResult]:
@@ -91,7 +101,8 @@ class Ledger:
         """The run's total cost if the rest costs what the part done so far did."""
         return self.spent_usd / done_fraction if done_fraction > 0 else float("inf")
 
-    async def _send(self, key: str, request: Request, purpose: str) -> LedgerResult:
+    async def _send(self, key: str, request: Request, purpose: str,
+                    remote: str | None = None) -> LedgerResult:
         worst = worst_case_cost(request, self.price)
         committed = self.spent_usd + self._reserved_usd  # spent, plus the worst case in flight
         if self.budget_usd is not None and committed + worst > self.budget_usd:
@@ -106,7 +117,10 @@ class Ledger:
         self.requests_sent += 1
         start = time.perf_counter()
         try:
-            completion = await self._ask(request)
+            if self.remote:
+                completion = await self._ask_remote(key, request, remote)
+            else:
+                completion = await self._ask(request)
         except Exception as e:
             self.store.fail_request(key, str(e) or type(e).__name__, getattr(e, "attempts", 1))
             raise
@@ -153,6 +167,71 @@ class Ledger:
                 for (_, future), completion in answered:
                     if not future.done():
                         future.set_result(completion)
+
+
+    # -- remote batches (the Batch API) ---------------------------------------------------------
+    async def _ask_remote(self, key: str, request: Request, remote: str | None) -> Completion:
+        future = asyncio.get_running_loop().create_future()
+        self._remote_queue.append((key, request, remote, future))
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._run_remote())
+        return await future
+
+    async def _run_remote(self) -> None:
+        """Gather queued requests; those a recorded remote batch carries wait on it, the rest go
+        out in new remote batches (one endpoint and at most max_batch requests each)."""
+        while self._remote_queue:
+            await asyncio.sleep(self.batch_window_s)
+            queued, self._remote_queue = self._remote_queue, []
+            waits: dict[str, list] = defaultdict(list)
+            fresh: dict[str, list] = defaultdict(list)
+            for item in queued:
+                _, request, remote, _ = item
+                if remote:
+                    waits[remote].append(item)
+                else:
+                    fresh[self.teacher.endpoint(request)].append(item)
+            for items in fresh.values():
+                for start in range(0, len(items), self.max_batch):
+                    chunk = items[start:start + self.max_batch]
+                    try:
+                        batch = await self.teacher.submit([r for _, r, _, _ in chunk],
+                                                          [k for k, _, _, _ in chunk])
+                    except Exception as e:
+                        for *_, future in chunk:
+                            if not future.done():
+                                future.set_exception(e)
+                        continue
+                    self.store.put_remote_batch(batch, [k for k, _, _, _ in chunk])
+                    self._notify(batch)
+                    waits[batch["id"]].extend(chunk)
+            for batch_id, items in waits.items():
+                task = asyncio.create_task(self._await_remote(batch_id, items))
+                self._remote_tasks.add(task)
+                task.add_done_callback(self._remote_tasks.discard)
+
+    async def _await_remote(self, batch_id: str, items: list) -> None:
+        try:
+            batch = await self.teacher.wait(batch_id, self._on_remote)
+            answers = await self.teacher.collect(batch, [k for k, _, _, _ in items])
+        except Exception as e:
+            answers = {k: e for k, _, _, _ in items}
+        for key, _, _, future in items:
+            if future.done():
+                continue
+            answer = answers[key]
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+
+    def _on_remote(self, batch: dict) -> None:
+        self.store.update_remote_batch(batch)
+        self._notify(batch)
+
+    def _notify(self, batch: dict) -> None:
+        if self.on_remote_update:
+            self.on_remote_update(batch)
 
 
 def completion_from_row(row: dict) -> Completion:

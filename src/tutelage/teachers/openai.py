@@ -5,7 +5,7 @@ Transient failures (429, 5xx, timeouts, dropped connections, garbled bodies) are
 exponential backoff and full jitter, honouring Retry-After; the others raise a TeacherError at once.
 The API key is read from the environment variable the configuration names, sent only in the
 Authorization header, and scrubbed from every message.
-Batch mode (/v1/files + /v1/batches, half price within 24 hours) is not implemented yet.
+Batch mode (/v1/files + /v1/batches, half price within 24 hours) is `openai_batch.OpenAIBatchTeacher`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ HINTS = {
 }
 # Reasoning models take max_completion_tokens and reject max_tokens.
 REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
+# Servers that answer an unknown model with 400 rather than 404 (LiteLLM, some routers).
+UNKNOWN_MODEL = re.compile(r"model.{0,80}(not found|does not exist|unknown|invalid)|"
+                           r"(unknown|invalid) model", re.IGNORECASE | re.DOTALL)
 
 log = logging.getLogger(__name__)
 
@@ -180,46 +183,59 @@ class OpenAITeacher:
         return "completions", {**body, "prompt": request.prompt}
 
     async def _complete_one(self, request: Request) -> Completion:
-        client = self._session()
         path, body = self._body(request)
-        where = f"{self.base_url}/{path} ({self.model})"
         tokens = estimate_prompt_tokens(request) + max_output_tokens(request)  # as OpenAI counts
-        async with self._slots:
-            attempt = 0
-            while True:
-                attempt += 1
-                if self._rpm:
-                    await self._rpm.take(1)
-                if self._tpm:
-                    await self._tpm.take(tokens)
-                try:
-                    response = await client.post(path, json=body)
-                    return self._read(response, request, attempt, where)
-                except httpx.TransportError as e:  # timeouts, refused and dropped connections
-                    problem, wait = type(e).__name__ + (f": {e}" if str(e) else ""), None
-                except Transient as e:
-                    problem, wait = str(e), e.wait
-                if attempt > self.max_retries:
-                    raise APIError(
-                        self._scrub(f"{where}: gave up after {attempt} attempts; last: {problem}"),
-                        attempt)
-                if wait is None:  # exponential backoff with full jitter
-                    wait = random.uniform(0, min(BACKOFF_CAP_S, self.backoff_s * 2 ** attempt / 2))
-                log.warning("%s: %s; retry %d in %.1fs", where, problem, attempt, wait)
-                await asyncio.sleep(wait)
 
-    def _read(self, response: httpx.Response, request: Request, attempt: int,
-              where: str) -> Completion:
-        """The answer in a response. Raises Transient for what a retry may fix, else APIError."""
-        if response.is_success:
+        async def send(client: httpx.AsyncClient, attempt: int) -> Completion:
+            response = await client.post(path, json=body)
+            self._check(response, where, attempt)
             try:
-                return self._completion(response.json(), request, attempt)
+                return self._completion(response.json(), request.is_chat, attempt)
             except (ValueError, LookupError, TypeError, AttributeError):
                 raise Transient("malformed response body") from None
+
+        where = f"{self.base_url}/{path} ({self.model})"
+        self._session()
+        async with self._slots:
+            return await self.with_retries(send, where, tokens=tokens)
+
+    async def with_retries(self, send, where: str, *, tokens: int = 0):
+        """`await send(client, attempt)` until it returns, retrying what a retry may fix: transport
+        failures and `Transient` (raised by `_check` for 429/5xx, or by `send` for a garbled body).
+        Every attempt waits its turn in the requests- and tokens-per-minute limits."""
+        client = self._session()
+        attempt = 0
+        while True:
+            attempt += 1
+            if self._rpm:
+                await self._rpm.take(1)
+            if self._tpm and tokens:
+                await self._tpm.take(tokens)
+            try:
+                return await send(client, attempt)
+            except httpx.TransportError as e:  # timeouts, refused and dropped connections
+                problem, wait = type(e).__name__ + (f": {e}" if str(e) else ""), None
+            except Transient as e:
+                problem, wait = str(e), e.wait
+            if attempt > self.max_retries:
+                raise APIError(
+                    self._scrub(f"{where}: gave up after {attempt} attempts; last: {problem}"),
+                    attempt)
+            if wait is None:  # exponential backoff with full jitter
+                wait = random.uniform(0, min(BACKOFF_CAP_S, self.backoff_s * 2 ** attempt / 2))
+            log.warning("%s: %s; retry %d in %.1fs", where, problem, attempt, wait)
+            await asyncio.sleep(wait)
+
+    def _check(self, response: httpx.Response, where: str, attempt: int = 1) -> None:
+        """Return on success; raise Transient for what a retry may fix, else APIError."""
+        if response.is_success:
+            return
         problem = self._scrub(f"HTTP {response.status_code}: {server_message(response)}")
         if self._retryable(response):
             raise Transient(problem, retry_after(response.headers))
         hint = HINTS.get(response.status_code, "")
+        if response.status_code == 400 and UNKNOWN_MODEL.search(problem):
+            hint = "unknown model: check teacher.model"  # how several servers say a 404
         if response.status_code == 401 and self.api_key_env:
             hint += f" in ${self.api_key_env}"
         raise APIError(f"{where}: {problem}" + (f" ({hint})" if hint else ""), attempt)
@@ -231,9 +247,9 @@ class OpenAITeacher:
             return "insufficient_quota" not in response.text
         return response.status_code in (408, 409) or response.status_code >= 500
 
-    def _completion(self, data: dict, request: Request, attempts: int) -> Completion:
+    def _completion(self, data: dict, chat: bool, attempts: int) -> Completion:
         choice = data["choices"][0]
-        text = choice["message"]["content"] if request.is_chat else choice["text"]
+        text = choice["message"]["content"] if chat else choice["text"]
         if not isinstance(text, (str, type(None))):
             raise TypeError("the answer is not text")
         usage = data.get("usage") or {}

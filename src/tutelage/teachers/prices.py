@@ -50,8 +50,14 @@ class PriceQuote(Price):
         return None
 
 
-def price_for(backend: str, model: str, configured: Price | None) -> PriceQuote:
-    """The configured price if there is one, zero for local backends, else the list price."""
+# OpenAI's Batch API charges half the list price.
+BATCH_DISCOUNT = 0.5
+
+
+def price_for(backend: str, model: str, configured: Price | None,
+              batch: bool = False) -> PriceQuote:
+    """The configured price if there is one (as charged), zero for local backends, else the list
+    price (halved for the Batch API)."""
     if configured is not None:
         return PriceQuote(**configured.model_dump(), source="configured")
     if backend in LOCAL_BACKENDS:
@@ -60,7 +66,8 @@ def price_for(backend: str, model: str, configured: Price | None) -> PriceQuote:
     name = SNAPSHOT.sub("", model.rsplit("/", 1)[-1].lower())
     if name in LIST_PRICES:
         inp, out = LIST_PRICES[name]
-        return PriceQuote(input=inp, output=out, source="list")
+        factor = BATCH_DISCOUNT if batch else 1.0
+        return PriceQuote(input=inp * factor, output=out * factor, source="list")
     return PriceQuote(source="unknown")
 
 
