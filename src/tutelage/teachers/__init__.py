@@ -55,4 +55,8 @@ def make_teacher(config: TeacherConfig) -> Teacher:
             return OpenAIBatchTeacher(config.model, batch_size=config.batch_size,
                                       poll_s=config.batch_poll_s, **online)
         return OpenAITeacher(config.model, **online)
+    if backend == "vllm":
+        from .vllm import VLLMTeacher
+
+        return VLLMTeacher(config.model, engine_args=config.engine_args)
     raise ValueError(f"teacher.backend: unknown backend {config.backend!r}")
