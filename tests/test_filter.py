@@ -6,9 +6,12 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rapidfuzz import process
+from rapidfuzz.distance import LCSseq
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 
@@ -282,7 +285,8 @@ FAILING = {
 
 
 def test_every_reason_code_has_a_failing_example():
-    assert set(FAILING) | {"rouge_duplicate"} == set(REASON_CODES)
+    duplicate_codes = {"rouge_duplicate", "minhash_duplicate", "embedding_duplicate"}
+    assert set(FAILING) | duplicate_codes == set(REASON_CODES)
     rules = QualityRules(check_output_colon=True)
     for code, example in FAILING.items():
         assert rules.check_instance(*example) == code, code
@@ -408,3 +412,209 @@ def test_numbered_marker_leaked_mid_line_is_caught():
     assert rules.check_instance("Explain the rules of chess.", "", "Pieces move. 18. Instruction: next") == "leaked_list_marker"
     assert rules.check_instance("Explain the rules of chess.", "", "Input: stray label") == "leaked_list_marker"
     assert rules.check_instance("Explain the rules of chess.", "", "The output: pieces move.") is None
+
+
+# --- chunks and workers: the same decisions and nearest records ---------------------------------
+
+from tutelage.filter import rouge as rouge_module  # noqa: E402
+
+
+def brute_decisions(texts: list[str], threshold: float = 0.7,
+                    pool: list[str] = ()) -> list[tuple[bool, float, int | None]]:
+    """The published loop with nearest records: (kept, best F1, index in pool + texts of the
+    earliest kept text reaching it, None when 0.0); rouge_l_f1 is rouge_score's F1 (tested above)."""
+    kept = [(i, tokenize(t)) for i, t in enumerate(pool)]
+    out = []
+    for j, text in enumerate(texts, len(pool)):
+        tokens = tokenize(text)
+        best, best_i = 0.0, None
+        for i, other in kept:
+            score = rouge_l_f1(tokens, other)
+            if score > best:
+                best, best_i = score, i
+        out.append((best <= threshold, best, best_i))
+        if best <= threshold:
+            kept.append((j, tokens))
+    return out
+
+
+def near_duplicates(count: int, seed: int) -> list[str]:
+    """Adversarial rows: short sentences over a small vocabulary, each often a small edit of one
+    a few rows back (so chunks are full of near-duplicates of their own rows), plus exact
+    duplicates, reversed copies (many equal bounds, low F1) and empty rows."""
+    rng = random.Random(seed)
+    words = "write a short poem about the sea and sky list three facts on cats dogs".split()
+    rows: list[str] = []
+    for _ in range(count):
+        roll = rng.random()
+        if rows and roll < 0.55:
+            base = rng.choice(rows[-12:]).split()
+            edit = rng.randrange(3)
+            if edit == 0 and len(base) > 1:
+                i = rng.randrange(len(base) - 1)
+                base[i], base[i + 1] = base[i + 1], base[i]
+            elif edit == 1:
+                base.insert(rng.randrange(len(base) + 1), rng.choice(words))
+            elif base:
+                base.pop(rng.randrange(len(base)))
+            rows.append(" ".join(base))
+        elif rows and roll < 0.65:
+            rows.append(rng.choice(rows))
+        elif rows and roll < 0.72:
+            rows.append(" ".join(reversed(rng.choice(rows).split())))
+        elif roll < 0.75:
+            rows.append(rng.choice(["", "?!"]))
+        else:
+            rows.append(" ".join(rng.choices(words, k=rng.randint(1, 10))))
+    return rows
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Tiny chunks (many chunk boundaries) and workers for any input, started before use."""
+    monkeypatch.setattr(rouge_module, "_CHUNK", 24)
+    monkeypatch.setattr(rouge_module, "_MIN_CHUNK", 4)
+    monkeypatch.setattr(rouge_module, "_PARALLEL_MIN_TEXTS", 0)
+    monkeypatch.setattr(rouge_module, "_PARALLEL_MIN_POOL", 0)
+    monkeypatch.setattr(rouge_module, "_WAIT_FOR_WORKERS", True)
+    calls = []
+    best = rouge_module._Helpers.best
+    monkeypatch.setattr(rouge_module._Helpers, "best",
+                        lambda self, *a: calls.append(a[-1]) or best(self, *a))
+    return calls
+
+
+def as_tuples(decisions: list) -> list[tuple]:
+    return [(d.kept, d.score, d.nearest_key, d.nearest_text) for d in decisions]
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_chunked_decisions_are_the_published_loop_with_nearest(small_chunks, threshold):
+    texts = near_duplicates(700, seed=1)
+    pool = ["write a short poem about the sea", "list three facts on cats", "sky sea sky"]
+    index = RougeNoveltyIndex(threshold)
+    index.add_references(pool)
+    decisions = index.add_many(texts)
+    expected = brute_decisions(texts, threshold, pool)
+    everything = pool + texts
+    assert [(d.kept, d.score, d.nearest_key) for d in decisions] == expected
+    assert all(d.nearest_text == (None if i is None else everything[i])
+               for d, (_, _, i) in zip(decisions, expected))
+    assert not small_chunks  # workers=1: no helpers
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_workers_decide_exactly_as_one_process_on_near_duplicates(small_chunks, seed):
+    texts = near_duplicates(900, seed)
+    one = RougeNoveltyIndex(0.7)
+    one.add_reference("write a short poem about the sea", key="seed")
+    two = RougeNoveltyIndex(0.7)
+    two.add_reference("write a short poem about the sea", key="seed")
+    single, parallel = one.add_many(texts), two.add_many(texts, workers=3)
+    assert as_tuples(parallel) == as_tuples(single)
+    assert [(d.kept, d.score) for d in single] == [x[:2] for x in brute_decisions(
+        texts, 0.7, ["write a short poem about the sea"])]
+    assert small_chunks and set(small_chunks) == {3}  # every chunk was split three ways
+    assert len(two) == len(one)
+    assert two.nearest("the sea poem short") == one.nearest("the sea poem short")
+
+
+def test_workers_decide_exactly_as_one_process_on_real_rows(pool_rows, small_chunks,
+                                                            monkeypatch):
+    monkeypatch.setattr(rouge_module, "_CHUNK", 128)
+    texts = pool_rows[:2000]
+    single = RougeNoveltyIndex().add_many(texts)
+    parallel = RougeNoveltyIndex().add_many(texts, workers=2)
+    assert as_tuples(parallel) == as_tuples(single)
+    assert sum(d.kept for d in parallel[:1000]) == 607 and len(small_chunks) > 10
+
+
+def test_incremental_adds_match_a_batch(pool_rows):
+    texts = pool_rows[:300]
+    index = RougeNoveltyIndex()
+    assert as_tuples(index.add(t) for t in texts) == as_tuples(RougeNoveltyIndex().add_many(texts))
+
+
+def test_dedup_file_with_workers_writes_the_same_files(tmp_path, small_chunks):
+    rows = [{"instruction": t, "output": str(i)} for i, t in enumerate(near_duplicates(400, 5))]
+    src = write_jsonl(tmp_path / "pool.jsonl", rows)
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [{"instruction": "list three facts on cats"}])
+    outputs = []
+    for workers in (1, 2):
+        out, rejected = tmp_path / f"out{workers}.jsonl", tmp_path / f"rejected{workers}.jsonl"
+        summary = dedup_file(src, out, against=seeds, rejected_path=rejected, workers=workers)
+        outputs.append((summary.kept, out.read_text(), rejected.read_text()))
+    assert outputs[0] == outputs[1] and small_chunks
+    with pytest.raises(ValueError, match="workers"):
+        dedup_file(src, tmp_path / "x.jsonl", workers=0)
+
+
+def test_every_nearest_record_on_real_rows_is_the_exact_maximum(pool_rows):
+    # all pairs at once (rapidfuzz LCS over one character per token), then the published loop
+    texts = pool_rows[:1500]
+    vocab: dict[str, str] = {}
+    codes = ["".join(vocab.setdefault(t, chr(len(vocab) + 1)) for t in tokenize(x)) for x in texts]
+    lcs = process.cdist(codes, codes, scorer=LCSseq.similarity, dtype=np.int64)
+    n = np.array([len(c) for c in codes])
+    decisions = RougeNoveltyIndex().add_many(texts)
+    kept: list[int] = []
+    for j, d in enumerate(decisions):
+        scores = [rouge_module._f1(int(lcs[j, i]), int(n[j]), int(n[i])) for i in kept]
+        best = max(scores, default=0.0)
+        nearest = kept[scores.index(best)] if best > 0 else None  # index(): the earliest
+        assert (d.kept, d.score, d.nearest_key) == (best <= 0.7, best, nearest), j
+        if d.kept:
+            kept.append(j)
+
+
+def test_a_worker_that_dies_is_replaced_by_this_process(small_chunks, monkeypatch):
+    import os
+    import signal
+
+    texts = near_duplicates(600, seed=4)
+    best = rouge_module._Helpers.best
+    calls = []
+
+    def kill_one(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(self.procs[0].pid, signal.SIGKILL)
+        return best(self, *args)
+
+    monkeypatch.setattr(rouge_module._Helpers, "best", kill_one)
+    parallel = RougeNoveltyIndex().add_many(texts, workers=3)
+    assert as_tuples(parallel) == as_tuples(RougeNoveltyIndex().add_many(texts))
+    assert len(calls) > 5
+
+
+def test_dedup_command_with_workers(tmp_path):
+    import subprocess
+    import sys
+
+    rows = [{"instruction": t} for t in near_duplicates(2500, seed=6)]  # enough for workers
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    outputs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}.jsonl"
+        rejected = tmp_path / f"rejected{workers}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "tutelage.cli", "dedup", str(src), "-o",
+                            str(out), "--rejected", str(rejected), "--workers", workers],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "read 2500, kept" in r.stderr + r.stdout
+        outputs.append((out.read_text(), rejected.read_text()))
+    assert outputs[0] == outputs[1]
+    r = subprocess.run([sys.executable, "-m", "tutelage.cli", "dedup", str(src), "-o",
+                        str(tmp_path / "x.jsonl"), "--workers", "0"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2
+
+
+def test_workers_that_cannot_start_leave_this_process_alone(small_chunks, monkeypatch):
+    def refuse(self, count):
+        raise AssertionError("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(rouge_module._Helpers, "__init__", refuse)
+    texts = near_duplicates(200, seed=7)
+    assert as_tuples(RougeNoveltyIndex().add_many(texts, workers=2)) == as_tuples(
+        RougeNoveltyIndex().add_many(texts))

@@ -243,16 +243,34 @@ def demo(run_dir: Annotated[Path, typer.Option("--run-dir", "-r", file_okay=Fals
 
 @app.command()
 def generate(config: ConfigOpt = None, run_dir: RunDirOpt = None, target: TargetOpt = None,
-             budget_usd: BudgetOpt = None):
+             budget_usd: BudgetOpt = None,
+             explain: Annotated[Optional[Path], typer.Option(
+                 "--explain", help="Ask nothing: print where RUN's generated tasks went, by "
+                 "reason code, with an example of each.", metavar="RUN", file_okay=False)] = None):
     """Ask the teacher for new tasks until enough pass the filter (or the budget ends).
 
-    Example: [cyan]tutelage generate -c tutelage.yaml --target 500[/]
+    Examples: [cyan]tutelage generate -c tutelage.yaml --target 500[/];
+    [cyan]tutelage generate --explain runs/first[/]
     """
     with one_line_errors():
+        if explain is not None:
+            print_explanation(explain)
+            return
         cfg = resolve_config(config, run_dir, **{"generation.target": target,
                                                  "generation.budget_usd": budget_usd})
         with _open(cfg) as store:
             do_generate(store, cfg)
+
+
+def print_explanation(run: Path) -> None:
+    from .generate.explain import explain
+    from .store import Store
+
+    if not (run / "tutelage.db").exists():
+        raise Fail(f"{run}: not a run folder (no tutelage.db)", 2)
+    with Store(run) as store:
+        for line in explain(store):
+            print(line)  # plain: the examples are model text, not rich markup
 
 
 @app.command("filter")
@@ -340,7 +358,8 @@ def dedup(input: Annotated[Path, typer.Argument(help="JSONL or JSON: Alpaca, Sel
           threshold: Annotated[float, typer.Option("--threshold", help="Keep iff ROUGE-L <= this.")] = 0.7,
           against: Annotated[Optional[Path], typer.Option("--against", help="Rows that fill the pool first (e.g. seeds).")] = None,
           rejected: Annotated[Optional[Path], typer.Option("--rejected", help="Write rejected rows with their nearest kept row.")] = None,
-          unicode: Annotated[bool, typer.Option("--unicode", help="Tokenize non-English text too.")] = False):
+          unicode: Annotated[bool, typer.Option("--unicode", help="Tokenize non-English text too.")] = False,
+          workers: Annotated[int, typer.Option("--workers", min=1, help="Processes to share the work (same output).")] = 1):
     """Drop near-duplicate instructions with the exact ROUGE-L novelty filter of Self-Instruct.
 
     Example: [cyan]tutelage dedup pool.jsonl -o novel.jsonl --against seeds.jsonl --rejected dup.jsonl[/]
@@ -350,7 +369,7 @@ def dedup(input: Annotated[Path, typer.Argument(help="JSONL or JSON: Alpaca, Sel
     with one_line_errors():
         try:
             s = dedup_file(input, output, threshold=threshold, against=against,
-                           rejected_path=rejected, unicode=unicode)
+                           rejected_path=rejected, unicode=unicode, workers=workers)
         except ValueError as e:
             raise Fail(str(e), 2) from None
         console.print(f"read {s.read}, kept {s.kept}, rejected {s.rejected} in {s.seconds:.2f}s")

@@ -7,7 +7,7 @@ Every field has a default that works on a 2-core laptop with the embedded models
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -102,23 +102,67 @@ class SeedsConfig(Strict):
 
 
 class GenerationConfig(Strict):
-    recipe: Literal["alpaca"] = "alpaca"
+    """How the teacher is asked for tasks. The recipes' own numbers are the defaults: Alpaca asks
+    for 20 tasks after 3 seed demonstrations; Self-Instruct continues a list of 8 instructions
+    (6 seed, 2 machine) up to number 15, then classifies each new instruction and asks for up
+    to 5 instances of it (greedy decoding)."""
+
+    recipe: Literal["alpaca", "self-instruct"] = "alpaca"
     target: int = Field(100, ge=1, description="kept instructions to stop at")
-    tasks_per_request: int = Field(20, ge=1)
-    demonstrations: int = Field(3, ge=1)
+    # New tasks asked per request. None: the recipe's (alpaca 20; self-instruct 7, items 9-15).
+    tasks_per_request: int | None = Field(None, ge=1)
+    demonstrations: int = Field(3, ge=1)  # alpaca: seed tasks shown per request
+    # Requests in flight in the loop. Self-Instruct: request i draws its machine demonstrations
+    # from the instructions of requests up to i - concurrency, so this is part of the recipe.
     concurrency: int = Field(1, ge=1)
     max_requests: int = Field(200, ge=1)
     # Stop when this many requests in a row added no kept instruction.
     stall_requests: int = Field(12, ge=1)
     budget_usd: float | None = Field(None, ge=0.0)
-    prompt_template: Path | None = None  # a Jinja file replacing the recipe's prompt
-    topics: str | None = None  # steer every task towards a domain, e.g. "cooking and nutrition"
-    language: str = "English"
+    # self-instruct: demonstrations per request, and instances kept per instruction
+    seed_demonstrations: int = Field(6, ge=0)
+    machine_demonstrations: int = Field(2, ge=0)
+    max_instances: int = Field(5, ge=1)
+    # self-instruct's follow-up steps are greedy, as in the paper (its top_p 0 is moot at
+    # temperature 0). The main request uses the recipe's defaults and teacher.sampling.
+    classify_sampling: Sampling = Field(default_factory=lambda: Sampling(
+        temperature=0.0, max_tokens=3))
+    instance_sampling: Sampling = Field(default_factory=lambda: Sampling(
+        temperature=0.0, max_tokens=350, presence_penalty=1.5))
+    # Jinja files replacing the built-in prompts. prompt_template: the main request's (alpaca's
+    # prompt, or self-instruct's bootstrap prompt); the others are self-instruct's later steps.
+    prompt_template: Path | None = None
+    classify_template: Path | None = None
+    input_first_template: Path | None = None
+    output_first_template: Path | None = None
+    # Steer what is generated: a domain description every request mentions, or a list of topics
+    # that requests take in turn (request i: topics[i % len]).
+    topics: str | list[str] | None = None
+    language: str = "English"  # not English: the filter tokenizes Unicode (see generate.steering)
+
+    TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "prompt_template", "classify_template", "input_first_template", "output_first_template")
+
+    @model_validator(mode="after")
+    def _demonstrations_for_self_instruct(self) -> GenerationConfig:
+        shown = self.seed_demonstrations + self.machine_demonstrations
+        if self.recipe == "self-instruct" and shown < 1:
+            raise ValueError("seed_demonstrations + machine_demonstrations must be at least 1")
+        return self
+
+    def resolve_paths(self, base: Path) -> None:
+        """Template paths in a file are relative to the file."""
+        for name in self.TEMPLATE_FIELDS:
+            setattr(self, name, _resolve(base, getattr(self, name)))
 
 
 class FilterConfig(Strict):
     rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
     unicode: bool = False
+    # Optional near-duplicate filters after ROUGE-L (null: off). MinHash: Jaccard of 3-word
+    # shingles (0.8 is usual). Embeddings: all-MiniLM-L6-v2 cosine (0.95 is usual).
+    minhash_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    embedding_threshold: float | None = Field(None, ge=-1.0, le=1.0)
     min_words: int = Field(4, ge=0)
     max_words: int = Field(150, ge=1)
     blacklist: list[str] = Field(default_factory=lambda: list(DEFAULT_BLACKLIST))
@@ -211,7 +255,7 @@ def load_config(path: Path | None, overrides: dict | None = None,
     if path is not None:
         base = Path(path).resolve().parent
         config.seeds.path = _resolve(base, config.seeds.path)
-        config.generation.prompt_template = _resolve(base, config.generation.prompt_template)
+        config.generation.resolve_paths(base)
         config.evaluation.sets = [_resolve(base, p) for p in config.evaluation.sets]
     return config
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
-from .filter.screen import Screen
 from .seeds import load_seeds
 from .store import Store
 
@@ -92,26 +91,45 @@ def generation_status(detail: dict) -> str:
 
 def filter_stage(store: Store, config: Config) -> dict:
     """Re-decide every machine task in generation order with the current filter settings, then
-    split the kept ones into train / valid / test."""
-    screen = Screen.from_config(config.filter)
-    for s in store.seeds():
+    split the kept ones into train / valid / test.
+
+    An Alpaca task is re-judged whole. A Self-Instruct instruction is re-judged alone, as it was
+    generated: if it passes it stays in the novelty pool whatever its instances became, and it
+    is kept iff generation kept one of its instances (the instance filters are the recipe's own
+    step). All kept instances of an instruction share its split."""
+    from .generate.steering import screen_for
+
+    screen = screen_for(config.filter, config.generation.language)
+    seeds, records = store.seeds(), store.machine_records()
+    recipes = store.batch_recipes()
+    screen.prepare([s["instruction"] for s in seeds]
+                   + [r["instruction"] for r in records if r["instance_id"] is not None])
+    for s in seeds:
         screen.add_reference(s["instruction"], ("id", s["id"]))
     decisions = []
-    records = store.machine_records()
     for r in records:
         if r["instance_id"] is None:  # unparseable or truncated: nothing to re-judge
             continue
-        v = screen.check(r["instruction"], r["input"], r["output"], key=("id", r["id"]))
+        if recipes[r["batch"]] == "self-instruct":
+            v = screen.check(r["instruction"], "", "answer", key=("id", r["id"]))
+            status, reason = v.status, v.reason
+            if status == "kept" and r["instance_status"] != "kept":  # kept instances come first
+                status, reason = "rejected", "no_valid_instances"
+            instance_status, instance_reason = r["instance_status"], r["instance_reason"]
+        else:
+            v = screen.check(r["instruction"], r["input"], r["output"], key=("id", r["id"]))
+            status, reason = instance_status, instance_reason = v.status, v.reason
         decisions.append({
-            "id": r["id"], "status": v.status, "reason": v.reason,
+            "id": r["id"], "status": status, "reason": reason,
             "nearest_id": v.nearest_key[1] if v.nearest_key else None,
             "nearest_score": v.nearest_score, "instance_id": r["instance_id"],
-            "instance_status": v.status, "instance_reason": v.reason, "split": None,
+            "instance_status": instance_status, "instance_reason": instance_reason, "split": None,
         })
     kept = [d for d in decisions if d["status"] == "kept"]
     texts = {r["id"]: (r["instruction"], r["input"]) for r in records}
     counts = assign_splits(kept, texts, config)
     store.set_decisions(decisions)
+    store.set_instruction_splits({d["id"]: d["split"] for d in decisions})
     return {"funnel": store.funnel(), "splits": counts}
 
 

@@ -605,3 +605,67 @@ class Store:
         for r in rows:
             r["detail"] = json.loads(r.pop("detail_json"))
         return {r["name"]: r for r in rows}
+
+    # -- generation: funnels by step (added for the Self-Instruct recipe and `generate --explain`)
+    def recent_rejections(self, n_batches: int) -> dict[str, int]:
+        """Rejected machine instructions of the last `n_batches` generation requests, by reason."""
+        rows = self._all(
+            "SELECT i.reason, COUNT(*) AS n FROM instructions i"
+            " JOIN batches b ON b.request_key = i.request_key"
+            " WHERE i.source='machine' AND i.status='rejected'"
+            " AND b.idx >= (SELECT COALESCE(MAX(idx), 0) FROM batches) - ? + 1"
+            " GROUP BY i.reason",
+            (n_batches,),
+        )
+        return {r["reason"] or "rejected": r["n"] for r in rows}
+
+    def instance_funnel(self) -> dict:
+        """Every instance of a machine instruction, by outcome: {'generated', 'kept',
+        'rejected': {reason: n}}. With Self-Instruct an instruction has several instances, each
+        judged on its own; with Alpaca this repeats the instruction funnel."""
+        rows = self._all(
+            "SELECT n.status, n.reason, COUNT(*) AS n FROM instances n"
+            " JOIN instructions i ON i.id = n.instruction_id"
+            " WHERE i.source='machine' GROUP BY 1, 2"
+        )
+        out = {"generated": 0, "kept": 0, "rejected": {}}
+        for r in rows:
+            out["generated"] += r["n"]
+            if r["status"] == "kept":
+                out["kept"] += r["n"]
+            else:
+                reason = r["reason"] or "rejected"
+                out["rejected"][reason] = out["rejected"].get(reason, 0) + r["n"]
+        return out
+
+    def rejected_instance_samples(self, per_reason: int = 1) -> list[dict]:
+        """The first `per_reason` rejected instances of every reason, with their instruction."""
+        return self._all(
+            "SELECT instruction, input, output, reason FROM ("
+            " SELECT i.text AS instruction, n.input, n.output,"
+            " COALESCE(n.reason, 'rejected') AS reason, n.id,"
+            " ROW_NUMBER() OVER (PARTITION BY COALESCE(n.reason, 'rejected') ORDER BY n.id) AS k"
+            " FROM instances n JOIN instructions i ON i.id = n.instruction_id"
+            " WHERE i.source='machine' AND n.status='rejected')"
+            " WHERE k <= ? ORDER BY reason, id",
+            (per_reason,),
+        )
+
+    def recipes(self) -> list[str]:
+        """The generation recipes this run's stored requests came from."""
+        return [r["recipe"] for r in self._all("SELECT DISTINCT recipe FROM batches ORDER BY 1")]
+
+    def batch_recipes(self) -> dict[int, str]:
+        """The recipe of every stored generation request, by its index (machine_records' batch)."""
+        return {r["idx"]: r["recipe"] for r in self._all("SELECT idx, recipe FROM batches")}
+
+    def set_instruction_splits(self, splits: dict[int, str | None]) -> None:
+        """Give every kept instance of each instruction its instruction's split (None: none).
+        One split per instruction: its instances never straddle train and test."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE instances SET split = CASE WHEN status='kept' THEN ? END"
+                " WHERE instruction_id=?",
+                [(split, id_) for id_, split in splits.items()],
+            )
+    # -- end of the generation funnels block

@@ -1,4 +1,5 @@
-"""The filter stage's plain components: quality rules and the ROUGE-L novelty filter.
+"""The filter stage's plain components: quality rules, the ROUGE-L novelty filter, and optional
+MinHash and embedding near-duplicate filters (`semantic`, imported only when asked for).
 
 Knows nothing else of tutelage, so `tutelage dedup` and the benchmarks use it on any file.
 """
@@ -8,7 +9,7 @@ from .quality import QUALITY_CODES, QualityRules
 from .rouge import Decision, RougeNoveltyIndex, rouge_l_f1, tokenize
 
 # every reason a task can be rejected for, as stored with it
-REASON_CODES = QUALITY_CODES + ("rouge_duplicate",)
+REASON_CODES = QUALITY_CODES + ("rouge_duplicate", "minhash_duplicate", "embedding_duplicate")
 
 __all__ = [
     "REASON_CODES",

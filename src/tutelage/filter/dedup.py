@@ -78,17 +78,20 @@ def dedup_file(
     against: str | Path | None = None,
     rejected_path: str | Path | None = None,
     unicode: bool = False,
+    workers: int = 1,
 ) -> DedupSummary:
     """Keep each row iff its instruction's ROUGE-L F1 against every earlier kept one (and every
     instruction in `against`) is <= threshold. Rejected rows go to `rejected_path` (JSONL) as
-    {"row", "line", "nearest", "score"}, nearest being the pool instruction scoring highest."""
+    {"row", "line", "nearest", "score"}, nearest being the pool instruction scoring highest.
+    `workers` > 1 shares the work of long inputs among that many processes; same output."""
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
     start = time.perf_counter()
     rows, is_list = _read_rows(Path(in_path))
     index = RougeNoveltyIndex(threshold, unicode=unicode)
     if against is not None:
-        for row in _read_rows(Path(against))[0]:
-            index.add_reference(row.data["instruction"])
-    decisions = index.add_many(row.data["instruction"] for row in rows)
+        index.add_references(row.data["instruction"] for row in _read_rows(Path(against))[0])
+    decisions = index.add_many((row.data["instruction"] for row in rows), workers=workers)
     kept = [row for row, decision in zip(rows, decisions) if decision.kept]
 
     if is_list:

@@ -1,7 +1,8 @@
-"""One candidate task at a time through the whole filter: quality rules first, then ROUGE-L novelty.
+"""One candidate task at a time through the whole filter: quality rules first, then ROUGE-L novelty,
+then the optional near-duplicate filters (MinHash, then embeddings), cheapest first.
 
 Used by the generation loop as answers arrive and by the filter stage when it re-decides a stored
-run, so both reach the same decisions. Only tasks that pass the rules enter the novelty pool.
+run, so both reach the same decisions. Only a task that passes every filter enters the pools.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ class Verdict:
 
 
 class Screen:
-    def __init__(self, rules: QualityRules, index: RougeNoveltyIndex):
+    def __init__(self, rules: QualityRules, index: RougeNoveltyIndex,
+                 extra: list[tuple[str, object]] | None = None):
         self.rules = rules
         self.index = index
+        # (reason code, index) of the optional near-duplicate filters, in the order they run
+        self.extra = extra or []
         self._alias: dict[Hashable, Hashable] = {}
 
     @classmethod
@@ -32,10 +36,29 @@ class Screen:
         """Build from a `FilterConfig`-shaped object (duck-typed: filter knows no config module)."""
         rules = QualityRules(**{f.name: getattr(cfg, f.name) for f in fields(QualityRules)})
         rules.blacklist = tuple(rules.blacklist)
-        return cls(rules, RougeNoveltyIndex(threshold=cfg.rouge_threshold, unicode=cfg.unicode))
+        extra: list[tuple[str, object]] = []
+        if getattr(cfg, "minhash_threshold", None) is not None:
+            from .semantic import MinHashNoveltyIndex
+
+            extra.append(("minhash_duplicate",
+                          MinHashNoveltyIndex(cfg.minhash_threshold, unicode=cfg.unicode)))
+        if getattr(cfg, "embedding_threshold", None) is not None:
+            from .semantic import EmbeddingNoveltyIndex
+
+            extra.append(("embedding_duplicate", EmbeddingNoveltyIndex(cfg.embedding_threshold)))
+        return cls(rules, RougeNoveltyIndex(threshold=cfg.rouge_threshold, unicode=cfg.unicode),
+                   extra)
+
+    def prepare(self, texts: list[str]) -> None:
+        """Embed texts about to be checked in batches (much faster than one at a time)."""
+        for _, index in self.extra:
+            if hasattr(index, "prepare"):
+                index.prepare(texts)
 
     def add_reference(self, text: str, key: Hashable) -> None:
         self.index.add_reference(text, key)
+        for _, index in self.extra:
+            index.add_reference(text, key)
 
     def rekey(self, old: Hashable, new: Hashable) -> None:
         """Name a pool entry by its final key (a store id known only after it was written)."""
@@ -45,8 +68,20 @@ class Screen:
         reason = self.rules.check_instance(instruction, input, output)  # instruction rules first
         if reason:
             return Verdict("rejected", reason)
-        decision = self.index.add(instruction, key)
-        nearest = self._alias.get(decision.nearest_key, decision.nearest_key)
-        if decision.kept:
-            return Verdict("kept", None, nearest, decision.score)
-        return Verdict("rejected", "rouge_duplicate", nearest, decision.score)
+        if not self.extra:
+            decision = self.index.add(instruction, key)
+            nearest = self._alias.get(decision.nearest_key, decision.nearest_key)
+            if decision.kept:
+                return Verdict("kept", None, nearest, decision.score)
+            return Verdict("rejected", "rouge_duplicate", nearest, decision.score)
+        # Several pools: a task joins them all only if no filter rejects it.
+        found = []
+        for code, index in [("rouge_duplicate", self.index), *self.extra]:
+            score, near = index.nearest(instruction)
+            near = self._alias.get(near, near)
+            if score > index.threshold:
+                return Verdict("rejected", code, near, score)
+            found.append((near, score))
+        for _, index in [("rouge_duplicate", self.index), *self.extra]:
+            index.add_reference(instruction, key)
+        return Verdict("kept", None, *found[0])

@@ -11,13 +11,17 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..formats import TEMPLATES, render_template
 from ..teachers.base import Request
+from .recipe import (
+    Context, Screened, check_templates, main_sampling, make_request, new_key, record_from, render,
+    unparsed_record,
+)
+from .steering import topic_for
 
 NAME = "alpaca"
 DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 2048}
+DEFAULT_TASKS = 20
 NO_INPUT = "<noinput>"
 
 # "12. Instruction:" at the start of a line (number optional, any case, markdown bold tolerated).
@@ -41,25 +45,63 @@ class Parsed:
     raw: str | None = None
 
 
-def build_request(idx: int, seeds: list[dict], config, chat: bool, seed: int) -> Request:
+TEMPLATES = {"prompt_template": "alpaca.jinja"}
+
+
+def check(config) -> None:
+    check_templates(config, TEMPLATES)
+
+
+def build_request(idx: int, ctx: Context) -> Request:
     """Request number `idx` of the loop. Its demonstrations depend only on (seed, idx), so a
     rerun asks exactly the same request and the ledger answers it from the store."""
+    config = ctx.config
     gen = config.generation
-    rng = random.Random(f"{seed}:{NAME}:{idx}")
+    rng = random.Random(f"{config.seed}:{NAME}:{idx}")
     demos = [
         {"instruction": s["instruction"], "input": s["instances"][0]["input"],
          "output": s["instances"][0]["output"]}
-        for s in rng.sample(seeds, min(gen.demonstrations, len(seeds)))
+        for s in rng.sample(ctx.seeds, min(gen.demonstrations, len(ctx.seeds)))
     ]
-    template = gen.prompt_template or TEMPLATES / "generate" / "alpaca.jinja"
-    prompt = render_template(Path(template), n_tasks=gen.tasks_per_request, demonstrations=demos,
-                             topics=gen.topics, language=gen.language)
-    sampling = {**DEFAULT_SAMPLING, **config.teacher.sampling.model_dump(
-        exclude_unset=True)}
-    if chat:
-        return Request.make(messages=[{"role": "user", "content": prompt}], sampling=sampling,
-                            sample_index=idx)
-    return Request.make(prompt=prompt, sampling=sampling, sample_index=idx)
+    prompt = render(config, "prompt_template", TEMPLATES["prompt_template"],
+                    n_tasks=tasks_per_request(gen), demonstrations=demos,
+                    topics=topic_for(gen, idx), language=gen.language, chat=ctx.chat)
+    return make_request(prompt, ctx.chat, main_sampling(DEFAULT_SAMPLING, config.teacher.sampling),
+                        sample_index=idx)
+
+
+def tasks_per_request(gen) -> int:
+    return gen.tasks_per_request or DEFAULT_TASKS
+
+
+def screen(idx: int, result, ctx: Context) -> Screened:
+    """Parse one answer and judge every task in it, in order: a kept task joins the pool."""
+    completion = result.completion
+    tasks = parse(completion.text, completion.finish_reason, continued=not ctx.chat,
+                  first_number=ctx.config.generation.demonstrations + 1)
+    ctx.screen.prepare([t.instruction for t in tasks if not t.error])  # embeds at once, if used
+    records = []
+    for pos, task in enumerate(tasks):
+        if task.error:
+            records.append(unparsed_record(task.instruction, task.error, task.raw))
+            continue
+        verdict = ctx.screen.check(task.instruction, task.input, task.output,
+                                   key=new_key(idx, pos))
+        records.append(record_from(task.instruction, verdict, instances=[
+            {"input": task.input, "output": task.output, "status": verdict.status,
+             "reason": verdict.reason}]))
+        if verdict.status == "kept":
+            ctx.pool.append((idx, task.instruction))
+    return Screened(idx, result.key, records)
+
+
+async def finish(screened: Screened, ctx: Context) -> list[dict]:
+    return screened.records  # one request gives whole tasks: nothing more to ask
+
+
+def in_pool(row: dict) -> bool:
+    """A stored task is in the novelty pool iff it was kept, instance and all."""
+    return row["status"] == "kept" and row["instance_status"] == "kept"
 
 
 def parse(text: str, finish_reason: str | None, continued: bool, first_number: int) -> list[Parsed]:

@@ -1,0 +1,67 @@
+"""`tutelage generate --explain RUN`: where the teacher's output went, reason by reason.
+
+Plain text lines from the store: the requests by step, then the instruction funnel (every parsed or
+unparseable piece, by outcome) and, for Self-Instruct, the instance funnel, each reason with its
+count, its share and its first example.
+"""
+
+from __future__ import annotations
+
+from ..store import Store
+
+WIDTH = 70  # characters of an example shown
+
+
+def explain(store: Store) -> list[str]:
+    recipes = store.recipes()
+    if not recipes:
+        return ["no generation request has been stored in this run yet"]
+    totals = store.request_totals()
+    by_purpose = ", ".join(f"{r['purpose']} {r['requests']}"
+                           for r in store.request_totals_by_purpose())
+    lines = [f"recipe {', '.join(recipes)}; teacher requests: {by_purpose or 'none'}; "
+             f"{totals['tokens_in']:,} tokens in, {totals['tokens_out']:,} out, "
+             f"${totals['cost_usd']:.4f}", ""]
+
+    funnel = store.funnel()
+    samples = {r["reason"]: r for r in store.rejected_samples(per_reason=1)}
+    lines.append(f"instructions: {funnel['generated']} parsed or unparseable pieces -> "
+                 f"{funnel['kept']} kept")
+    lines += _reasons(funnel, {k: _instruction_example(r) for k, r in samples.items()})
+
+    if "self-instruct" in recipes:
+        inst = store.instance_funnel()
+        isamples = {r["reason"]: r for r in store.rejected_instance_samples(per_reason=1)}
+        lines += ["", f"instances of the instructions that passed the instruction filter: "
+                      f"{inst['generated']} -> {inst['kept']} kept"]
+        lines += _reasons(inst, {k: _instance_example(r) for k, r in isamples.items()})
+    return lines
+
+
+def _reasons(funnel: dict, examples: dict[str, str]) -> list[str]:
+    total = funnel["generated"] or 1
+    rows = sorted(funnel["rejected"].items(), key=lambda kv: (-kv[1], kv[0]))
+    if not rows:
+        return ["  nothing rejected"]
+    width = max(len(reason) for reason, _ in rows)
+    return [f"  {reason:<{width}} {n:>6} {n / total:>4.0%}  {examples.get(reason, '')}"
+            for reason, n in rows]
+
+
+def _clip(text: str | None) -> str:
+    text = " ".join((text or "").split())
+    return repr(text if len(text) <= WIDTH else text[: WIDTH - 1] + "…")
+
+
+def _instruction_example(row: dict) -> str:
+    if row["reason"] in ("parse_error", "length_truncated") and row["raw"]:
+        return f"e.g. raw {_clip(row['raw'])}"
+    text = f"e.g. {_clip(row['instruction'])}"
+    if row["nearest"] is not None and row["reason"].endswith("_duplicate"):
+        text += f" ~ {_clip(row['nearest'])} (ROUGE-L {row['nearest_score']:.2f})"
+    return text
+
+
+def _instance_example(row: dict) -> str:
+    return (f"e.g. {_clip(row['instruction'])}: input {_clip(row['input'])}, "
+            f"output {_clip(row['output'])}")
