@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import llama_cpp
@@ -35,13 +35,20 @@ class LlamaCppTeacher:
         # with other work fewer threads do better (2 threads on 2 busy cores ran 10x slower than
         # 1 here): set teacher.threads then.
         threads = threads or os.cpu_count() or 1
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, seed=seed, verbose=False)
-        self._lock = threading.Lock()  # llama.cpp contexts are not thread-safe
+        # One thread of our own loads the model and runs every request. llama.cpp's OpenMP gives
+        # each calling thread its own team of workers: called from whichever executor thread was
+        # free (asyncio.to_thread), it ran 18-32% slower than a direct call in bench/teachers.py,
+        # because OpenMP throttles its spinning once it manages more threads than there are CPUs.
+        # One thread also serialises the calls, as a llama.cpp context needs.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
+        self.llm = self._thread.submit(
+            llama_cpp.Llama, str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+            seed=seed, verbose=False).result()
 
     async def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        # A worker thread keeps the event loop (and the other requests' I/O) responsive.
-        return [await asyncio.to_thread(self._complete_one, r) for r in requests]
+        # The worker thread keeps the event loop (and the other requests' I/O) responsive.
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(self._thread, self._complete_one, r) for r in requests]
 
     def _complete_one(self, request: Request) -> Completion:
         params = request.params()
@@ -50,17 +57,16 @@ class LlamaCppTeacher:
         # the same request samples the same answer, which is what makes resumed runs identical.
         key = request.key(self.backend, self.model)
         kwargs["seed"] = params.get("seed", (int(key[:8], 16) + self.seed) % 2**32)
-        with self._lock:
-            # Evaluate every prompt from scratch: reusing the previous request's cached prefix
-            # changes the arithmetic slightly, and with it a sampled answer.
-            self.llm.reset()
-            try:
-                if request.is_chat:
-                    out = self.llm.create_chat_completion(request.message_dicts(), **kwargs)
-                else:
-                    out = self.llm.create_completion(request.prompt, **kwargs)
-            except ValueError as e:  # the prompt does not fit the context window
-                raise TeacherError(f"{self.model}: {e} (raise teacher.n_ctx)") from None
+        # Evaluate every prompt from scratch: reusing the previous request's cached prefix
+        # changes the arithmetic slightly, and with it a sampled answer.
+        self.llm.reset()
+        try:
+            if request.is_chat:
+                out = self.llm.create_chat_completion(request.message_dicts(), **kwargs)
+            else:
+                out = self.llm.create_completion(request.prompt, **kwargs)
+        except ValueError as e:  # the prompt does not fit the context window
+            raise TeacherError(f"{self.model}: {e} (raise teacher.n_ctx)") from None
         choice = out["choices"][0]
         text = choice["message"]["content"] if request.is_chat else choice["text"]
         usage = out["usage"]

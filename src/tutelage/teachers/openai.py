@@ -14,6 +14,7 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
+import math
 import os
 import random
 import re
@@ -29,6 +30,7 @@ from .prices import estimate_prompt_tokens, max_output_tokens
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BACKOFF_CAP_S = 60.0
 RETRY_AFTER_CAP_S = 600.0
+LANE_SIZE = 4  # connections per httpcore pool (see LaneTransport)
 HINTS = {
     400: "the server rejected the request",
     401: "check the API key",
@@ -58,6 +60,60 @@ class Transient(Exception):
     def __init__(self, problem: str, wait: float | None = None):
         super().__init__(problem)
         self.wait = wait
+
+
+class _CountedStream(httpx.AsyncByteStream):
+    """A response body that tells its lane when it is done with."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, done):
+        self._stream, self._done = stream, done
+
+    async def __aiter__(self):
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            self._done()
+
+
+class LaneTransport(httpx.AsyncBaseTransport):
+    """Connections split over small pools ("lanes"), each request to the least busy lane.
+
+    Why: httpcore's pool scans every connection at each request's start and end (with syscalls),
+    so one pool of 256 connections cost 18 ms of CPU per request in bench/teachers.py and capped
+    the client at about 60 requests/s; lanes of 4 cost under 1 ms.
+    """
+
+    def __init__(self, connections: int, per_lane: int = LANE_SIZE):
+        n = max(1, math.ceil(connections / per_lane))
+        ssl_context = httpx.create_ssl_context()  # one for all lanes: each takes ~30 ms to make
+        limits = httpx.Limits(max_connections=math.ceil(connections / n))
+        self.lanes = [httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits)
+                      for _ in range(n)]
+        self.busy = [0] * n
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        i = min(range(len(self.lanes)), key=self.busy.__getitem__)
+        self.busy[i] += 1
+
+        def done() -> None:
+            self.busy[i] -= 1
+
+        try:
+            response = await self.lanes[i].handle_async_request(request)
+        except BaseException:
+            done()
+            raise
+        return httpx.Response(response.status_code, headers=response.headers,
+                              stream=_CountedStream(response.stream, done),
+                              extensions=response.extensions)
+
+    async def aclose(self) -> None:
+        for lane in self.lanes:
+            await lane.aclose()
 
 
 class RateLimit:
@@ -162,7 +218,7 @@ class OpenAITeacher:
             headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
             self._client = httpx.AsyncClient(
                 base_url=self.base_url + "/", headers=headers, timeout=self.timeout_s,
-                limits=httpx.Limits(max_connections=self.concurrency))
+                transport=LaneTransport(self.concurrency))
             self._slots = asyncio.Semaphore(self.concurrency)
             self._rpm = RateLimit(self.rpm) if self.rpm else None
             self._tpm = RateLimit(self.tpm) if self.tpm else None
