@@ -353,6 +353,18 @@ def test_bootstrap_request_mixes_seed_and_machine_instructions():
     assert "numbered 9 to 15" in chat.messages[0][1] and "\n\n" not in chat.params()["stop"]
     cfg.teacher.sampling.top_p = 0.9  # a field changed in the file overrides the recipe's
     assert self_instruct.build_request(3, ctx).params()["top_p"] == 0.9
+    cfg.teacher.sampling.presence_penalty = 0.0  # set to OpenAI's default: still an override
+    assert self_instruct.build_request(3, ctx).params()["presence_penalty"] == 0.0
+
+
+def test_a_stored_configuration_keeps_the_recipe_sampling_defaults(tmp_path):
+    """A rerun by --run-dir reloads the whole stored configuration: unset sampling fields must stay
+    unset, or they would override the recipe's defaults on the rerun."""
+    cfg = load_config(None, {"generation.recipe": "self-instruct", "teacher.sampling.top_p": 0.9})
+    stored = load_config(None, base=cfg.model_dump(mode="json"))
+    seeds = [{"instruction": f"Seed task number {i}."} for i in range(20)]
+    p = self_instruct.build_request(0, context(stored, seeds, window=1)).params()
+    assert (p["temperature"], p["top_p"], p["presence_penalty"]) == (0.7, 0.9, 2.0)
 
 
 # -- Self-Instruct: the loop with a scripted teacher --------------------------------------------

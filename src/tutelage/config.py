@@ -22,14 +22,15 @@ class Strict(BaseModel):
 
 
 class Sampling(Strict):
-    """Sampling parameters. A field set in the file overrides the recipe's default for it."""
+    """Sampling parameters. A field left unset (null) takes the recipe's default, else OpenAI's
+    (temperature 1, top_p 1, no penalties, no stop); a field set, to any value, overrides it."""
 
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(2048, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    stop: list[str] = Field(default_factory=list)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    stop: list[str] | None = None
     seed: int | None = None
 
 

@@ -89,18 +89,15 @@ def render(config: Config, field_name: str, default: str, **values: object) -> s
 
 
 def main_sampling(defaults: dict, teacher_sampling: Sampling) -> dict:
-    """The recipe's sampling defaults, overridden by the teacher.sampling fields a user changed.
-
-    "Changed" means different from the field's default rather than "set in the file": a run's
-    stored configuration has every field set, and would otherwise override every recipe default
-    on a rerun by --run-dir."""
-    return {**defaults, **teacher_sampling.model_dump(exclude_defaults=True)}
+    """The recipe's sampling defaults, overridden by every teacher.sampling field that is set."""
+    return {**defaults, **teacher_sampling.model_dump(exclude_none=True)}
 
 
 def step_sampling(sampling: Sampling, stop: list[str]) -> dict:
     """A follow-up step's sampling from its config section, plus the stops its format needs."""
-    values = sampling.model_dump()
-    values["stop"] = [*values.get("stop", []), *(s for s in stop if s not in values["stop"])]
+    values = sampling.model_dump(exclude_none=True)
+    own = values.get("stop") or []
+    values["stop"] = [*own, *(s for s in stop if s not in own)]
     return values
 
 

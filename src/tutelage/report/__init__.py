@@ -129,7 +129,10 @@ def _config_rows(config: dict | None) -> list[tuple[str, str]]:
                                       for k in ("temperature", "top_p", "max_tokens")))),
         ("recipe", joined(("", "generation.recipe"),
                           ("tasks per request", "generation.tasks_per_request"),
-                          ("demonstrations", "generation.demonstrations"),
+                          *((("seed demonstrations", "generation.seed_demonstrations"),
+                             ("machine demonstrations", "generation.machine_demonstrations"))
+                            if get("generation.recipe") == "self-instruct" else
+                            (("demonstrations", "generation.demonstrations"),)),
                           ("target", "generation.target"))),
         ("topics", get("generation.topics")),
         ("language", get("generation.language")),

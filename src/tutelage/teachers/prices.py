@@ -11,10 +11,12 @@ import math
 import re
 from typing import Literal
 
-from ..config import Price, Sampling
+from ..config import Price
 from .base import Request
 
 LOCAL_BACKENDS = {"llamacpp", "transformers", "vllm"}
+# The answer length assumed for the budget when a request sets no max_tokens.
+UNBOUNDED_MAX_TOKENS = 2048
 
 # USD per 1M tokens (input, output): OpenAI's standard list prices (not batch, not cached input) as
 # published in August 2025. See https://openai.com/api/pricing; set `teacher.price` if they moved.
@@ -85,7 +87,7 @@ def estimate_prompt_tokens(request: Request) -> int:
 
 def max_output_tokens(request: Request) -> int:
     """The request's max_tokens; without one, the configuration default bounds the guess."""
-    return request.params().get("max_tokens") or Sampling().max_tokens
+    return request.params().get("max_tokens") or UNBOUNDED_MAX_TOKENS
 
 
 def worst_case_cost(request: Request, price: Price) -> float:
