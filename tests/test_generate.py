@@ -760,3 +760,30 @@ def test_filter_stage_keeps_self_instruct_decisions_and_splits_by_instruction(si
     for e in store.examples():
         splits.setdefault(e["instruction"], set()).add(e["split"])
     assert all(len(s) == 1 and None not in s for s in splits.values())  # every instance, one split
+
+
+def test_self_instruct_budget_stops_before_the_cap_and_a_raised_cap_goes_on(si_cfg, tmp_path):
+    from tutelage.config import Price
+
+    si_cfg.generation.target = 10
+    reference_cfg = si_cfg.model_copy(deep=True)
+    reference_cfg.run_dir = tmp_path / "reference"
+    reference = open_run(reference_cfg)
+    generate(reference, reference_cfg, SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS))
+    total = reference.request_totals()["requests"]
+
+    # Every request answers 20 tokens; at $1,000 per million output tokens each costs $0.02, and
+    # the worst case is its max_tokens at that price (1,024 for a bootstrap): the cap falls mid-run.
+    si_cfg.teacher.price = Price(input=0.0, output=1000.0)
+    si_cfg.generation.budget_usd = 1.3
+    store = open_run(si_cfg)
+    teacher = SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS)
+    stopped = generate(store, si_cfg, teacher)
+    assert stopped.stop_reason == "budget" and stopped.cost_usd <= 1.3
+    assert 0 < teacher.calls < total
+
+    si_cfg.generation.budget_usd = 100.0
+    more = generate(store, si_cfg, teacher)
+    assert more.stop_reason == "target"
+    assert teacher.calls == total  # nothing paid for was asked again
+    assert dataset(store) == dataset(reference)
