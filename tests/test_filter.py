@@ -618,3 +618,11 @@ def test_workers_that_cannot_start_leave_this_process_alone(small_chunks, monkey
     texts = near_duplicates(200, seed=7)
     assert as_tuples(RougeNoveltyIndex().add_many(texts, workers=2)) == as_tuples(
         RougeNoveltyIndex().add_many(texts))
+
+
+def test_word_counts_follow_the_unicode_tokenizer_when_asked():
+    chinese = "请解释光合作用的过程"  # ten characters, no spaces
+    assert QualityRules().check_instruction(chinese) == "too_short"
+    rules = QualityRules(unicode=True, check_non_ascii_start=False)
+    assert rules.check_instruction(chinese) is None
+    assert QualityRules(unicode=True, max_words=5).check_instruction(chinese) == "too_long"

@@ -159,6 +159,8 @@ class GenerationConfig(Strict):
 
 class FilterConfig(Strict):
     rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
+    # Tokenize Unicode text (ROUGE-L and word counts) instead of rouge_score's ASCII tokens; on
+    # by itself when generation.language is not English.
     unicode: bool = False
     # Optional near-duplicate filters after ROUGE-L (null: off). MinHash: Jaccard of 3-word
     # shingles (0.8 is usual). Embeddings: all-MiniLM-L6-v2 cosine (0.95 is usual).

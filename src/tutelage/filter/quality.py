@@ -9,6 +9,8 @@ import string
 from dataclasses import dataclass
 from functools import cache
 
+from .rouge import tokenize
+
 QUALITY_CODES = (
     "too_short",
     "too_long",
@@ -49,12 +51,18 @@ def _blacklist_pattern(blacklist: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile(r"\b(?:" + "|".join(phrases) + r")\b", re.I)
 
 
-def too_short(text: str, min_words: int) -> str | None:
-    return "too_short" if len(text.split()) < min_words else None
+def word_count(text: str, unicode: bool = False) -> int:
+    """Words between spaces; with unicode, the filter's Unicode tokens, so that a sentence in a
+    script written without spaces (Chinese, Japanese, Thai) is not a single "word"."""
+    return len(tokenize(text, unicode=True)) if unicode else len(text.split())
 
 
-def too_long(text: str, max_words: int) -> str | None:
-    return "too_long" if len(text.split()) > max_words else None
+def too_short(text: str, min_words: int, unicode: bool = False) -> str | None:
+    return "too_short" if word_count(text, unicode) < min_words else None
+
+
+def too_long(text: str, max_words: int, unicode: bool = False) -> str | None:
+    return "too_long" if word_count(text, unicode) > max_words else None
 
 
 def blacklisted_word(text: str, blacklist: tuple[str, ...]) -> str | None:
@@ -114,12 +122,13 @@ class QualityRules:
     check_list_markers: bool = True
     check_control_chars: bool = True
     check_output_colon: bool = False  # Self-Instruct drops these; Alpaca keeps them
+    unicode: bool = False  # count lengths in Unicode tokens (filter.unicode)
 
     def check_instruction(self, text: str) -> str | None:
         """The reason code of the first instruction rule text fails, or None."""
         return (
-            too_short(text, self.min_words)
-            or too_long(text, self.max_words)
+            too_short(text, self.min_words, self.unicode)
+            or too_long(text, self.max_words, self.unicode)
             or blacklisted_word(text, self.blacklist)
             or (self.check_write_a_program and write_a_program(text))
             or (self.check_punctuation_start and starts_with_punctuation(text))

@@ -12,11 +12,7 @@ Chinese instruction, written without spaces, is not one "word" long.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 from ..config import FilterConfig, GenerationConfig
-from ..filter.quality import QualityRules
-from ..filter.rouge import tokenize
 from ..filter.screen import Screen
 
 ENGLISH = {"english", "en", "en-us", "en-gb"}
@@ -42,27 +38,6 @@ def filter_settings(filter_cfg: FilterConfig, language: str) -> FilterConfig:
     return filter_cfg.model_copy(update={"unicode": True, "check_non_ascii_start": False})
 
 
-@dataclass
-class UnicodeLengthRules(QualityRules):
-    """Quality rules whose too_short / too_long count Unicode tokens instead of spaces."""
-
-    def check_instruction(self, text: str) -> str | None:
-        n = len(tokenize(text, unicode=True))
-        if n < self.min_words:
-            return "too_short"
-        if n > self.max_words:
-            return "too_long"
-        unbounded = {f.name: getattr(self, f.name) for f in fields(QualityRules)}
-        unbounded.update(min_words=0, max_words=10**9)  # already checked above
-        return QualityRules(**unbounded).check_instruction(text)
-
-
 def screen_for(filter_cfg: FilterConfig, language: str) -> Screen:
     """The Screen generation judges new tasks with."""
-    settings = filter_settings(filter_cfg, language)
-    screen = Screen.from_config(settings)
-    if not is_english(language):
-        rules = screen.rules
-        screen.rules = UnicodeLengthRules(**{f.name: getattr(rules, f.name)
-                                             for f in fields(QualityRules)})
-    return screen
+    return Screen.from_config(filter_settings(filter_cfg, language))
