@@ -111,7 +111,7 @@ def filter_stage(store: Store, config: Config) -> dict:
         if r["instance_id"] is None:  # unparseable or truncated: nothing to re-judge
             continue
         if recipes[r["batch"]] == "self-instruct":
-            v = screen.check(r["instruction"], "", "answer", key=("id", r["id"]))
+            v = screen.check_instruction(r["instruction"], key=("id", r["id"]))
             status, reason = v.status, v.reason
             if status == "kept" and r["instance_status"] != "kept":  # kept instances come first
                 status, reason = "rejected", "no_valid_instances"

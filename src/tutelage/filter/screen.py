@@ -65,9 +65,21 @@ class Screen:
         self._alias[old] = new
 
     def check(self, instruction: str, input: str, output: str, key: Hashable) -> Verdict:
+        """A whole task (Alpaca): instruction and instance rules, then novelty."""
         reason = self.rules.check_instance(instruction, input, output)  # instruction rules first
         if reason:
             return Verdict("rejected", reason)
+        return self._novelty(instruction, key)
+
+    def check_instruction(self, instruction: str, key: Hashable) -> Verdict:
+        """An instruction alone (Self-Instruct judges its instances later): its rules, then
+        novelty."""
+        reason = self.rules.check_instruction(instruction)
+        if reason:
+            return Verdict("rejected", reason)
+        return self._novelty(instruction, key)
+
+    def _novelty(self, instruction: str, key: Hashable) -> Verdict:
         if not self.extra:
             decision = self.index.add(instruction, key)
             nearest = self._alias.get(decision.nearest_key, decision.nearest_key)

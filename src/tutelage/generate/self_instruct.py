@@ -152,10 +152,8 @@ def screen(idx: int, result, ctx: Context) -> Screened:
 
 
 def check_instruction(ctx: Context, instruction: str, key):
-    """The filter on an instruction alone. `Screen.check` also runs the instance rules; a
-    neutral instance (no input, a plain word as output) passes all of them, so only the
-    instruction is judged."""
-    return ctx.screen.check(instruction, "", "answer", key=key)
+    """The filter on an instruction alone: its instances are judged after they are made."""
+    return ctx.screen.check_instruction(instruction, key)
 
 
 async def finish(screened: Screened, ctx: Context) -> list[dict]:
