@@ -29,18 +29,6 @@ def fake_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
 
 
-@pytest.fixture
-def server():
-    with FaultServer() as s:
-        yield s
-
-
-@pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "run") as s:
-        yield s
-
-
 def batch_teacher(server: FaultServer, **kw) -> OpenAIBatchTeacher:
     kw = {"api_key_env": KEY_ENV, "timeout_s": 5.0, "backoff_s": 0.01, "poll_s": 0.01, **kw}
     return OpenAIBatchTeacher("gpt-4o-mini", base_url=server.url, **kw)

@@ -172,12 +172,18 @@ def test_stops_at_target_and_resumes_without_asking_twice(cfg):
     assert more.kept >= 18 and teacher.calls > calls
 
 
+def reference_run(cfg, folder, teacher):
+    """The same run, uninterrupted, in `folder`: what a resumed or capped run must end with."""
+    twin = cfg.model_copy(deep=True)
+    twin.run_dir = folder
+    store = open_run(twin)
+    generate(store, twin, teacher)
+    return store
+
+
 def test_killed_run_resumes_to_the_same_dataset(cfg, tmp_path):
     script = [unique_blocks(i) for i in range(30)]
-    reference_cfg = cfg.model_copy(deep=True)
-    reference_cfg.run_dir = tmp_path / "reference"
-    ref_store = open_run(reference_cfg)
-    generate(ref_store, reference_cfg, ScriptedTeacher(script))
+    ref_store = reference_run(cfg, tmp_path / "reference", ScriptedTeacher(script))
     reference = [(e["instruction"], e["output"]) for e in ref_store.examples()]
 
     store = open_run(cfg)
@@ -192,10 +198,7 @@ def test_killed_run_resumes_to_the_same_dataset(cfg, tmp_path):
 
 def test_concurrency_keeps_requests_in_flight_and_order(cfg, tmp_path):
     script = [unique_blocks(i) for i in range(30)]
-    serial_cfg = cfg.model_copy(deep=True)
-    serial_cfg.run_dir = tmp_path / "serial"
-    serial = open_run(serial_cfg)
-    generate(serial, serial_cfg, ScriptedTeacher(script))
+    serial = reference_run(cfg, tmp_path / "serial", ScriptedTeacher(script))
 
     cfg.generation.concurrency = 4
     store = open_run(cfg)
@@ -240,10 +243,7 @@ def test_budget_stops_generation_before_the_cap_and_a_raised_cap_goes_on(cfg, tm
 
     script = [unique_blocks(i) for i in range(30)]
     cfg.generation.target = 24  # 8 requests of 3 tasks
-    reference_cfg = cfg.model_copy(deep=True)
-    reference_cfg.run_dir = tmp_path / "reference"
-    reference = open_run(reference_cfg)
-    generate(reference, reference_cfg, ScriptedTeacher(script))
+    reference = reference_run(cfg, tmp_path / "reference", ScriptedTeacher(script))
 
     # 20 answer tokens at $1,000 per million: $0.02 a request, and at worst $0.02 too.
     cfg.teacher.price = Price(input=0.0, output=1000.0)
@@ -534,10 +534,8 @@ def dataset(store) -> list[tuple]:
 
 def test_self_instruct_killed_mid_run_resumes_to_the_same_dataset(si_cfg, tmp_path):
     si_cfg.generation.target = 10
-    reference_cfg = si_cfg.model_copy(deep=True)
-    reference_cfg.run_dir = tmp_path / "reference"
-    reference = open_run(reference_cfg)
-    generate(reference, reference_cfg, SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS))
+    reference = reference_run(si_cfg, tmp_path / "reference",
+                              SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS))
     total = reference.request_totals()["requests"]
     # request 0 left "Count the vowels ..." without instances; request 2 repeats it
     assert reference.funnel()["rejected"] == {"no_valid_instances": 1, "rouge_duplicate": 1}
@@ -741,10 +739,7 @@ def test_self_instruct_on_the_embedded_teacher(tmp_path):
 
     # The same configuration in a fresh folder: llama.cpp seeds each request by its key, so the
     # teacher is deterministic and the dataset comes out the same.
-    twin = c.model_copy(deep=True)
-    twin.run_dir = tmp_path / "twin"
-    twin_store = open_run(twin)
-    generate(twin_store, twin, teacher)
+    twin_store = reference_run(c, tmp_path / "twin", teacher)
     assert dataset(twin_store) == dataset(store) != []
 
 
@@ -766,10 +761,8 @@ def test_self_instruct_budget_stops_before_the_cap_and_a_raised_cap_goes_on(si_c
     from tutelage.config import Price
 
     si_cfg.generation.target = 10
-    reference_cfg = si_cfg.model_copy(deep=True)
-    reference_cfg.run_dir = tmp_path / "reference"
-    reference = open_run(reference_cfg)
-    generate(reference, reference_cfg, SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS))
+    reference = reference_run(si_cfg, tmp_path / "reference",
+                              SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS))
     total = reference.request_totals()["requests"]
 
     # Every request answers 20 tokens; at $1,000 per million output tokens each costs $0.02, and

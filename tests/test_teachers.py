@@ -33,18 +33,6 @@ def chat(i: int) -> Request:
                         sampling={"max_tokens": 10, "temperature": 0.0, "stop": []})
 
 
-@pytest.fixture
-def server():
-    with FaultServer() as s:
-        yield s
-
-
-@pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "run") as s:
-        yield s
-
-
 @pytest.fixture(autouse=True)
 def fake_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)

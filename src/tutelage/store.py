@@ -436,16 +436,8 @@ class Store:
             " FROM instructions i LEFT JOIN instances n ON n.instruction_id=i.id AND n.position=0"
             " WHERE i.source='machine' GROUP BY 1, 2, 3, 4"
         )
-        out = {"generated": 0, "kept": 0, "rejected": {}}
-        for r in rows:
-            out["generated"] += r["n"]
-            reason = r["reason"] if r["status"] == "rejected" else r["ireason"]
-            if r["status"] == "kept" and r["istatus"] in ("kept", None):
-                out["kept"] += r["n"]
-            else:
-                reason = reason or "rejected"
-                out["rejected"][reason] = out["rejected"].get(reason, 0) + r["n"]
-        return out
+        return _tally((r["n"], r["status"] == "kept" and r["istatus"] in ("kept", None),
+                       r["reason"] if r["status"] == "rejected" else r["ireason"]) for r in rows)
 
     def examples(self, split: str | None = None, status: str = "kept", limit: int = -1) -> list[dict]:
         """Instruction/input/output rows. status='kept' is the dataset; 'rejected' the rest."""
@@ -606,7 +598,7 @@ class Store:
             r["detail"] = json.loads(r.pop("detail_json"))
         return {r["name"]: r for r in rows}
 
-    # -- generation: funnels by step (added for the Self-Instruct recipe and `generate --explain`)
+    # -- generation funnels by step (Self-Instruct, `generate --explain`) --------------------
     def recent_rejections(self, n_batches: int) -> dict[str, int]:
         """Rejected machine instructions of the last `n_batches` generation requests, by reason."""
         rows = self._all(
@@ -628,15 +620,7 @@ class Store:
             " JOIN instructions i ON i.id = n.instruction_id"
             " WHERE i.source='machine' GROUP BY 1, 2"
         )
-        out = {"generated": 0, "kept": 0, "rejected": {}}
-        for r in rows:
-            out["generated"] += r["n"]
-            if r["status"] == "kept":
-                out["kept"] += r["n"]
-            else:
-                reason = r["reason"] or "rejected"
-                out["rejected"][reason] = out["rejected"].get(reason, 0) + r["n"]
-        return out
+        return _tally((r["n"], r["status"] == "kept", r["reason"]) for r in rows)
 
     def rejected_instance_samples(self, per_reason: int = 1) -> list[dict]:
         """The first `per_reason` rejected instances of every reason, with their instruction."""
@@ -651,10 +635,6 @@ class Store:
             (per_reason,),
         )
 
-    def recipes(self) -> list[str]:
-        """The generation recipes this run's stored requests came from."""
-        return [r["recipe"] for r in self._all("SELECT DISTINCT recipe FROM batches ORDER BY 1")]
-
     def batch_recipes(self) -> dict[int, str]:
         """The recipe of every stored generation request, by its index (machine_records' batch)."""
         return {r["idx"]: r["recipe"] for r in self._all("SELECT idx, recipe FROM batches")}
@@ -668,4 +648,16 @@ class Store:
                 " WHERE instruction_id=?",
                 [(split, id_) for id_, split in splits.items()],
             )
-    # -- end of the generation funnels block
+
+
+def _tally(rows: Iterable[tuple[int, bool, str | None]]) -> dict:
+    """{'generated', 'kept', 'rejected': {reason: n}} from (count, kept, reason) groups."""
+    out: dict = {"generated": 0, "kept": 0, "rejected": {}}
+    for n, kept, reason in rows:
+        out["generated"] += n
+        if kept:
+            out["kept"] += n
+        else:
+            reason = reason or "rejected"
+            out["rejected"][reason] = out["rejected"].get(reason, 0) + n
+    return out

@@ -315,7 +315,7 @@ class _Pool:
         size = len(self.codes)
         if not size or not count:
             return scores, ids
-        owner, fid, deep = feats
+        _, fid, _ = feats
         if fid.size:
             self._cover(int(fid.max()))
         active = np.fromiter(map(len, codes), np.int64, count) > 0

@@ -10,10 +10,13 @@ from __future__ import annotations
 from ..store import Store
 
 WIDTH = 70  # characters of an example shown
+# What a duplicate's nearest_score measures, by the filter that rejected it.
+SCORE_NAMES = {"rouge_duplicate": "ROUGE-L", "minhash_duplicate": "Jaccard",
+               "embedding_duplicate": "cosine"}
 
 
 def explain(store: Store) -> list[str]:
-    recipes = store.recipes()
+    recipes = sorted(set(store.batch_recipes().values()))
     if not recipes:
         return ["no generation request has been stored in this run yet"]
     totals = store.request_totals()
@@ -57,8 +60,9 @@ def _instruction_example(row: dict) -> str:
     if row["reason"] in ("parse_error", "length_truncated") and row["raw"]:
         return f"e.g. raw {_clip(row['raw'])}"
     text = f"e.g. {_clip(row['instruction'])}"
-    if row["nearest"] is not None and row["reason"].endswith("_duplicate"):
-        text += f" ~ {_clip(row['nearest'])} (ROUGE-L {row['nearest_score']:.2f})"
+    measure = SCORE_NAMES.get(row["reason"])
+    if row["nearest"] is not None and measure:
+        text += f" ~ {_clip(row['nearest'])} ({measure} {row['nearest_score']:.2f})"
     return text
 
 

@@ -143,17 +143,12 @@ def screen(idx: int, result, ctx: Context) -> Screened:
         if item.error:
             records.append(unparsed_record(item.instruction, item.error, item.raw))
             continue
-        verdict = check_instruction(ctx, item.instruction, new_key(idx, pos))
+        verdict = ctx.screen.check_instruction(item.instruction, new_key(idx, pos))
         records.append(record_from(item.instruction, verdict, instances=[]))
         if verdict.status == "kept":
             ctx.pool.append((idx, item.instruction))
             pending.append(pos)
     return Screened(idx, result.key, records, pending)
-
-
-def check_instruction(ctx: Context, instruction: str, key):
-    """The filter on an instruction alone: its instances are judged after they are made."""
-    return ctx.screen.check_instruction(instruction, key)
 
 
 async def finish(screened: Screened, ctx: Context) -> list[dict]:
