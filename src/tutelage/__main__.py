@@ -1,0 +1,5 @@
+"""`python -m tutelage`: what launchers run (`accelerate launch -m tutelage train ...`)."""
+
+from .cli import app
+
+app(prog_name="tutelage")

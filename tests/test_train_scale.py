@@ -1,0 +1,194 @@
+"""Training beyond the basic loop: packing, other architectures, QLoRA's guard, and DDP with two
+CPU processes matching one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, GPT2Config,
+                          LlamaConfig, MistralConfig, Qwen2Config)
+
+from tutelage import train as tr
+from tutelage.config import Config
+from tutelage.models import embedded_teacher_hf
+
+from helpers import save_tiny_model
+from test_train import EXAMPLES, LORA_WITH_HEAD, make_run, student_weights
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(embedded_teacher_hf())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tokenizer, max_positions=512)
+
+
+def tiny(family: str, tokenizer, path: Path) -> Path:
+    """A 2-layer random model of `family` with the real tokenizer, saved as an HF folder."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = {
+        "llama": lambda: LlamaConfig(**common, **size),
+        "qwen2": lambda: Qwen2Config(**common, **size),
+        "mistral": lambda: MistralConfig(**common, **size, sliding_window=16),
+        "gemma3": lambda: Gemma3TextConfig(**common, **size, head_dim=16, sliding_window=16,
+                                           layer_types=["sliding_attention", "full_attention"]),
+        "gpt2": lambda: GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512),
+    }[family]()
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def rows(examples=EXAMPLES) -> list[dict]:
+    return [{"instruction": i, "input": x, "output": o} for i, x, o in examples]
+
+
+# -- packing --------------------------------------------------------------------------------------
+def test_packed_batch_is_the_padded_batch_end_to_end(tokenizer, tiny_model):
+    examples = tr.tokenize_examples(tokenizer, rows(), "alpaca", 384)[0]
+    packed = tr.pack(examples)
+    assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples))
+    assert "attention_mask" not in packed  # padding-free: the positions say where examples end
+    starts = [0]
+    for e in examples[:-1]:
+        starts.append(starts[-1] + len(e.input_ids))
+    positions = packed["position_ids"][0].tolist()
+    assert [i for i, p in enumerate(positions) if p == 0] == starts
+    labels = packed["labels"][0].tolist()
+    assert all(labels[s] == tr.IGNORE for s in starts)
+    assert sum(label != tr.IGNORE for label in labels) == sum(e.n_targets for e in examples)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    padded_loss, padded_n = tr.loss_sum(model, tr.collate(examples, tokenizer.pad_token_id))
+    packed_loss, packed_n = tr.loss_sum(model, packed)
+    assert packed_n == padded_n
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
+
+
+def test_packing_is_chosen_only_where_it_is_exact_and_free(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    cpu = torch.device("cpu")
+    assert tr.packing_is_exact(model, cpu)
+    assert tr.choose_packing(True, model, cpu) is True
+    assert tr.choose_packing(False, model, cpu) is False
+    assert tr.choose_packing("auto", model, cpu) is False  # sdpa: measured no gain on CPUs
+
+    class Mixing(torch.nn.Module):  # attends across the packed boundary, as a broken kernel would
+        config = model.config
+        training = False
+
+        def forward(self, input_ids, position_ids=None, **kwargs):
+            mixed = input_ids.float().cumsum(-1)[..., None].expand(-1, -1, 8)
+            return type("Out", (), {"logits": mixed})
+
+        def train(self, mode=True):
+            return self
+
+    assert not tr.packing_is_exact(Mixing(), cpu)
+    with pytest.raises(ValueError, match="^training.packing: .*set packing: false"):
+        tr.choose_packing(True, Mixing(), cpu)
+
+
+def test_packed_training_learns_what_padded_training_learns(tmp_path, tiny_model):
+    options = dict(lora={"dropout": 0.0}, max_steps=4, batch_size=4)
+    weights = {}
+    for packing in (False, True):
+        run = tmp_path / str(packing)
+        store, config = make_run(run, tiny_model, packing=packing, **options)
+        metrics = tr.train(store, config, run)
+        assert metrics["packed"] is packing
+        weights[packing] = student_weights(run)
+    for name in weights[False]:
+        assert torch.allclose(weights[False][name], weights[True][name], atol=1e-5), name
+
+
+# -- architectures ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3", "gpt2"])
+def test_default_lora_trains_and_exports_each_family(tmp_path, tokenizer, family):
+    base = tiny(family, tokenizer, tmp_path / family)
+    store, config = make_run(tmp_path / "run", base, max_steps=4)
+    assert config.student.lora.target_modules == "all-linear"  # the default under test
+    metrics = tr.train(store, config, tmp_path / "run")
+    losses = [r["loss"] for r in store.train_steps(metrics["run_id"])[1:]]
+    assert losses[-1] < losses[0], losses
+    # The merged export is the plain family, and it scores the valid set as training did.
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert type(exported).__name__ == type(AutoModelForCausalLM.from_pretrained(base)).__name__
+    # The student's own tokenizer: transformers picks its class by model type (Qwen2Tokenizer
+    # splits newlines differently from the Llama one it was saved from).
+    own = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
+    valid = tr.tokenize_examples(own, store.examples(split="valid"), "alpaca", 384)[0]
+    assert tr.eval_loss(exported, valid, 4, own.pad_token_id, torch.device("cpu")) == \
+        pytest.approx(metrics["eval_loss"], rel=1e-4)
+    # Packing is exact for every family we ship defaults for.
+    assert tr.packing_is_exact(exported, torch.device("cpu"))
+
+
+def test_qlora_without_a_gpu_says_what_it_needs(tmp_path, tiny_model):
+    store, config = make_run(tmp_path / "run", tiny_model, method="qlora", max_steps=1)
+    with pytest.raises(ValueError, match="^student.method: qlora needs a CUDA GPU"):
+        tr.train(store, config, tmp_path / "run")
+    assert store.latest_train_run()["status"] == "failed"
+
+
+# -- two processes --------------------------------------------------------------------------------
+def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model):
+    # Batches of 3 over 2 processes split 2 + 1, and the epoch's last batch of 1 leaves one
+    # process without a share: both must still give one process's result.
+    options = dict(lora={"dropout": 0.0, "target_modules": LORA_WITH_HEAD}, max_steps=4,
+                   batch_size=3, grad_accum=2, save_every=2, eval_every=2)
+    store_one, config_one = make_run(tmp_path / "one", tiny_model, **options)
+    one = tr.train(store_one, config_one, tmp_path / "one")
+
+    store_two, config_two = make_run(tmp_path / "two", tiny_model, **options)
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(yaml.safe_dump(config_two.model_dump(mode="json")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "tutelage", "train", "-c", str(config_file), "--run-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+
+    run = store_two.latest_train_run()
+    assert run["status"] == "done" and len(store_two.train_runs()) == 1
+    two = json.loads(run["metrics_json"])
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["useful_tokens"] == one["useful_tokens"]
+    logged = [[(r["step"], r["loss"], r["eval_loss"]) for r in s.train_steps(s.latest_train_run()["id"])]
+              for s in (store_one, store_two)]
+    assert [r[0] for r in logged[0]] == [r[0] for r in logged[1]] == [0, 1, 2, 3, 4]
+    for row_a, row_b in zip(*logged):  # (step, loss, eval loss); None where not measured
+        assert [v is None for v in row_a] == [v is None for v in row_b]
+        assert [v for v in row_a if v is not None] == \
+            pytest.approx([v for v in row_b if v is not None], rel=1e-4, abs=1e-6)
+    a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    assert [p.name for p in tr.checkpoints(tmp_path / "two" / "checkpoints")] == ["step-2", "step-4"]
+
+
+def test_run_refuses_several_processes(tmp_path):
+    from typer.testing import CliRunner
+
+    from tutelage.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--run-dir", str(tmp_path / "run")],
+                                env={"WORLD_SIZE": "2"})
+    assert result.exit_code == 2 and "launch only `tutelage train`" in result.output
+    assert not (tmp_path / "run" / "tutelage.db").exists()
