@@ -146,7 +146,17 @@ def test_qlora_without_a_gpu_says_what_it_needs(tmp_path, tiny_model):
 
 
 # -- two processes --------------------------------------------------------------------------------
-def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", "2"],
+    # --multi_gpu picks accelerate's torchrun launcher; with no GPU each process trains on CPU (gloo).
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model, launcher):
     # Batches of 3 over 2 processes split 2 + 1, and the epoch's last batch of 1 leaves one
     # process without a share: both must still give one process's result.
     options = dict(lora={"dropout": 0.0, "target_modules": LORA_WITH_HEAD}, max_steps=4,
@@ -159,15 +169,16 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model):
     config_file.write_text(yaml.safe_dump(config_two.model_dump(mode="json")))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tutelage", "train", "-c", str(config_file), "--run-dir", str(tmp_path / "two")],
+        [*LAUNCHERS[launcher], "-m", "tutelage", "train", "-c", str(config_file),
+         "--run-dir", str(tmp_path / "two")],
         capture_output=True, text=True, env=env, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
 
     run = store_two.latest_train_run()
     assert run["status"] == "done" and len(store_two.train_runs()) == 1
     two = json.loads(run["metrics_json"])
-    assert two["processes"] == 2 and one["processes"] == 1
+    assert (two["processes"], two["engine"]) == (2, "MULTI_CPU")
+    assert (one["processes"], one["engine"]) == (1, "NO")
     assert two["useful_tokens"] == one["useful_tokens"]
     logged = [[(r["step"], r["loss"], r["eval_loss"]) for r in s.train_steps(s.latest_train_run()["id"])]
               for s in (store_one, store_two)]
@@ -192,3 +203,22 @@ def test_run_refuses_several_processes(tmp_path):
                                 env={"WORLD_SIZE": "2"})
     assert result.exit_code == 2 and "launch only `tutelage train`" in result.output
     assert not (tmp_path / "run" / "tutelage.db").exists()
+
+
+def test_shipped_launch_configurations_load_and_init_writes_them(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from typer.testing import CliRunner
+
+    from tutelage.cli import app
+
+    result = CliRunner().invoke(app, ["init", str(tmp_path), "--launchers"])
+    assert result.exit_code == 0, result.output
+    written = {p.name: load_config_from_file(str(p))
+               for p in sorted((tmp_path / "accelerate").glob("*.yaml"))}
+    assert {name: c.distributed_type.value for name, c in written.items()} == {
+        "ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed-zero3.yaml": "DEEPSPEED"}
+    assert written["fsdp.yaml"].fsdp_config["fsdp_version"] == 2
+    assert written["deepspeed-zero3.yaml"].deepspeed_config["zero_stage"] == 3
+    assert (tmp_path / "tutelage.yaml").exists()
+    again = CliRunner().invoke(app, ["init", str(tmp_path), "--launchers"])
+    assert again.exit_code == 2 and "already exists" in again.output

@@ -210,18 +210,25 @@ def run_all(cfg: Config) -> None:
 # -- commands ----------------------------------------------------------------------------------
 @app.command()
 def init(directory: Annotated[Path, typer.Argument(help="Where to write tutelage.yaml.")] = Path("."),
-         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False):
+         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+         launchers: Annotated[bool, typer.Option("--launchers", help="Also write accelerate configurations for DDP, FSDP and DeepSpeed ZeRO-3 to DIRECTORY/accelerate/.")] = False):
     """Write a commented tutelage.yaml with working defaults.
 
-    Example: [cyan]tutelage init myproject && tutelage run -c myproject/tutelage.yaml[/]
+    Examples: [cyan]tutelage init myproject && tutelage run -c myproject/tutelage.yaml[/];
+    [cyan]tutelage init myproject --launchers[/] (then see docs/training.md)
     """
     with one_line_errors():
-        target = directory / "tutelage.yaml"
-        if target.exists() and not force:
-            raise Fail(f"{target}: already exists (use --force to overwrite)", 2)
-        directory.mkdir(parents=True, exist_ok=True)
-        target.write_text(DEFAULT_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
-        console.print(f"wrote {target}")
+        files = {directory / "tutelage.yaml": DEFAULT_CONFIG}
+        if launchers:
+            files |= {directory / "accelerate" / f.name: f
+                      for f in sorted((TEMPLATES / "accelerate").glob("*.yaml"))}
+        for target in files:
+            if target.exists() and not force:
+                raise Fail(f"{target}: already exists (use --force to overwrite)", 2)
+        for target, source in files.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+            console.print(f"wrote {target}")
 
 
 @app.command()

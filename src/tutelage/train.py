@@ -134,17 +134,17 @@ def pack(examples: list[Example]) -> dict[str, torch.Tensor]:
 
 
 # -- model and loss -----------------------------------------------------------------------------
-def load_model(config: Config, path: Path, device: torch.device,
+def load_model(config: Config, path: Path, device: torch.device, bf16: bool = False,
                for_export: bool = False) -> torch.nn.Module:
-    """The student ready to train on `device`: LoRA-wrapped (`lora`, `qlora`) or whole (`full`).
+    """The student ready to train on `device`: LoRA-wrapped (`lora`, `qlora`) or whole (`full`),
+    its weights in bf16 when asked (pure bf16, as torchtune does), else fp32.
     `for_export`: full precision on the CPU, the shape a trained state is merged into."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     method, cfg = config.student.method, config.training
     kwargs: dict = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    # bf16 where the GPU has it (pure bf16, as torchtune does); fp32 elsewhere.
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and not for_export
+    bf16 = bf16 and not for_export
     quantized = method == "qlora" and not for_export
     if quantized:
         kwargs.update(quantization_config=qlora_quantization(device), device_map={"": device})
@@ -509,7 +509,8 @@ def train(store: Store, config: Config, run_dir: Path,
                                   train_set, valid_set, checkpoint, ckpt_dir, progress)
         metrics.update(train_examples=len(train_set), valid_examples=len(valid_set),
                        dropped_examples=dropped, truncated_examples=truncated,
-                       processes=accelerator.num_processes)
+                       processes=accelerator.num_processes,
+                       engine=accelerator.distributed_type.value)
         output = run_dir / "student"
         if main:
             save_student(model, tokenizer, run_dir, {
@@ -548,6 +549,8 @@ def _fit(accelerator, store: Store, config: Config, run_id: int, fp: str, path: 
          ckpt_dir: Path, progress) -> tuple[torch.nn.Module | None, dict]:
     """The training loop proper, from scratch or from `checkpoint`: the trained model (a plain
     module on the main process, None elsewhere), and the metrics of the loop."""
+    from accelerate.utils import DistributedType
+
     cfg = config.training
     main, rank, world = (accelerator.is_main_process, accelerator.process_index,
                          accelerator.num_processes)
@@ -556,7 +559,10 @@ def _fit(accelerator, store: Store, config: Config, run_id: int, fp: str, path: 
     device = accelerator.device
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
-    model = load_model(config, path, device)
+    # bf16 weights where the GPU has them; DeepSpeed keeps fp32 masters and casts itself.
+    bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()
+            and accelerator.distributed_type != DistributedType.DEEPSPEED)
+    model = load_model(config, path, device, bf16=bf16)
     packed = choose_packing(cfg.packing, model, device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
