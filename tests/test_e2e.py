@@ -117,6 +117,19 @@ def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert probe.returncode == 0 and "gemma" in probe.stdout, probe.stderr[-2000:]
 
+    # The GGUF beside it serves with llama.cpp.
+    metrics = json.loads(db_rows(run, "SELECT metrics_json FROM train_runs")[0][0])
+    assert metrics["gguf"] == str(run / "student.gguf") and "gguf_error" not in metrics
+    served = subprocess.run(
+        [sys.executable, "-c",
+         "from llama_cpp import Llama; "
+         f"m = Llama({str(run / 'student.gguf')!r}, n_ctx=256, verbose=False); "
+         "print(m.n_vocab(), len(m('### Instruction:\\nSay hi.\\n\\n### Response:\\n', "
+         "max_tokens=4, temperature=0)['choices'][0]['text']) >= 0)"],
+        capture_output=True, text=True)
+    assert served.returncode == 0 and served.stdout.split() == ["262144", "True"], \
+        served.stderr[-2000:]
+
     # A second run has nothing left to do: no new request, no new training run.
     requests_before = len(after)
     again = tutelage("run", "-c", str(config), "--run-dir", str(run))

@@ -52,7 +52,8 @@ def make_run(run_dir: Path, model: Path, method: str = "lora", lora: dict | None
         add_examples(store, EXAMPLES, "train")
         add_examples(store, VALID, "valid")
     # One thread: the same numbers as two, and far faster on a shared 2-core machine.
-    training = {"batch_size": 4, "learning_rate": 1e-2, "threads": 1, **training}
+    # No GGUF unless a test asks: the conversion is a child process of several seconds.
+    training = {"batch_size": 4, "learning_rate": 1e-2, "threads": 1, "gguf": None, **training}
     config = Config(run_dir=run_dir, student={"model": str(model), "method": method,
                                               "lora": lora or {}},
                     training=training)
@@ -265,3 +266,45 @@ def test_a_bad_student_is_named(tmp_path):
         tr.train(store, Config(student={"model": str(broken)}), tmp_path / "run")
     assert str(e.value).startswith(f"student.model: {broken}: cannot load") and \
         "\n" not in str(e.value)
+
+
+def test_the_student_is_also_written_as_gguf_and_only_that_reruns(tmp_path, tiny_model,
+                                                                  monkeypatch):
+    from gguf import GGUFReader
+
+    store, config = make_run(tmp_path / "run", tiny_model, max_steps=2, gguf="f32")
+    first = tr.train(store, config, tmp_path / "run")
+    gguf = tmp_path / "run" / "student.gguf"
+    assert first["gguf"] == str(gguf) and first["gguf_type"] == "f32"
+    # The merged student's weights, not the base's (LoRA changed this layer).
+    merged = student_weights(tmp_path / "run")["model.layers.0.mlp.down_proj.weight"]
+    base = load_file(tiny_model / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    down = next(t for t in GGUFReader(gguf).tensors if t.name == "blk.0.ffn_down.weight")
+    assert torch.allclose(torch.from_numpy(down.data.copy()).reshape(merged.shape), merged)
+    assert not torch.allclose(merged, base)
+
+    # A failed conversion is recorded, and the trained student stays.
+    config.training.gguf = "f16"
+    monkeypatch.setenv("TUTELAGE_LLAMA_CPP", str(tmp_path / "nowhere"))
+    again = tr.train(store, config, tmp_path / "run")
+    assert again["reused"] is True and again["run_id"] == first["run_id"]  # no retraining
+    assert "nowhere" in again["gguf_error"] and not gguf.exists()
+    monkeypatch.delenv("TUTELAGE_LLAMA_CPP")
+    fixed = tr.train(store, config, tmp_path / "run")
+    assert fixed["reused"] is True and fixed["gguf"] == str(gguf) and "gguf_error" not in fixed
+    assert json.loads(store.latest_train_run()["metrics_json"])["gguf_type"] == "f16"
+    assert len(store.train_runs()) == 1
+
+
+def test_a_gguf_file_trains_as_a_student(tmp_path, tiny_model, monkeypatch):
+    from tutelage.gguf_export import export_gguf
+
+    monkeypatch.setenv("TUTELAGE_CACHE", str(tmp_path / "cache"))  # its HF copy lands here
+    gguf = export_gguf(tiny_model, tmp_path / "tiny.gguf", "f32")
+    store, config = make_run(tmp_path / "run", gguf, max_steps=2)
+    metrics = tr.train(store, config, tmp_path / "run")
+    assert metrics["steps"] == 2 and store.latest_train_run()["status"] == "done"
+    # The dequantized copy is the tiny model itself, so training starts from the same loss.
+    _, reference = make_run(tmp_path / "ref", tiny_model, max_steps=2)
+    assert metrics["eval_loss_first"] == pytest.approx(
+        tr.train(Store(tmp_path / "ref"), reference, tmp_path / "ref")["eval_loss_first"], rel=1e-4)

@@ -141,6 +141,8 @@ def do_train(store, cfg: Config) -> dict:
         detail = staged(store, "train", lambda: train_stage(store, cfg, progress))
     console.print(f"[green]train:[/] {_fmt(detail, 'steps', 'train_loss', 'eval_loss', 'tokens_per_s', 'seconds')}",
                   highlight=False)
+    if detail.get("gguf_error"):
+        console.print(f"[yellow]warning:[/] no student.gguf: {detail['gguf_error']}", highlight=False)
     return detail
 
 
@@ -354,21 +356,29 @@ def report(run: Annotated[Optional[Path], typer.Argument(help="The run folder.")
 def export(run: Annotated[Path, typer.Argument(help="The run folder.", file_okay=False)],
            output: Annotated[Path, typer.Option("-o", "--output", help="File or folder to write.")],
            format: Annotated[str, typer.Option("--format", "-f", help="alpaca | jsonl | hf")] = "alpaca",
-           model: Annotated[bool, typer.Option("--model", help="Export the trained student instead.")] = False):
+           model: Annotated[bool, typer.Option("--model", help="Export the trained student instead.")] = False,
+           gguf: Annotated[Optional[str], typer.Option("--gguf", help="With --model: also write OUTPUT.gguf (f32, f16, bf16 or q8_0) for llama.cpp / Ollama.")] = None):
     """Write the kept dataset (Alpaca JSON, JSONL, or a `datasets` folder) or the trained student
     (a plain HF folder, LoRA merged).
 
     Examples: [cyan]tutelage export runs/first --format jsonl -o data.jsonl[/];
-    [cyan]tutelage export runs/first --model -o student/[/]
+    [cyan]tutelage export runs/first --model -o student/ --gguf q8_0[/]
     """
-    from .export import export_data, export_model
+    from .export import export_data, export_model, gguf_path
 
     with one_line_errors():
         if not (run / "tutelage.db").exists():
             raise Fail(f"{run}: not a run folder (no tutelage.db)", 2)
+        if gguf is not None and not model:
+            raise Fail("--gguf: only with --model", 2)
         if model:
-            path = export_model(run, output)
-            console.print(f"wrote the student to {path}")
+            from .gguf_export import OUTTYPES
+
+            if gguf is not None and gguf not in OUTTYPES:
+                raise Fail(f"--gguf: {gguf!r} is not one of {', '.join(OUTTYPES)}", 2)
+            path = export_model(run, output, gguf=gguf)
+            console.print(f"wrote the student to {path}"
+                          + (f" and {gguf_path(path)}" if gguf else ""))
             return
         if format not in ("alpaca", "jsonl", "hf"):
             raise Fail(f"--format: {format!r} is not one of alpaca, jsonl, hf", 2)

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .gguf_export import export_gguf
 from .store import Store
 
 
@@ -41,13 +42,29 @@ def export_data(run_dir: Path, fmt: str, out: Path) -> int:
     return len(plain)
 
 
-def export_model(run_dir: Path, out: Path) -> Path:
-    """Copy the trained student (a plain HF folder, LoRA already merged) to `out`."""
+def export_model(run_dir: Path, out: Path, gguf: str | None = None) -> Path:
+    """Copy the trained student (a plain HF folder, LoRA already merged) to `out`. With `gguf` (a
+    GGUF type: f32, f16, bf16 or q8_0), also write it as one GGUF file beside that folder, at
+    `gguf_path(out)`, for llama.cpp or Ollama."""
     source = Path(run_dir) / "student"
     if not (source / "config.json").exists():
         raise FileNotFoundError(f"{run_dir}: no trained student yet; run `tutelage train` first")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty")
+    if gguf is not None:
+        target = gguf_path(out)
+        if target.exists():
+            raise FileExistsError(f"{target}: exists")
+        # First: the conversion is the step likely to fail, and then nothing is left half done.
+        export_gguf(source, target, gguf)
     shutil.copytree(source, out, dirs_exist_ok=True)
     return out
+
+
+def gguf_path(out: Path) -> Path:
+    """Where export_model writes the GGUF for the folder `out`: `student/` -> `student.gguf`."""
+    out = Path(out)
+    if not out.name:  # "." or "/": name it after the folder it stands for
+        out = out.resolve()
+    return out.with_name(out.name + ".gguf")

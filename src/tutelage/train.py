@@ -43,6 +43,7 @@ from .store import Store
 IGNORE = -100  # label of a token that carries no loss (prompt and padding)
 MEGABATCH = 50  # batches sorted by length together: low padding, yet still a shuffled order
 KEEP_CHECKPOINTS = 2
+CHECKPOINT_FORMAT = 2  # accelerate's save_state; format 1 (before it) cannot resume, it retrains
 # Fields that change neither the weights nor the data: changing them must not retrain.
 NOT_FINGERPRINTED = {"threads", "eval_every", "save_every", "gguf"}
 # Attention kernels that take packed sequences apart from position_ids at no extra cost.
@@ -422,6 +423,22 @@ def save_student(model, tokenizer, run_dir: Path, info: dict) -> Path:
     return run_dir / "student"
 
 
+def write_gguf(run_dir: Path, outtype: str | None) -> dict:
+    """RUN/student.gguf from RUN/student, for llama.cpp and Ollama: the metrics to record. A
+    failed conversion is recorded, not raised: the HF student it starts from is already saved."""
+    from .gguf_export import export_gguf
+
+    target = run_dir / "student.gguf"
+    target.unlink(missing_ok=True)  # never a GGUF of another student beside this one
+    if outtype is None:
+        return {"gguf_type": None}
+    try:
+        export_gguf(run_dir / "student", target, outtype)
+    except (RuntimeError, ValueError, OSError) as e:
+        return {"gguf_type": outtype, "gguf_error": _first_line(e)}
+    return {"gguf_type": outtype, "gguf": str(target)}
+
+
 def student_info(run_dir: Path) -> dict | None:
     path = run_dir / "student" / "tutelage.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -475,8 +492,12 @@ def train(store: Store, config: Config, run_dir: Path,
     done = store.latest_train_run(status="done", fingerprint=fp)
     info = student_info(run_dir)
     if done and info and (info["run_id"], info["fingerprint"]) == (done["id"], fp):
-        return {**json.loads(done["metrics_json"]), "run_id": done["id"],
-                "output_dir": done["output_dir"], "reused": True}
+        metrics = json.loads(done["metrics_json"])
+        if metrics.get("gguf_type") != cfg.gguf or (cfg.gguf and "gguf" not in metrics):
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("gguf")}
+            metrics.update(write_gguf(run_dir, cfg.gguf))  # only the GGUF setting changed
+            store.finish_train_run(done["id"], "done", done["output_dir"], metrics)
+        return {**metrics, "run_id": done["id"], "output_dir": done["output_dir"], "reused": True}
 
     from accelerate.utils import broadcast_object_list
     from transformers import AutoTokenizer
@@ -516,6 +537,7 @@ def train(store: Store, config: Config, run_dir: Path,
             save_student(model, tokenizer, run_dir, {
                 "run_id": run_id, "fingerprint": fp, "base_model": config.student.model,
                 "base_path": str(path), "method": config.student.method, "metrics": metrics})
+            metrics.update(write_gguf(run_dir, cfg.gguf))
             store.finish_train_run(run_id, "done", str(output), metrics)
         accelerator.wait_for_everyone()
     except BaseException as e:
@@ -532,7 +554,8 @@ def _resume_or_start(store: Store, config: Config, fp: str, ckpt_dir: Path, n_tr
     last = checkpoints(ckpt_dir)[-1:]
     meta = json.loads((last[0] / "meta.json").read_text()) if last else None
     unfinished = next((r for r in store.train_runs() if meta and r["id"] == meta["run_id"]), None)
-    if not (meta and meta["fingerprint"] == fp and unfinished and unfinished["status"] != "done"):
+    if not (meta and meta["fingerprint"] == fp and meta.get("format") == CHECKPOINT_FORMAT
+            and unfinished and unfinished["status"] != "done"):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         last, unfinished = [], None
     for r in store.train_runs():  # runs killed before any checkpoint can never finish
@@ -637,7 +660,8 @@ def _fit(accelerator, store: Store, config: Config, run_id: int, fp: str, path: 
         if step % cfg.save_every == 0:
             loop.values = {"step": step, "plan": plan, "seen": seen, "tokens": tokens,
                            "train_s": train_s, "elapsed_s": elapsed}
-            save_checkpoint(accelerator, ckpt_dir, step, {"fingerprint": fp, "run_id": run_id})
+            save_checkpoint(accelerator, ckpt_dir, step, {"fingerprint": fp, "run_id": run_id,
+                                                          "format": CHECKPOINT_FORMAT})
         if progress and main:
             progress(step, total_steps, loss_value, tokens_per_s)
 
