@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig,
 from tutelage import train as tr
 from tutelage.config import Config
 from tutelage.models import embedded_teacher_hf
+from tutelage.store import Store
 
 from helpers import save_tiny_model
 from test_train import EXAMPLES, LORA_WITH_HEAD, make_run, student_weights
@@ -222,3 +223,45 @@ def test_shipped_launch_configurations_load_and_init_writes_them(tmp_path):
     assert (tmp_path / "tutelage.yaml").exists()
     again = CliRunner().invoke(app, ["init", str(tmp_path), "--launchers"])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_model):
+    import signal
+    import time
+
+    # Many steps at a high rate: over 60 steps the order of floating-point sums makes two
+    # processes drift from one by ~1e-4, so the reference here is an uninterrupted 2-process run.
+    options = dict(lora={"dropout": 0.1}, max_steps=60, batch_size=2, save_every=10,
+                   eval_every=30)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    commands = {}
+    for name in ("ref", "two"):
+        _, config = make_run(tmp_path / name, tiny_model, **options)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        commands[name] = [*LAUNCHERS["torchrun"], "-m", "tutelage", "train", "-c",
+                          str(tmp_path / f"{name}.yaml"), "--run-dir", str(tmp_path / name)]
+    reference = subprocess.run(commands["ref"], env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    # Kill -9 the launcher and both workers once the first checkpoint is complete.
+    launched = subprocess.Popen(commands["two"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    first = tmp_path / "two" / "checkpoints" / "step-10" / "meta.json"
+    deadline = time.time() + 300
+    while not first.exists() and launched.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(launched.pid, signal.SIGKILL)
+    launched.wait()
+    store = Store(tmp_path / "two")
+    assert first.exists() and store.latest_train_run()["status"] == "running"
+    assert not (tmp_path / "two" / "student").exists()
+
+    resumed = subprocess.run(commands["two"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["status"] for r in store.train_runs()] == ["done"]  # the same run, resumed
+    # Dropout is on: each process's RNG state came back from the checkpoint.
+    a, b = student_weights(tmp_path / "ref"), student_weights(tmp_path / "two")
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-7), name
