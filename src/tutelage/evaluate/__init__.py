@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .config import Config
-from .filter import rouge_l_f1, tokenize
-from .formats import prompt_ids, student_prompt
-from .jsonrows import read_rows
-from .models import ModelNotFound, resolve_student
-from .store import Store
+from ..config import Config
+from ..filter import rouge_l_f1, tokenize
+from ..formats import prompt_ids, student_prompt
+from ..jsonrows import read_rows
+from ..models import ModelNotFound, resolve_student
+from ..store import Store
 
-BUILTIN_SET = Path(__file__).parent / "data" / "eval_instructions.jsonl"
+BUILTIN_SET = Path(__file__).parent.parent / "data" / "eval_instructions.jsonl"
 BATCH_SIZE = 8
 METRICS = ("rouge_l", "nll", "answer_words")
 # The Alpaca template starts every section ("### Instruction:", "### Response:") with this.
