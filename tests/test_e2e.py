@@ -104,7 +104,13 @@ def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
     assert db_rows(run, "SELECT COUNT(*) FROM train_steps")[0][0] >= 3
     summary = json.loads((run / "evaluation.json").read_text())
     assert summary
-    assert db_rows(run, "SELECT COUNT(DISTINCT model_role) FROM eval_items")[0][0] == 2
+    assert {r[0] for r in db_rows(run, "SELECT DISTINCT model_role FROM eval_items")} == \
+        {"base", "tuned", "teacher"}
+    # Every item judged for both pairs (a verdict or a recorded failure), through the ledger.
+    items = db_rows(run, "SELECT COUNT(DISTINCT set_name || item_key) FROM eval_items")[0][0]
+    assert db_rows(run, "SELECT COUNT(*) FROM eval_judgements WHERE kind='pairwise'")[0][0] == \
+        2 * items
+    assert db_rows(run, "SELECT COUNT(*) FROM requests WHERE purpose='judge'")[0][0] >= 4 * items
     html = (run / "report.html").read_text()
     assert "<svg" in html and (run / "report.md").exists()
 

@@ -41,7 +41,7 @@ def make_run(tmp_path: Path, tiny: dict[str, Path], sets: list[Path] = ()) -> tu
     run_dir = tmp_path / "run"
     config = Config(run_dir=run_dir, student={"model": str(tiny["base"])},
                     evaluation={"builtin_set": False, "sets": list(sets), "max_new_tokens": 5,
-                                "bootstrap": 200})
+                                "bootstrap": 200, "include_teacher": False, "pairs": []})
     store = Store(run_dir)
     add_examples(store, EXAMPLES, "test")
     add_examples(store, [("A training task only.", "", "Never evaluated.")], "train")
@@ -241,8 +241,136 @@ def test_builtin_set_is_cut_to_its_limit(tmp_path, tiny, monkeypatch):
         ev.eval_sets(store, config)
 
 
-def test_including_the_teacher_is_not_there_yet(tmp_path, tiny):
+class ScriptedTeacher:
+    """Answers tasks with a fixed sentence and judges by a rule: the longer answer wins (a tie
+    when equal), or, with `garbled`, never gives a readable verdict."""
+
+    backend, model = "scripted", "judge"
+
+    def __init__(self, garbled: bool = False, grade: str = "B"):
+        self.garbled, self.grade, self.prompts = garbled, grade, []
+
+    async def complete(self, requests):
+        from tutelage.teachers import Completion
+
+        out = []
+        for r in requests:
+            text = r.prompt if r.prompt is not None else r.messages[-1][1]
+            self.prompts.append(text)
+            if "<answer_a>" in text:
+                a, b = (text.split(f"<answer_{x}>")[1].split(f"</answer_{x}>")[0] for x in "ab")
+                verdict = "tie" if len(a) == len(b) else "A" if len(a) > len(b) else "B"
+                reply = "I think so." if self.garbled else f"Compared.\nVerdict: {verdict}"
+            elif "Grade:" in text:
+                reply = "Hmm." if self.garbled else f"Fine.\nGrade: {self.grade}"
+            else:
+                reply = "The teacher answers this task at considerable length, as teachers do."
+            out.append(Completion(reply, "stop", 10, 10))
+        return out
+
+    async def aclose(self):
+        pass
+
+
+def test_teacher_answers_and_pairs_are_judged_in_both_orders(tmp_path, tiny):
     store, config = make_run(tmp_path, tiny)
     config.evaluation.include_teacher = True
-    with pytest.raises(NotImplementedError, match="issue 7"):
+    config.evaluation.pairs = ["tuned:base", "tuned:teacher"]
+    teacher = ScriptedTeacher()
+    summary = ev.evaluate(store, config, config.run_dir, teacher=teacher)
+
+    items = store.eval_items("held_out")
+    assert {r["model_role"] for r in items} == {"base", "tuned", "teacher"}
+    answers = [r for r in items if r["model_role"] == "teacher"]
+    assert all(r["answer"].startswith("The teacher answers") for r in answers)
+    assert all(r["scores"]["rouge_l"] is not None and r["scores"]["request_key"] for r in answers)
+    judged = store.judgements("held_out", "pairwise")
+    assert {(j["subject"], j["status"]) for j in judged} == {("tuned:base", "done"),
+                                                             ("tuned:teacher", "done")}
+    assert len(judged) == 2 * len(EXAMPLES)
+    # The teacher's long answer beats the tiny student's 5 tokens in both orders.
+    vs_teacher = [j for j in judged if j["subject"] == "tuned:teacher"]
+    assert all(j["score"] == 0.0 and j["detail"]["consistent"] for j in vs_teacher)
+    assert all(len(j["detail"]["orders"]) == 2 for j in judged)
+    metrics = summary["sets"]["held_out"]["metrics"]
+    assert metrics["win_rate"]["tuned:teacher"]["mean"] == 0.0
+    assert set(metrics["win_rate"]) == set(metrics["lc_win_rate"]) == {"tuned:base",
+                                                                       "tuned:teacher"}
+    assert summary["judge"] == "llamacpp:embedded" and summary["models"]["teacher"]
+    # Every judge request went through the ledger, both orders of every pair of every item.
+    by_purpose = {r["purpose"]: r["requests"] for r in store.request_totals_by_purpose()}
+    assert by_purpose["judge"] == 2 * 2 * len(EXAMPLES)
+    assert by_purpose["evaluate"] == len(EXAMPLES)
+    # A rerun asks nothing new.
+    asked = len(teacher.prompts)
+    ev.evaluate(store, config, config.run_dir, teacher=teacher)
+    assert len(teacher.prompts) == asked
+
+
+def test_unparseable_verdicts_are_failures_not_losses(tmp_path, tiny):
+    store, config = make_run(tmp_path, tiny)
+    config.evaluation.pairs, config.evaluation.judge_retries = ["tuned:base"], 1
+    teacher = ScriptedTeacher(garbled=True)
+    summary = ev.evaluate(store, config, config.run_dir, teacher=teacher)
+    judged = store.judgements("held_out", "pairwise")
+    assert [j["status"] for j in judged] == ["failed"] * len(EXAMPLES)
+    assert all(j["score"] is None for j in judged)
+    rate = summary["sets"]["held_out"]["metrics"]["win_rate"]["tuned:base"]
+    assert (rate["n_failed"], rate["n"], rate["wins"], rate["losses"]) == (len(EXAMPLES), 0, 0, 0)
+    assert rate["mean"] is None
+    assert len(teacher.prompts) == len(EXAMPLES) * 2 * 2  # each order asked, then retried once
+
+
+def test_rubric_grades_and_a_new_judge_judges_again(tmp_path, tiny):
+    store, config = make_run(tmp_path, tiny)
+    config.evaluation.pairs, config.evaluation.rubric = [], True
+    summary = ev.evaluate(store, config, config.run_dir, teacher=ScriptedTeacher(grade="A"))
+    graded = store.judgements("held_out", "rubric")
+    assert {(j["subject"], j["grade"]) for j in graded} == {("base", "A"), ("tuned", "A")}
+    acceptable = summary["sets"]["held_out"]["metrics"]["rubric_acceptable"]
+    assert acceptable["tuned"]["mean"] == 1.0 and acceptable["tuned"]["shares"]["A"] == 1.0
+    # Another judge: the stored grades are stale and are all asked again.
+    config.evaluation.judge = {"backend": "llamacpp", "model": str(tmp_path / "other.gguf")}
+    ev.evaluate(store, config, config.run_dir, judge=ScriptedTeacher(grade="D"))
+    assert {j["grade"] for j in store.judgements("held_out", "rubric")} == {"D"}
+
+
+def test_compare_two_runs_item_by_item(tmp_path, tiny):
+    from tutelage.evaluate.compare import compare_runs
+
+    runs = []
+    for name, student in (("a", "base"), ("b", "tuned")):
+        store, config = make_run(tmp_path / name, tiny)
+        shutil.rmtree(config.run_dir / "student")
+        shutil.copytree(tiny[student], config.run_dir / "student")
+        config.evaluation.pairs = []
         ev.evaluate(store, config, config.run_dir)
+        runs.append(config.run_dir)
+    result = compare_runs(*runs, n_resamples=200)
+    held = result["sets"]["held_out"]
+    assert held["n_items"] == len(EXAMPLES)
+    rouge = held["metrics"]["rouge_l"]
+    # Run a's tuned model is the base model: its tuned answers are run b's base answers.
+    with Store(runs[1]) as b:
+        base_b = [r["scores"]["rouge_l"] for r in b.eval_items("held_out")
+                  if r["model_role"] == "base"]
+    assert rouge["a"]["mean"] == pytest.approx(sum(base_b) / len(base_b))
+    assert rouge["delta"]["mean"] == pytest.approx(rouge["b"]["mean"] - rouge["a"]["mean"])
+    assert rouge["delta"]["ci_low"] <= rouge["delta"]["mean"] <= rouge["delta"]["ci_high"]
+    assert len(held["largest_changes"]) == 3
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        compare_runs(tmp_path / "nowhere", runs[0])
+
+    from typer.testing import CliRunner
+
+    from tutelage.cli import app
+
+    out = tmp_path / "compare.json"
+    shown = CliRunner().invoke(app, ["evaluate", "--compare", str(runs[0]), str(runs[1]),
+                                     "-o", str(out)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "held_out" in shown.output and "rouge_l" in shown.output
+    assert json.loads(out.read_text())["sets"]["held_out"]["n_items"] == len(EXAMPLES)
+    missing = CliRunner().invoke(app, ["evaluate", "--compare", str(tmp_path), str(runs[1])],
+                                 env={"COLUMNS": "400"})
+    assert missing.exit_code == 2 and "not a run folder" in missing.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -156,8 +157,51 @@ def do_evaluate(store, cfg: Config) -> dict:
             bar.update(task, completed=done, total=total, info=label)
 
         detail = staged(store, "evaluate", lambda: evaluate_stage(store, cfg, progress))
+    print_evaluation(detail)
     console.print(f"[green]evaluate:[/] written {Path(cfg.run_dir) / 'evaluation.json'}")
     return detail
+
+
+def _ci_text(ci: dict | None, percent: bool = False) -> str:
+    if not ci or ci.get("mean") is None:
+        return "-"
+    scale, fmt = (100, "{:.0f}%") if percent else (1, "{:.3f}")
+    return (f"{fmt.format(ci['mean'] * scale)} "
+            f"[{fmt.format(ci['ci_low'] * scale)}, {fmt.format(ci['ci_high'] * scale)}]")
+
+
+def print_evaluation(summary: dict) -> None:
+    """The headline figures, one table per set: answer metrics by model, judged win rates."""
+    from rich.table import Table
+
+    for name, s in summary["sets"].items():
+        table = Table(title=f"{name} ({s['n_items']} items)", title_justify="left")
+        table.add_column("metric")
+        table.add_column("model")
+        table.add_column("value [95% CI]", justify="right")
+        for metric, by_role in s["metrics"].items():
+            for role, ci in by_role.items():
+                percent = metric in ("win_rate", "lc_win_rate", "rubric_acceptable")
+                extra = f" ({ci['n_failed']} failed)" if ci.get("n_failed") else ""
+                table.add_row(metric, role, _ci_text(ci, percent) + extra)
+        console.print(table)
+    for note in summary.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def print_comparison(result: dict) -> None:
+    from rich.table import Table
+
+    a, b = result["runs"]
+    for name, s in result["sets"].items():
+        table = Table(title=f"{name}: {s['n_items']} items in both", title_justify="left")
+        for col in ("metric", f"A {a}", f"B {b}", "B - A [95% CI]"):
+            table.add_column(col, justify="right" if col != "metric" else "left")
+        for metric, v in s["metrics"].items():
+            table.add_row(metric, _ci_text(v["a"]), _ci_text(v["b"]), _ci_text(v["delta"]))
+        for pair, v in s["win_rates"].items():
+            table.add_row(f"win_rate {pair}", _ci_text(v["a"], True), _ci_text(v["b"], True), "")
+        console.print(table)
 
 
 def do_report(store, cfg: Config) -> dict:
@@ -325,14 +369,33 @@ def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, max_steps: MaxSte
 
 
 @app.command()
-def evaluate(config: ConfigOpt = None, run_dir: RunDirOpt = None,
-             sets: Annotated[Optional[list[Path]], typer.Option("--set", help="An evaluation file (repeatable).")] = None):
-    """Compare the base and the tuned student on held-out tasks and evaluation sets.
+def evaluate(run: Annotated[Optional[Path], typer.Argument(help="The run folder.", file_okay=False)] = None,
+             config: ConfigOpt = None, run_dir: RunDirOpt = None,
+             sets: Annotated[Optional[list[Path]], typer.Option("--set", help="An evaluation file (repeatable): Self-Instruct JSONL, Alpaca JSON or {\"instruction\"} rows.")] = None,
+             rubric: Annotated[Optional[bool], typer.Option("--rubric/--no-rubric", help="Also grade every answer A-D (Self-Instruct's scale).")] = None,
+             teacher: Annotated[Optional[bool], typer.Option("--teacher/--no-teacher", help="Have the teacher answer too (and judge tuned vs teacher).")] = None,
+             compare: Annotated[Optional[tuple[Path, Path]], typer.Option("--compare", help="Compare two evaluated runs item by item instead.", metavar="RUN_A RUN_B")] = None,
+             output: Annotated[Optional[Path], typer.Option("-o", "--output", help="With --compare: also write the comparison as JSON.")] = None):
+    """Answer evaluation sets with the base and the tuned student (and the teacher); score ROUGE-L
+    and reference NLL, judge answers in pairs (both orders), all with bootstrap 95% intervals.
 
-    Example: [cyan]tutelage evaluate --run-dir runs/first --set ../shared/data/alpaca-eval-805.jsonl[/]
+    Examples: [cyan]tutelage evaluate runs/first --set ../shared/data/alpaca-eval-805.jsonl[/];
+    [cyan]tutelage evaluate --compare runs/first runs/second[/]
     """
     with one_line_errors():
-        cfg = resolve_config(config, run_dir)
+        if compare:
+            from .evaluate.compare import compare_runs
+
+            for folder in compare:
+                if not (folder / "tutelage.db").exists():
+                    raise Fail(f"{folder}: not a run folder (no tutelage.db)", 2)
+            result = compare_runs(*compare)
+            print_comparison(result)
+            if output:
+                output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            return
+        cfg = resolve_config(config, run_dir or run, **{"evaluation.rubric": rubric,
+                                                        "evaluation.include_teacher": teacher})
         if sets:
             cfg.evaluation.sets = [*cfg.evaluation.sets, *sets]
         with _open(cfg) as store:

@@ -211,10 +211,20 @@ class TrainingConfig(Strict):
 
 class EvaluationConfig(Strict):
     builtin_set: bool = True
-    builtin_limit: int = Field(20, ge=0)
+    builtin_limit: int = Field(100, ge=0)
     sets: list[Path] = Field(default_factory=list)
     max_new_tokens: int = Field(128, ge=1)
-    include_teacher: bool = False
+    # The teacher answers the sets too (through the ledger: stored, costed, budgeted).
+    include_teacher: bool = True
+    # Pairwise LLM-as-judge: "first:second" role pairs, each judged in both orders.
+    pairs: list[Literal["tuned:base", "tuned:teacher", "base:teacher"]] = Field(
+        default_factory=lambda: ["tuned:base", "tuned:teacher"])
+    # The judge: any teacher backend; unset = the run's teacher.
+    judge: TeacherConfig | None = None
+    judge_retries: int = Field(2, ge=0)  # asks again when a verdict cannot be parsed
+    judge_max_tokens: int = Field(256, ge=16)
+    # Also grade each answer on Self-Instruct's A-D scale (one judge request per answer).
+    rubric: bool = False
     bootstrap: int = Field(1000, ge=10)
 
 

@@ -143,6 +143,20 @@ CREATE TABLE IF NOT EXISTS eval_summary (
     created_at REAL NOT NULL,
     PRIMARY KEY (set_name, model_role, metric)
 );
+-- A judge's decision on one item: `pairwise` compares two roles' answers ("tuned:base"), score
+-- for the first in [0, 1], both orders in detail_json; `rubric` grades one role's answer A-D.
+CREATE TABLE IF NOT EXISTS eval_judgements (
+    set_name    TEXT NOT NULL,
+    item_key    TEXT NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('pairwise', 'rubric')),
+    subject     TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    score       REAL,
+    grade       TEXT,
+    detail_json TEXT NOT NULL DEFAULT '{}',
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (set_name, item_key, kind, subject)
+);
 CREATE TABLE IF NOT EXISTS stages (
     name        TEXT PRIMARY KEY,
     status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'stopped', 'failed')),
@@ -559,10 +573,39 @@ class Store:
         return rows
 
     def clear_eval(self, model_role: str) -> None:
-        """Forget a model's answers (its weights changed, so they are stale)."""
+        """Forget a model's answers (its weights changed, so they are stale), and every judgement
+        of them."""
         with self.transaction() as db:
             db.execute("DELETE FROM eval_items WHERE model_role=?", (model_role,))
-            db.execute("DELETE FROM eval_summary WHERE model_role=?", (model_role,))
+            db.execute("DELETE FROM eval_summary WHERE model_role=? OR model_role LIKE ?"
+                       " OR model_role LIKE ?", (model_role, f"{model_role}:%", f"%:{model_role}"))
+            db.execute("DELETE FROM eval_judgements WHERE subject=? OR subject LIKE ?"
+                       " OR subject LIKE ?", (model_role, f"{model_role}:%", f"%:{model_role}"))
+
+    def clear_judgements(self) -> None:
+        """Forget every judgement (the judge changed)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM eval_judgements")
+
+    def put_judgement(self, set_name: str, item_key: str, kind: str, subject: str, status: str,
+                      score: float | None, grade: str | None, detail: dict) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO eval_judgements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (set_name, item_key, kind, subject, status, score, grade, json.dumps(detail),
+                 time.time()),
+            )
+
+    def judgements(self, set_name: str | None = None, kind: str | None = None) -> list[dict]:
+        sql, params = "SELECT * FROM eval_judgements WHERE 1=1", []
+        if set_name:
+            sql, params = sql + " AND set_name=?", [*params, set_name]
+        if kind:
+            sql, params = sql + " AND kind=?", [*params, kind]
+        rows = self._all(sql + " ORDER BY set_name, item_key, kind, subject", params)
+        for r in rows:
+            r["detail"] = json.loads(r.pop("detail_json"))
+        return rows
 
     def put_eval_summary(self, rows: list[dict]) -> None:
         """rows: [{'set_name', 'model_role', 'metric', 'value', 'ci_low', 'ci_high', 'n'}]."""

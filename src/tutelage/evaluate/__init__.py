@@ -13,6 +13,7 @@ summary gives each mean a bootstrap 95% interval, and the paired tuned-minus-bas
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hashlib
 import json
@@ -20,17 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from ..config import Config
+from ..config import Config, TeacherConfig
 from ..filter import rouge_l_f1, tokenize
-from ..formats import prompt_ids, student_prompt
+from ..formats import TEMPLATES, prompt_ids, student_prompt
 from ..jsonrows import read_rows
 from ..models import ModelNotFound, resolve_student
 from ..store import Store
+from ..teachers import Ledger, Request, Teacher, make_teacher, price_for, speaks_chat
+from .judge import grade_answer, judge_pair
+from .stats import bootstrap_ci, grade_summary, length_controlled_win_rate, win_rate
 
 BUILTIN_SET = Path(__file__).parent.parent / "data" / "eval_instructions.jsonl"
 BATCH_SIZE = 8
@@ -162,40 +165,52 @@ def model_fingerprint(path: Path, config: Config) -> str:
 
 
 # -- statistics ---------------------------------------------------------------------------------
-def bootstrap_ci(values, n_resamples: int, seed: int, stat=np.mean) -> tuple[float, float, float]:
-    """`stat(values)` with a percentile bootstrap 95% interval. `stat` must take `axis=`."""
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        raise ValueError("bootstrap_ci: no values")
-    rng = np.random.default_rng(seed)
-    resamples = values[rng.integers(0, values.size, size=(n_resamples, values.size))]
-    low, high = np.percentile(stat(resamples, axis=1), [2.5, 97.5])
-    return float(stat(values)), float(low), float(high)
-
-
-def summarise(store: Store, sets: dict[str, list[EvalItem]], roles: list[str],
+def summarise(store: Store, sets: dict[str, list[EvalItem]], roles: list[str], pairs: list[str],
               config: Config) -> dict:
-    """{set: {"n_items", "metrics": {metric: {role: {"mean", "ci_low", "ci_high", "n"}}}}}, where
-    role "delta" is tuned minus base over the items both have a value for."""
+    """{set: {"n_items", "metrics": {metric: {role: {"mean", "ci_low", "ci_high", "n", ...}}}}}.
+    Answer metrics per role, where role "delta" is tuned minus base over the items both have a
+    value for; `win_rate` and `lc_win_rate` per judged pair ("tuned:base": how often the first
+    wins, ties half); `rubric_acceptable` per graded role (the share graded A or B)."""
+    n, seed = config.evaluation.bootstrap, config.seed
     out = {}
     for name, items in sets.items():
         stored = {(r["item_key"], r["model_role"]): r for r in store.eval_items(name)}
         metrics = {}
         for metric in METRICS:
             # One value (or None) per item, in item order, so tuned and base pair up by position.
-            values = {role: [_metric(stored[i.key, role], metric) for i in items] for role in roles}
+            values = {role: [_metric(stored.get((i.key, role)), metric) for i in items]
+                      for role in roles}
             if "tuned" in values:
                 values["delta"] = [t - b if t is not None and b is not None else None
                                    for t, b in zip(values["tuned"], values["base"])]
             values = {role: [v for v in vals if v is not None] for role, vals in values.items()}
             if any(values.values()):  # e.g. no rouge_l or nll for a set without references
                 metrics[metric] = {role: _ci(vals, config) for role, vals in values.items() if vals}
+        judged = {(r["item_key"], r["kind"], r["subject"]): r for r in store.judgements(name)}
+        for pair in pairs:
+            first, second = pair.split(":")
+            rows = [(judged.get((i.key, "pairwise", pair)), stored.get((i.key, first)),
+                     stored.get((i.key, second))) for i in items]
+            rows = [(j["score"], len(a["answer"].split()), len(b["answer"].split()))
+                    for j, a, b in rows if j is not None]
+            if not rows:
+                continue
+            scores, len_first, len_second = (list(col) for col in zip(*rows))
+            metrics.setdefault("win_rate", {})[pair] = win_rate(scores, n, seed)
+            metrics.setdefault("lc_win_rate", {})[pair] = length_controlled_win_rate(
+                scores, len_first, len_second, n, seed)
+        for role in roles:
+            grades = [j["grade"] for key, j in judged.items() if key[1:] == ("rubric", role)]
+            if grades:
+                metrics.setdefault("rubric_acceptable", {})[role] = grade_summary(grades, n, seed)
         out[name] = {"n_items": len(items), "metrics": metrics}
     return out
 
 
-def _metric(row: dict, metric: str) -> float | None:
-    return len(row["answer"].split()) if metric == "answer_words" else row["scores"][metric]
+def _metric(row: dict | None, metric: str) -> float | None:
+    if row is None:
+        return None
+    return len(row["answer"].split()) if metric == "answer_words" else row["scores"].get(metric)
 
 
 def _ci(values: list[float], config: Config) -> dict:
@@ -205,14 +220,16 @@ def _ci(values: list[float], config: Config) -> dict:
 
 # -- the stage ----------------------------------------------------------------------------------
 def evaluate(store: Store, config: Config, run_dir: Path, tuned_model: Path | None = None,
-             progress: Callable | None = None) -> dict:
-    """Answer and score every set with the base and the tuned student (stored answers are reused),
-    then write the summary to the store and to `run_dir/evaluation.json`; returns that summary."""
-    if config.evaluation.include_teacher:
-        raise NotImplementedError("evaluation.include_teacher: comparing with the teacher"
-                                  " arrives with the judge (issue 7)")
+             progress: Callable | None = None, teacher: Teacher | None = None,
+             judge: Teacher | None = None) -> dict:
+    """Answer every set with the base and the tuned student (and the teacher), score the
+    answers, judge them in pairs (and grade them), then write the summary to the store and to
+    `run_dir/evaluation.json`; returns that summary. Everything stored is reused.
+
+    `teacher` and `judge`: backends to use instead of making them from the configuration (the
+    judge defaults to the teacher when `evaluation.judge` is unset)."""
     run_dir = Path(run_dir)
-    style = config.training.prompt_format
+    ev = config.evaluation
     sets = eval_sets(store, config)
     notes = [f"{name}: no items" for name, items in sets.items() if not items]
     sets = {name: items for name, items in sets.items() if items}
@@ -228,16 +245,65 @@ def evaluate(store: Store, config: Config, run_dir: Path, tuned_model: Path | No
         # Answers from weights that are gone can no longer be attributed to anything.
         store.clear_eval("tuned")
         store.clear_eval("delta")
-    for role, path in models.items():
-        fingerprint = model_fingerprint(path, config)
+    fingerprints = {role: model_fingerprint(path, config) for role, path in models.items()}
+    if ev.include_teacher:
+        fingerprints["teacher"] = teacher_fingerprint(config)
+    for role, fingerprint in fingerprints.items():
         if store.get_meta(f"eval_fingerprint_{role}") != fingerprint:
             store.clear_eval(role)
             store.clear_eval("delta")
             store.set_meta(f"eval_fingerprint_{role}", fingerprint)
+    roles = [*models, *(["teacher"] if ev.include_teacher else [])]
+    pairs = [pair for pair in ev.pairs if set(pair.split(":")) <= set(roles)]
+    judge_print = judge_fingerprint(config)
+    if store.get_meta("eval_fingerprint_judge") != judge_print:
+        store.clear_judgements()
+        store.set_meta("eval_fingerprint_judge", judge_print)
 
-    done_keys = {(r["set_name"], r["item_key"], r["model_role"]) for r in store.eval_items()}
-    todo = {role: [(name, item) for name, items in sets.items() for item in items
-                   if (name, item.key, role) not in done_keys] for role in models}
+    if judge is None and ev.judge is None:
+        judge = teacher
+    answer_with_students(store, config, sets, models, progress)
+    if ev.include_teacher:
+        asyncio.run(answer_with_teacher(store, config, sets, progress, teacher))
+    if pairs or ev.rubric:
+        asyncio.run(judge_answers(store, config, sets, pairs, roles if ev.rubric else [],
+                                  progress, judge))
+
+    table = summarise(store, sets, roles, pairs, config)
+    store.put_eval_summary([
+        {"set_name": name, "model_role": role, "metric": metric, "value": ci["mean"],
+         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "n": ci["n"]}
+        for name, s in table.items() for metric, by_role in s["metrics"].items()
+        for role, ci in by_role.items() if ci.get("mean") is not None
+    ])
+    summary = {"models": {role: str(path) for role, path in models.items()}, "notes": notes,
+               "judge": judge_label(config) if pairs or ev.rubric else None, "pairs": pairs,
+               "sets": table}
+    if ev.include_teacher:
+        summary["models"]["teacher"] = f"{config.teacher.backend}:{config.teacher.model}"
+    (run_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _todo(store: Store, sets: dict[str, list[EvalItem]], role: str) -> list[tuple[str, EvalItem]]:
+    done = {(r["set_name"], r["item_key"]) for r in store.eval_items() if r["model_role"] == role}
+    return [(name, item) for name, items in sets.items() for item in items
+            if (name, item.key) not in done]
+
+
+def _reference_scores(item: EvalItem, answer: str, config: Config) -> dict:
+    if item.reference is None:
+        return {"rouge_l": None}
+    # The filter's tokenizer choice: unicode=False drops non-ASCII words.
+    return {"rouge_l": rouge_l_f1(tokenize(item.reference, config.filter.unicode),
+                                  tokenize(answer, config.filter.unicode))}
+
+
+def answer_with_students(store: Store, config: Config, sets: dict[str, list[EvalItem]],
+                         models: dict[str, Path], progress) -> None:
+    """Greedy answers, ROUGE-L and the teacher's reference NLL for each student model."""
+    style = config.training.prompt_format
+    todo = {role: _todo(store, sets, role) for role in models}
     total, done = sum(map(len, todo.values())), 0
     for role, work in todo.items():
         if not work:
@@ -252,11 +318,9 @@ def evaluate(store: Store, config: Config, run_dir: Path, tuned_model: Path | No
             answers = generate_answers(model, tokenizer, prompts, style,
                                        config.evaluation.max_new_tokens)
             for (name, item), prompt, answer in zip(batch, prompts, answers):
-                scores = {"rouge_l": None, "nll": None, "n_ref_tokens": None}
+                scores = {**_reference_scores(item, answer, config), "nll": None,
+                          "n_ref_tokens": None}
                 if item.reference is not None:
-                    # The filter's tokenizer choice: unicode=False drops non-ASCII words.
-                    scores["rouge_l"] = rouge_l_f1(tokenize(item.reference, config.filter.unicode),
-                                                   tokenize(answer, config.filter.unicode))
                     scores["nll"], scores["n_ref_tokens"] = reference_nll(
                         model, tokenizer, prompt, item.reference, style)
                 store.put_eval_item(name, item.key, role, item.instruction, item.input,
@@ -267,14 +331,138 @@ def evaluate(store: Store, config: Config, run_dir: Path, tuned_model: Path | No
         del model, tokenizer
         gc.collect()
 
-    table = summarise(store, sets, list(models), config)
-    store.put_eval_summary([
-        {"set_name": name, "model_role": role, "metric": metric, "value": ci["mean"],
-         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "n": ci["n"]}
-        for name, s in table.items() for metric, by_role in s["metrics"].items()
-        for role, ci in by_role.items()
-    ])
-    summary = {"models": {role: str(path) for role, path in models.items()}, "notes": notes,
-               "sets": table}
-    (run_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
+
+# -- the teacher and the judge --------------------------------------------------------------------
+def _ledger(store: Store, config: Config, teacher_config: TeacherConfig, teacher) -> Ledger:
+    price = price_for(teacher_config.backend, teacher.model, teacher_config.price,
+                      batch=teacher_config.batch)
+    # The run's budget covers evaluation too: the ledger's totals are the run's.
+    return Ledger(teacher, store, price=price, budget_usd=config.generation.budget_usd,
+                  concurrency=teacher_config.concurrency)
+
+
+def answer_request(config: Config, item: EvalItem) -> Request:
+    """What the teacher is asked: the task as a user message (chat teachers), or the student's
+    Alpaca prompt to continue (completion teachers), greedy, as long as the students may be."""
+    sampling = {"temperature": 0.0, "max_tokens": config.evaluation.max_new_tokens}
+    if speaks_chat(config.teacher):
+        content = f"{item.instruction}\n\n{item.input}" if item.input else item.instruction
+        return Request.make(messages=[{"role": "user", "content": content}], sampling=sampling)
+    return Request.make(prompt=student_prompt(item.instruction, item.input, "alpaca"),
+                        sampling={**sampling, "stop": ["\n" + m for m in SECTION_MARKERS]})
+
+
+async def answer_with_teacher(store: Store, config: Config, sets: dict[str, list[EvalItem]],
+                              progress, teacher: Teacher | None = None) -> None:
+    work = _todo(store, sets, "teacher")
+    if not work:
+        return
+    owned = teacher is None
+    teacher = teacher or make_teacher(config.teacher)
+    try:
+        ledger = _ledger(store, config, config.teacher, teacher)
+        done = 0
+
+        async def answer(name: str, item: EvalItem) -> None:
+            nonlocal done
+            result = await ledger.complete(answer_request(config, item), purpose="evaluate")
+            text = cut_answer(result.completion.text)
+            store.put_eval_item(name, item.key, "teacher", item.instruction, item.input,
+                                item.reference, text,
+                                {**_reference_scores(item, text, config), "nll": None,
+                                 "request_key": result.key})
+            done += 1
+            if progress:
+                progress(done, len(work), "teacher")
+
+        await _all(answer(name, item) for name, item in work)
+    finally:
+        if owned:
+            await teacher.aclose()
+
+
+async def judge_answers(store: Store, config: Config, sets: dict[str, list[EvalItem]],
+                        pairs: list[str], graded_roles: list[str], progress,
+                        teacher: Teacher | None = None) -> None:
+    """Every pair judged in both orders, and every graded role's answer graded, per item; each
+    decision stored as soon as it is made."""
+    ev = config.evaluation
+    judge_config = ev.judge or config.teacher
+    chat = speaks_chat(judge_config)
+    answers = {(r["set_name"], r["item_key"], r["model_role"]): r for r in store.eval_items()}
+    stored = {(r["set_name"], r["item_key"], r["kind"], r["subject"]) for r in store.judgements()}
+    work = []
+    for name, items in sets.items():
+        for item in items:
+            for pair in pairs:
+                if (name, item.key, "pairwise", pair) not in stored:
+                    work.append((name, item, "pairwise", pair))
+            for role in graded_roles:
+                if (name, item.key, "rubric", role) not in stored:
+                    work.append((name, item, "rubric", role))
+    if not work:
+        return
+    owned = teacher is None
+    teacher = teacher or make_teacher(judge_config)
+    try:
+        ledger = _ledger(store, config, judge_config, teacher)
+        done = 0
+        common = {"chat": chat, "retries": ev.judge_retries, "max_tokens": ev.judge_max_tokens}
+
+        async def decide(name: str, item: EvalItem, kind: str, subject: str) -> None:
+            nonlocal done
+            task = {"instruction": item.instruction, "input": item.input,
+                    "reference": item.reference}
+            if kind == "pairwise":
+                first, second = (answers[name, item.key, role]["answer"]
+                                 for role in subject.split(":"))
+                verdict = await judge_pair(ledger, first=first, second=second, **task, **common)
+                store.put_judgement(name, item.key, kind, subject,
+                                    "failed" if verdict.score is None else "done", verdict.score,
+                                    None, verdict.to_dict())
+            else:
+                grade = await grade_answer(ledger, answer=answers[name, item.key, subject]["answer"],
+                                           **task, **common)
+                store.put_judgement(name, item.key, kind, subject,
+                                    "failed" if grade.grade is None else "done", None, grade.grade,
+                                    grade.to_dict())
+            done += 1
+            if progress:
+                progress(done, len(work), "judge")
+
+        await _all(decide(*w) for w in work)
+    finally:
+        if owned:
+            await teacher.aclose()
+
+
+async def _all(coroutines) -> None:
+    """Run them together (the ledger bounds concurrency); every one finishes and is stored before
+    the first error, if any, is raised."""
+    results = await asyncio.gather(*coroutines, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+def teacher_fingerprint(config: Config) -> str:
+    """What the teacher's stored answers depend on."""
+    t = config.teacher
+    return hashlib.sha256(json.dumps([t.backend, t.model, speaks_chat(t),
+                                      config.evaluation.max_new_tokens]).encode()).hexdigest()
+
+
+def judge_fingerprint(config: Config) -> str:
+    """What stored judgements depend on: the judge, how it is asked, and the prompt texts."""
+    ev = config.evaluation
+    judge = (ev.judge or config.teacher)
+    templates = [(TEMPLATES / "evaluate" / f"{name}.jinja").read_text(encoding="utf-8")
+                 for name in ("pairwise", "rubric")]
+    blob = [judge.backend, judge.model, speaks_chat(judge), ev.judge_retries,
+            ev.judge_max_tokens, templates]
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()
+
+
+def judge_label(config: Config) -> str:
+    judge = config.evaluation.judge or config.teacher
+    return f"{judge.backend}:{judge.model}"

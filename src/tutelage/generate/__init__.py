@@ -21,9 +21,9 @@ import asyncio
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from ..config import EMBEDDED, Config
+from ..config import Config
 from ..store import Store
-from ..teachers import Ledger
+from ..teachers import Ledger, speaks_chat
 from ..teachers.base import Teacher
 from ..teachers.ledger import BudgetExceeded
 from ..teachers.prices import price_for
@@ -59,12 +59,6 @@ class GenerationResult:
     funnel: dict = field(default_factory=dict)
 
 
-def uses_chat(config: Config) -> bool:
-    if config.teacher.chat is not None:
-        return config.teacher.chat
-    return config.teacher.model != EMBEDDED
-
-
 def generate(store: Store, config: Config, teacher: Teacher,
              progress: Callable[[int, int, dict], None] | None = None) -> GenerationResult:
     return asyncio.run(_generate(store, config, teacher, progress))
@@ -81,7 +75,7 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
     # when this one is stored, so the filter sees the wave's tasks before asking for more.
     remote = getattr(teacher, "remote", False)
     window = config.teacher.batch_size if remote else gen.concurrency
-    ctx = Context(config, uses_chat(config), seeds, screen_for(config.filter, gen.language),
+    ctx = Context(config, speaks_chat(config.teacher), seeds, screen_for(config.filter, gen.language),
                   window=window)
     screen = ctx.screen
 

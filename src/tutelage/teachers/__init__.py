@@ -16,8 +16,16 @@ from .prices import PriceQuote, price_for
 
 __all__ = [
     "BudgetExceeded", "Completion", "Ledger", "LedgerResult", "PriceQuote", "Request", "Teacher",
-    "TeacherError", "make_teacher", "price_for",
+    "TeacherError", "make_teacher", "price_for", "speaks_chat",
 ]
+
+
+def speaks_chat(config: TeacherConfig) -> bool:
+    """Chat messages, or a raw prompt to continue: `teacher.chat`, else chat for every model but
+    the embedded 135M one, which loops in chat mode but continues a prompt well."""
+    if config.chat is not None:
+        return config.chat
+    return config.model != EMBEDDED
 
 
 def make_teacher(config: TeacherConfig) -> Teacher:
