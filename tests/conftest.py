@@ -1,10 +1,14 @@
-"""Fixtures shared by the teacher tests: a fault-injecting server and a run store."""
+"""Fixtures shared by the tests: a fault-injecting server, a run store, the real tokenizer and a
+tiny random Llama that uses it."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from fault_server import FaultServer
+from helpers import save_tiny_model
 from tutelage.store import Store
 
 
@@ -18,3 +22,18 @@ def server():
 def store(tmp_path):
     with Store(tmp_path / "run") as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from tutelage.models import embedded_teacher_hf
+
+    return AutoTokenizer.from_pretrained(embedded_teacher_hf())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer random Llama with the real tokenizer, as an HF folder (tests must not change it)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tokenizer, max_positions=512)

@@ -17,10 +17,10 @@ from tutelage import train as tr
 from tutelage.export import export_model
 from tutelage.config import Config
 from tutelage.formats import student_prompt
-from tutelage.models import ModelNotFound, embedded_teacher_hf
+from tutelage.models import ModelNotFound
 from tutelage.store import Store
 
-from helpers import add_examples, save_tiny_model
+from helpers import add_examples
 
 EXAMPLES = [
     ("Name a primary colour.", "", "Red is a primary colour."),
@@ -34,15 +34,6 @@ VALID = [("Name a secondary colour.", "", "Green is a secondary colour.")]
 LORA_WITH_HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                   "lm_head"]
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(embedded_teacher_hf())
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tokenizer, max_positions=512)
 
 
 def make_run(run_dir: Path, model: Path, method: str = "lora", lora: dict | None = None,

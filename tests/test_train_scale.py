@@ -16,22 +16,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig,
                           LlamaConfig, MistralConfig, Qwen2Config)
 
 from tutelage import train as tr
-from tutelage.config import Config
-from tutelage.models import embedded_teacher_hf
 from tutelage.store import Store
 
-from helpers import save_tiny_model
 from test_train import EXAMPLES, LORA_WITH_HEAD, make_run, student_weights
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(embedded_teacher_hf())
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tokenizer, max_positions=512)
 
 
 def tiny(family: str, tokenizer, path: Path) -> Path:
