@@ -38,6 +38,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 def run_stage(folder: Path, args: argparse.Namespace, batch_size: int, judge: bool) -> dict:
     """One evaluation in a fresh run folder: seconds spent per part, and items per part."""
+    folder.mkdir(parents=True)
     items = [json.loads(line) for line in ev.BUILTIN_SET.read_text().splitlines()][: args.items]
     eval_file = folder / "bench-set.jsonl"
     eval_file.write_text("".join(json.dumps(row) + "\n" for row in items))
