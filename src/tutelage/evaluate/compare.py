@@ -10,19 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..store import Store
+from . import METRICS
+from . import _metric as _value  # an answer's metric: the stage's own definition
 from .stats import bootstrap_ci
-
-METRICS = ("rouge_l", "nll", "answer_words")
 
 
 def _store(run: Path) -> Store:
     if not (Path(run) / "tutelage.db").exists():
         raise FileNotFoundError(f"{run}: not a run folder (no tutelage.db)")
     return Store(run)
-
-
-def _value(row: dict, metric: str) -> float | None:
-    return len(row["answer"].split()) if metric == "answer_words" else row["scores"].get(metric)
 
 
 def compare_runs(run_a: Path, run_b: Path, role: str = "tuned", n_resamples: int = 1000,
