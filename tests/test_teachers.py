@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -479,3 +480,70 @@ def test_embedded_teacher_falls_back_to_transformers_without_llama_cpp(monkeypat
     assert teacher.backend == "transformers"
     with pytest.raises(teachers.TeacherError, match="needs llama-cpp-python"):
         teachers.make_teacher(TeacherConfig(model="/some/model.gguf"))
+
+
+# -- cache hits, counted in the store -------------------------------------------------------------
+def test_reruns_count_their_cache_hits_in_the_store(server, tmp_path):
+    price = Price(input=1.0, output=1.0)
+    with Store(tmp_path / "run") as store:
+        first = Ledger(http_teacher(server), store, price=price)
+        asyncio.run(first.complete_many([chat(0), chat(1)], "generate"))
+        asyncio.run(first.complete_many([chat(2)], "judge"))
+        totals = store.request_totals()
+        assert (totals["cache_hits"], totals["saved_usd"]) == (0, 0)
+    paid = totals["cost_usd"]
+
+    for _ in range(2):  # two reruns, each a fresh process's store and ledger
+        with Store(tmp_path / "run") as store:
+            again = Ledger(http_teacher(server), store, price=price)
+            asyncio.run(again.complete_many([chat(0), chat(1)], "generate"))
+            asyncio.run(again.complete_many([chat(2)], "judge"))
+            assert again.requests_sent == 0 and again.cache_hits == 3
+    assert server.hits == 3  # nothing sent twice
+
+    with Store(tmp_path / "run") as store:
+        assert [r["cache_hits"] for r in rows(store)] == [2, 2, 2]
+        totals = store.request_totals()
+        assert totals["requests"] == totals["done"] == 3 and totals["cost_usd"] == paid
+        assert totals["cache_hits"] == 6 and totals["saved_usd"] == pytest.approx(2 * paid)
+        by_purpose = {r["purpose"]: r for r in store.request_totals_by_purpose()}
+        assert {p: r["cache_hits"] for p, r in by_purpose.items()} == {"generate": 4, "judge": 2}
+        judge = by_purpose["judge"]
+        assert judge["saved_usd"] == pytest.approx(2 * judge["cost_usd"])
+
+
+def test_a_request_asked_twice_at_once_counts_one_hit(server, store):
+    ask(Ledger(http_teacher(server), store), chat(1), chat(1))
+    assert server.hits == 1 and store.request_totals()["cache_hits"] == 1
+
+
+SCHEMA_2_REQUESTS = """
+CREATE TABLE requests (
+    key TEXT PRIMARY KEY, backend TEXT NOT NULL, model TEXT NOT NULL, body_json TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')), text TEXT,
+    finish_reason TEXT, response_json TEXT, tokens_in INTEGER NOT NULL DEFAULT 0,
+    tokens_out INTEGER NOT NULL DEFAULT 0, cost_usd REAL NOT NULL DEFAULT 0, latency_s REAL,
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT, purpose TEXT NOT NULL DEFAULT 'generate',
+    created_at REAL NOT NULL, completed_at REAL, remote_batch TEXT
+);
+INSERT INTO requests (key, backend, model, body_json, status, text, cost_usd, created_at)
+    VALUES ('old', 'openai', 'gpt-test', '{}', 'done', 'an old answer', 0.5, 0);
+PRAGMA user_version = 2;
+"""
+
+
+def test_a_schema_2_store_gains_cache_hits(tmp_path):
+    path = tmp_path / "tutelage.db"
+    with sqlite3.connect(path) as old:
+        old.executescript(SCHEMA_2_REQUESTS)
+    old.close()
+
+    with Store(path) as store:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert store.get_request("old")["cache_hits"] == 0
+        assert store.request_totals()["cache_hits"] == 0
+        store.count_cache_hit("old")
+        totals = store.request_totals()
+        assert (totals["cache_hits"], totals["saved_usd"]) == (1, 0.5)
+    with Store(path) as store:  # reopening a migrated store changes nothing
+        assert store.get_request("old")["cache_hits"] == 1

@@ -158,6 +158,14 @@ class GenerationConfig(Strict):
             setattr(self, name, _resolve(base, getattr(self, name)))
 
 
+ENGLISH = {"english", "en", "en-us", "en-gb"}
+
+
+def is_english(language: str) -> bool:
+    """Whether `generation.language` names English (the filter's defaults are English ones)."""
+    return language.strip().casefold() in ENGLISH
+
+
 class FilterConfig(Strict):
     rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
     # Tokenize Unicode text (ROUGE-L and word counts) instead of rouge_score's ASCII tokens; on

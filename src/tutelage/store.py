@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 DB_NAME = "tutelage.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS requests (
     purpose       TEXT NOT NULL DEFAULT 'generate',
     created_at    REAL NOT NULL,
     completed_at  REAL,
-    remote_batch  TEXT  -- the remote batch (Batch API) that carries this request, if any
+    remote_batch  TEXT, -- the remote batch (Batch API) that carries this request, if any
+    cache_hits    INTEGER NOT NULL DEFAULT 0  -- times answered from here instead of paid again
 );
 -- Remote batches (OpenAI's Batch API): recorded as soon as one exists, so a restart polls it.
 CREATE TABLE IF NOT EXISTS remote_batches (
@@ -169,6 +170,11 @@ CREATE INDEX IF NOT EXISTS instances_instruction ON instances(instruction_id);
 """
 
 
+# Only a done request is ever answered from the store, so its cost is what each hit saved.
+_CACHE_TOTALS = ("COALESCE(SUM(cache_hits),0) AS cache_hits,"
+                 " COALESCE(SUM(cost_usd * cache_hits),0) AS saved_usd")
+
+
 class Store:
     """A handle on one run's database. Safe to share across threads (one lock around the connection)."""
 
@@ -194,6 +200,8 @@ class Store:
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(requests)")}
         if "remote_batch" not in columns:  # a schema-1 store
             self.db.execute("ALTER TABLE requests ADD COLUMN remote_batch TEXT")
+        if "cache_hits" not in columns:  # a schema-1 or -2 store: no hit was counted, so 0
+            self.db.execute("ALTER TABLE requests ADD COLUMN cache_hits INTEGER NOT NULL DEFAULT 0")
         self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -271,6 +279,11 @@ class Store:
                  tokens_in, tokens_out, cost_usd, latency_s, attempts, time.time(), key),
             )
 
+    def count_cache_hit(self, key: str) -> None:
+        """Record that the stored answer to `key` was used instead of asking the teacher again."""
+        with self.transaction() as db:
+            db.execute("UPDATE requests SET cache_hits = cache_hits + 1 WHERE key=?", (key,))
+
     def fail_request(self, key: str, error: str, attempts: int) -> None:
         with self.transaction() as db:
             db.execute(
@@ -302,20 +315,24 @@ class Store:
         return self._all("SELECT * FROM remote_batches ORDER BY submitted_at")
 
     def request_totals(self) -> dict:
+        """The run's requests: counts by status, tokens, cost and latency of what was sent, plus
+        `cache_hits` (answers reused from the store) and `saved_usd` (what they would have cost
+        had they been sent again)."""
         row = self._one(
             "SELECT COUNT(*) AS requests, SUM(status='done') AS done, SUM(status='failed') AS failed,"
             " COALESCE(SUM(tokens_in),0) AS tokens_in, COALESCE(SUM(tokens_out),0) AS tokens_out,"
-            " COALESCE(SUM(cost_usd),0) AS cost_usd, COALESCE(SUM(latency_s),0) AS latency_s"
-            " FROM requests"
+            " COALESCE(SUM(cost_usd),0) AS cost_usd, COALESCE(SUM(latency_s),0) AS latency_s,"
+            f" {_CACHE_TOTALS} FROM requests"
         )
         return {k: (v or 0) for k, v in row.items()}
 
     def request_totals_by_purpose(self) -> list[dict]:
+        """The done requests' totals by purpose, with `cache_hits` and `saved_usd` as above."""
         return self._all(
             "SELECT purpose, COUNT(*) AS requests, COALESCE(SUM(tokens_in),0) AS tokens_in,"
             " COALESCE(SUM(tokens_out),0) AS tokens_out, COALESCE(SUM(cost_usd),0) AS cost_usd,"
-            " COALESCE(SUM(latency_s),0) AS latency_s FROM requests WHERE status='done'"
-            " GROUP BY purpose ORDER BY purpose"
+            f" COALESCE(SUM(latency_s),0) AS latency_s, {_CACHE_TOTALS}"
+            " FROM requests WHERE status='done' GROUP BY purpose ORDER BY purpose"
         )
 
     # -- seeds ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Knows nothing else of tutelage, so `tutelage dedup` and the benchmarks use it on
 
 from .dedup import DedupSummary, dedup_file
 from .quality import QUALITY_CODES, QualityRules
-from .rouge import Decision, RougeNoveltyIndex, rouge_l_f1, tokenize
+from .rouge import Decision, RougeNoveltyIndex, nearest_scores, rouge_l_f1, tokenize
 
 # every reason a task can be rejected for, as stored with it
 REASON_CODES = QUALITY_CODES + ("rouge_duplicate", "minhash_duplicate", "embedding_duplicate")
@@ -18,6 +18,7 @@ __all__ = [
     "QualityRules",
     "RougeNoveltyIndex",
     "dedup_file",
+    "nearest_scores",
     "rouge_l_f1",
     "tokenize",
 ]

@@ -750,3 +750,57 @@ class _Helpers:
                 proc.join()
         for conn in self.conns:
             conn.close()
+
+
+# -- all-pairs nearest scores (the report) -----------------------------------------------------
+
+
+def _encode_all(token_lists: list[list[str]]) -> list[str]:
+    """Each token list as a string of one private character per token (one vocabulary for all),
+    the most frequent tokens getting the smallest code points (rapidfuzz is faster on those)."""
+    counts = Counter(chain.from_iterable(token_lists))
+    chars = {t: chr(rank + 1) for rank, (t, _) in enumerate(counts.most_common())}
+    return ["".join(map(chars.__getitem__, tokens)) for tokens in token_lists]
+
+
+def nearest_scores(queries: Sequence[str], pool: Sequence[str], *, exclude_self: bool = False,
+                   self_index: Sequence[int] | None = None, unicode: bool = False,
+                   chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """For each query, its best ROUGE-L F1 against the pool and the index of that pool text.
+
+    Scores are rouge_l_f1(tokenize(query), tokenize(pool text)) exactly (0.0 when either has no
+    token); the index is the earliest pool text reaching the score, -1 when there is no pool text
+    to compare with. exclude_self: queries and pool are the same list and query i is not compared
+    with pool text i; self_index does the same for queries taken from the pool: query i is pool
+    text self_index[i]. Every pair is compared (no pruning), chunk queries at a time, and at most
+    _CELLS pairs at a time so memory stays bounded whatever the pool's size.
+    """
+    count, size = len(queries), len(pool)
+    if exclude_self:
+        if count != size:
+            raise ValueError(f"exclude_self needs queries equal to the pool: {count} vs {size}")
+        self_index = range(count)
+    skip = None if self_index is None else np.asarray(self_index, np.int64)
+    if skip is not None and skip.shape != (count,):
+        raise ValueError(f"self_index needs one pool index per query: {skip.shape} vs {count}")
+    scores = np.zeros(count)
+    ids = np.full(count, -1, np.int64)
+    if not count or not size or (skip is not None and size == 1):
+        return scores, ids
+    codes = _encode_all([tokenize(t, unicode) for t in (*queries, *pool)])
+    query_codes, pool_codes = codes[:count], codes[count:]
+    n = np.fromiter(map(len, query_codes), np.int64, count)
+    m = np.fromiter(map(len, pool_codes), np.int64, size)
+    rows = max(1, min(chunk, _CELLS // size))
+    for start in range(0, count, rows):
+        end = min(count, start + rows)
+        lcs = process.cdist(query_codes[start:end], pool_codes, scorer=LCSseq.similarity,
+                            dtype=np.int32, workers=-1)
+        # the file's own F1 (same float operations as rouge_score), not 2*lcs/(n+m)
+        f1 = _f1_array(lcs, n[start:end, None], m[None, :])
+        if skip is not None:
+            f1[np.arange(end - start), skip[start:end]] = -1.0  # below any real score
+        best = f1.argmax(axis=1)  # the earliest among equals
+        scores[start:end] = f1[np.arange(end - start), best]
+        ids[start:end] = best
+    return scores, ids

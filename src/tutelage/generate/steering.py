@@ -12,10 +12,8 @@ Chinese instruction, written without spaces, is not one "word" long.
 
 from __future__ import annotations
 
-from ..config import FilterConfig, GenerationConfig
+from ..config import FilterConfig, GenerationConfig, is_english
 from ..filter.screen import Screen
-
-ENGLISH = {"english", "en", "en-us", "en-gb"}
 
 
 def topic_for(gen: GenerationConfig, idx: int) -> str | None:
@@ -25,10 +23,6 @@ def topic_for(gen: GenerationConfig, idx: int) -> str | None:
     if isinstance(gen.topics, str):
         return gen.topics
     return gen.topics[idx % len(gen.topics)]
-
-
-def is_english(language: str) -> bool:
-    return language.strip().casefold() in ENGLISH
 
 
 def filter_settings(filter_cfg: FilterConfig, language: str) -> FilterConfig:

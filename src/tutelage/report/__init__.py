@@ -20,16 +20,31 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import base64
+import hashlib
+import statistics
+
 import jinja2
+from markupsafe import Markup
 
 from .. import __version__
+from ..config import is_english
 from ..formats import TEMPLATES
 from ..store import Store
+from .analysis import (ParserMissing, empty_inputs, novelty, top_pairs, verb_objects,
+                       word_lengths)
 
 STAGES = ("generate", "filter", "train", "evaluate")  # the report stage is this very page
 N_KEPT_SAMPLES = 10
-N_EVAL_SAMPLES = 3  # side-by-side answers per evaluation set
+N_EVAL_SAMPLES = 3  # side-by-side answers per evaluation set in report.md
 MAX_SAMPLE_CHARS = 1500  # a sample is an illustration; the full text stays in the store
+# The page's browsers: every row up to these caps (the page stays a few MB for 52K-task runs).
+BROWSE_LIMIT = 20_000  # kept tasks; rejected tasks per reason
+BROWSE_CHARS = 8_000  # per text field
+# ROUGE-L and the verb parse look at random samples of at most this many kept instructions (the
+# parse runs at a few hundred instructions a second on 2 cores; 5,000 settle the top 20 verbs).
+NOVELTY_LIMIT = 20_000
+VERB_LIMIT = 5_000
 
 # What each evaluation metric means, and which way is better (None: neither, it is descriptive).
 METRICS = {
@@ -37,47 +52,70 @@ METRICS = {
     "nll": ("mean negative log-likelihood per token of the reference answer", "lower"),
     "answer_words": ("words in the greedy answer", None),
 }
+# The judge's metrics: over pairs of roles ("tuned:base") or, for the rubric, over one role.
+JUDGE_METRICS = {
+    "win_rate": "share of items the judge preferred the first answer (ties count half), both "
+                "orders averaged",
+    "lc_win_rate": "win rate with the answers' length difference regressed out",
+}
+RUBRIC_METRIC = "rubric_acceptable"
 ROLE_ORDER = ("base", "tuned", "teacher")
 
 
 def write_report(store: Store, run_dir: Path) -> tuple[Path, Path]:
     """Write run_dir/report.md and run_dir/report.html from the store; returns (markdown, html)."""
-    from .charts import funnel_chart, loss_chart
+    from . import charts as draw
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     context = report_context(store, run_dir)
+    data, training = context["data"], context["training"]
     charts = {
-        "funnel": funnel_chart(context["funnel"]) if context["funnel"]["generated"] else None,
-        "loss": loss_chart(context["training"]["steps"]) if context["training"] else None,
+        "funnel": draw.funnel_chart(context["funnel"]) if context["funnel"]["generated"] else None,
+        "lengths": draw.length_histograms(data["lengths"]) if data["lengths"] else None,
+        "novelty": (draw.novelty_histograms(data["novelty"]["to_seed"], data["novelty"]["to_kept"],
+                                            data["novelty"]["threshold"])
+                    if data["novelty"] else None),
+        "verbs": draw.sunburst_chart(data["verbs"]["top"]) if data["verbs"]["top"] else None,
+        "loss": draw.loss_chart(training["steps"]) if training else None,
     }
     env = _environment()
+    script = (TEMPLATES / "report" / "report.js").read_text(encoding="utf-8")
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     _write(md_path, env.get_template("report.md.jinja").render(**context))
-    _write(html_path, env.get_template("report.html.jinja").render(**context, charts=charts))
+    _write(html_path, env.get_template("report.html.jinja").render(
+        **context, charts=charts, script=Markup(script), script_hash=_csp_hash(script),
+        browse_json=_script_json(context["browse"])))
     return md_path, html_path
 
 
 def report_context(store: Store, run_dir: Path) -> dict[str, Any]:
     """Everything both templates show, as plain values (numbers still unformatted)."""
     run = shlex.quote(str(run_dir))
+    config = store.get_meta("config")
     kept_rows = store.examples(status="kept")
+    rejected_rows = store.rejected_samples(per_reason=BROWSE_LIMIT)
     funnel = _funnel(store.funnel(), kept_rows, store.batch_stats())
     training = _training(store)
     evaluation = _evaluation(store.eval_summary())
+    data = _data(kept_rows, [s["instruction"] for s in store.seeds()], config)
+    eval_items, judgements = store.eval_items(), store.judgements()
     context = {
         "run_dir": str(run_dir),
         "written_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "version": __version__,
         "stages": _stage_rows(store.stages()),
-        "config": _config_rows(store.get_meta("config")),
+        "config": _config_rows(config),
         "funnel": funnel,
+        "data": data,
         "kept_samples": [_clip_all(r) for r in kept_rows[:N_KEPT_SAMPLES]],
         "rejected_samples": [_clip_all(r) for r in store.rejected_samples(per_reason=1)],
+        "browse": _browse(kept_rows, rejected_rows, data["novelty"],
+                          _answers(eval_items, judgements)),
         "cost": _cost(store.request_totals(), store.request_totals_by_purpose(), funnel["kept"]),
         "training": training,
         "evaluation": evaluation,
-        "eval_samples": _eval_samples(store.eval_items()),
+        "eval_samples": _eval_samples(eval_items),
     }
     context["missing"] = _missing(context, run)
     context["glance"] = _glance(context)
@@ -210,16 +248,18 @@ def _training(store: Store) -> dict | None:
 
 
 def _evaluation(summary: list[dict]) -> list[dict]:
-    """One table per evaluation set: a row per metric, a column per model role, and the paired
-    tuned-minus-base delta with its verdict."""
+    """One entry per evaluation set: a table of the reference metrics (a row per metric, a column
+    per model role, and the paired tuned-minus-base delta with its verdict), the judge's win rates
+    by pair of roles, and the rubric's share of acceptable answers by role."""
     sets: dict[str, dict[str, dict[str, dict]]] = {}
     for row in summary:
         sets.setdefault(row["set_name"], {}).setdefault(row["metric"], {})[row["model_role"]] = row
     known = list(METRICS)
     out = []
     for set_name, metrics in sets.items():
+        judged = {m: metrics.pop(m) for m in [*JUDGE_METRICS, RUBRIC_METRIC] if m in metrics}
         roles = sorted({r for by_role in metrics.values() for r in by_role if r != "delta"},
-                       key=lambda r: (ROLE_ORDER.index(r) if r in ROLE_ORDER else 99, r))
+                       key=_role_order)
         rows = []
         for metric in sorted(metrics, key=lambda m: (known.index(m) if m in known else 99, m)):
             by_role = metrics[metric]
@@ -229,9 +269,34 @@ def _evaluation(summary: list[dict]) -> list[dict]:
                          "cells": [by_role.get(role) for role in roles], "delta": delta,
                          "verdict": _verdict(delta, better),
                          "n": max(r["n"] for r in by_role.values())})
+        pairs = sorted({p for m in JUDGE_METRICS for p in judged.get(m, {})},
+                       key=lambda p: [_role_order(r) for r in p.split(":")])
+        judge = [{"pair": pair, "first": pair.split(":")[0], "second": pair.split(":")[-1],
+                  **{m: judged.get(m, {}).get(pair) for m in JUDGE_METRICS},
+                  "verdict": _win_verdict(judged.get("win_rate", {}).get(pair)),
+                  "n": max(r["n"] for m in JUDGE_METRICS
+                           if (r := judged.get(m, {}).get(pair)) is not None)}
+                 for pair in pairs]
+        rubric = [{"role": role, "acceptable": row, "n": row["n"]}
+                  for role, row in sorted(judged.get(RUBRIC_METRIC, {}).items(),
+                                          key=lambda kv: _role_order(kv[0]))]
         out.append({"set_name": set_name, "roles": roles, "rows": rows,
-                    "has_delta": any(r["delta"] for r in rows)})
+                    "has_delta": any(r["delta"] for r in rows), "judge": judge,
+                    "rubric": rubric})
     return out
+
+
+def _role_order(role: str) -> tuple[int, str]:
+    return (ROLE_ORDER.index(role) if role in ROLE_ORDER else 99, role)
+
+
+def _win_verdict(row: dict | None) -> str:
+    """What a win rate's 95% interval says against 0.5 (a coin toss)."""
+    if row is None or row["ci_low"] is None or row["ci_high"] is None:
+        return ""
+    if row["ci_low"] <= 0.5 <= row["ci_high"]:
+        return "no clear winner"
+    return "first wins" if row["ci_low"] > 0.5 else "second wins"
 
 
 def _verdict(delta: dict | None, better: str | None) -> str:
@@ -244,6 +309,121 @@ def _verdict(delta: dict | None, better: str | None) -> str:
     if better is None:
         return "higher" if up else "lower"
     return "better" if up == (better == "higher") else "worse"
+
+
+def _data(kept_rows: list[dict], seeds: list[str], config: dict | None) -> dict:
+    """The kept data described: word lengths, ROUGE-L novelty and the root verbs with their
+    objects (the Self-Instruct paper's Figures 2 and 3)."""
+    if not kept_rows:
+        return {"lengths": None, "length_stats": [], "empty_inputs": 0, "novelty": None,
+                "verbs": {"top": [], "missing": None}}
+    filter_cfg = (config or {}).get("filter") or {}
+    language = ((config or {}).get("generation") or {}).get("language") or "English"
+    unicode = bool(filter_cfg.get("unicode")) or not is_english(language)
+    seed = (config or {}).get("seed") or 0
+    lengths = word_lengths(kept_rows)
+    # One instruction may carry several kept instances (Self-Instruct): describe each once.
+    instructions = list(dict.fromkeys(r["instruction"] for r in kept_rows))
+    near = novelty(instructions, seeds, limit=NOVELTY_LIMIT, seed=seed, unicode=unicode)
+    parsed = (verb_objects(instructions, limit=VERB_LIMIT, seed=seed)
+              if is_english(language) else
+              ParserMissing(f"the verb analysis parses English; this run's tasks are in {language}"))
+    if isinstance(parsed, ParserMissing):
+        verbs = {"top": [], "missing": parsed.message}
+    else:
+        verbs = {"top": top_pairs(parsed.pairs), "n_total": parsed.n_total,
+                 "n_parsed": parsed.n_parsed, "n_with_verb": parsed.n_with_verb,
+                 "n_with_object": parsed.n_with_object, "model": parsed.model,
+                 "spacy": parsed.spacy_version, "missing": None}
+    return {
+        "lengths": lengths,
+        "empty_inputs": empty_inputs(lengths),
+        "length_stats": [{"field": field, **_describe(values)}
+                         for field, values in lengths.items() if isinstance(values, list)],
+        "novelty": {"to_seed": list(near.to_seed), "to_kept": list(near.to_kept),
+                    "n_kept": near.n_kept, "n_sampled": near.n_sampled, "n_seeds": near.n_seeds,
+                    "threshold": filter_cfg.get("rouge_threshold"),
+                    "stats": [{"against": "nearest seed", **_describe(near.to_seed)},
+                              {"against": "nearest other kept", **_describe(near.to_kept)}],
+                    "bins": _bins(near.to_seed, near.to_kept)},
+        "verbs": verbs,
+    }
+
+
+def _describe(values: list[float] | list[int]) -> dict:
+    if not values:
+        return {"n": 0, "median": None, "mean": None, "p90": None, "max": None}
+    # inclusive: the percentile stays within the data (the default extrapolates past the maximum)
+    p90 = statistics.quantiles(values, n=10, method="inclusive")[-1] if len(values) > 1 else values[0]
+    if all(isinstance(v, int) for v in values):  # word counts: a whole number of words
+        p90 = round(p90)
+    return {"n": len(values), "median": statistics.median(values),
+            "mean": statistics.fmean(values), "p90": p90, "max": max(values)}
+
+
+def _bins(to_seed: list[float], to_kept: list[float]) -> list[dict]:
+    """Counts of both ROUGE-L distributions in tenths, for the Markdown table."""
+    def tenth(v: float) -> int:
+        return min(int(v * 10), 9)
+    seed_n, kept_n = Counter(map(tenth, to_seed)), Counter(map(tenth, to_kept))
+    return [{"range": f"{k / 10:.1f}–{(k + 1) / 10:.1f}", "to_seed": seed_n[k],
+             "to_kept": kept_n[k]} for k in range(10)]
+
+
+def _browse(kept_rows: list[dict], rejected_rows: list[dict], near: dict | None,
+            answers: list[dict]) -> dict:
+    """What the page's browsers show, as JSON-ready rows (the page's script renders them)."""
+    per_row = near and near["n_sampled"] == near["n_kept"]  # scores line up with instructions
+    index = {}
+    if per_row:
+        instructions = list(dict.fromkeys(r["instruction"] for r in kept_rows))
+        index = {text: (s, k) for text, s, k in zip(instructions, near["to_seed"], near["to_kept"])}
+    kept = []
+    for r in kept_rows[:BROWSE_LIMIT]:
+        to_seed, to_kept = index.get(r["instruction"], (None, None))
+        kept.append({"instruction": _clip(r["instruction"], BROWSE_CHARS),
+                     "input": _clip(r["input"], BROWSE_CHARS),
+                     "output": _clip(r["output"], BROWSE_CHARS), "split": r["split"],
+                     "to_seed": to_seed, "to_kept": to_kept})
+    rejected = [{k: _clip(r[k], BROWSE_CHARS) if isinstance(r[k], str) else r[k]
+                 for k in ("reason", "instruction", "input", "output", "raw", "nearest",
+                           "nearest_score")} for r in rejected_rows]
+    reasons = Counter(r["reason"] for r in rejected)
+    return {"kept": kept, "kept_total": len(kept_rows), "rejected": rejected,
+            "reasons": sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
+            "answers": answers, "limit": BROWSE_LIMIT}
+
+
+def _answers(items: list[dict], judgements: list[dict]) -> list[dict]:
+    """Every evaluation item with each model's answer side by side, and the judge's decisions on
+    it (verdicts of both orders with their rationales; rubric grades)."""
+    judged: dict[tuple[str, str], list[dict]] = {}
+    for j in judgements:
+        judged.setdefault((j["set_name"], j["item_key"]), []).append(j)
+    grouped: dict[tuple[str, str], dict] = {}
+    for item in items:
+        entry = grouped.setdefault((item["set_name"], item["item_key"]), {
+            "set": item["set_name"], "instruction": _clip(item["instruction"], BROWSE_CHARS),
+            "input": _clip(item["input"], BROWSE_CHARS),
+            "reference": _clip(item["reference"], BROWSE_CHARS), "answers": []})
+        entry["answers"].append({"role": item["model_role"],
+                                 "answer": _clip(item["answer"], BROWSE_CHARS),
+                                 "rouge_l": item["scores"].get("rouge_l")})
+    out = []
+    for key, entry in grouped.items():
+        entry["answers"].sort(key=lambda a: _role_order(a["role"]))
+        decisions = judged.get(key, [])
+        entry["pairs"] = [
+            {"pair": j["subject"], "status": j["status"], "score": j["score"],
+             "orders": [{"first_as": o.get("first_as"), "verdict": o.get("verdict"),
+                         "rationale": _clip(o.get("rationale") or "", BROWSE_CHARS)}
+                        for o in j["detail"].get("orders", [])]}
+            for j in decisions if j["kind"] == "pairwise"]
+        entry["grades"] = [{"role": j["subject"], "status": j["status"], "grade": j["grade"],
+                            "rationale": _clip(j["detail"].get("rationale") or "", BROWSE_CHARS)}
+                           for j in decisions if j["kind"] == "rubric"]
+        out.append(entry)
+    return out
 
 
 def _eval_samples(items: list[dict]) -> list[dict]:
@@ -311,6 +491,10 @@ def _glance(context: dict) -> list[tuple[str, str]]:
         if row:
             glance.append((f"{s['set_name']} ROUGE-L, tuned − base",
                            num(row["delta"]["value"], sign=True)))
+        for j in s["judge"]:
+            if j["first"] == "tuned" and j["win_rate"]:
+                glance.append((f"{s['set_name']} win rate, tuned vs {j['second']}",
+                               pct(j["win_rate"]["value"])))
     return glance
 
 
@@ -359,10 +543,10 @@ def duration(seconds: float | None) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def _clip(text: str | None) -> str | None:
-    if text is None or len(text) <= MAX_SAMPLE_CHARS:
+def _clip(text: str | None, limit: int = MAX_SAMPLE_CHARS) -> str | None:
+    if text is None or len(text) <= limit:
         return text
-    return f"{text[:MAX_SAMPLE_CHARS]}\n[… {len(text) - MAX_SAMPLE_CHARS:,} more characters]"
+    return f"{text[:limit]}\n[… {len(text) - limit:,} more characters]"
 
 
 def _clip_all(row: dict) -> dict:
@@ -414,8 +598,24 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+# -- the page's script and data -------------------------------------------------------------------
+def _script_json(value: Any) -> Markup:
+    """JSON to sit inside <script type="application/json">: every <, > and & written as a \\u
+    escape, so no text in it (a "</script>" included) can end the element or open a tag."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text)
+
+
+def _csp_hash(script: str) -> str:
+    """The page's Content-Security-Policy source for its one inline script: with it, no other
+    script can run, even one that got past the escaping."""
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+
+
 def _write(path: Path, text: str) -> None:
     """Replace the file in one step: a reader (or a browser reloading) never sees half a report."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    # errors="replace": a lone surrogate a model wrote must not stop the report
+    tmp.write_text(text, encoding="utf-8", errors="replace")
     os.replace(tmp, path)

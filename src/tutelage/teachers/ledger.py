@@ -37,7 +37,8 @@ class Ledger:
     """Sends requests to `teacher` through `store`. One Ledger lives inside one event loop.
 
     Totals (`spent_usd`, `tokens_in`, `tokens_out`) include what the store held at the start, so
-    they are the run's totals; `requests_sent` and `cache_hits` count this ledger's calls only.
+    they are the run's totals; `requests_sent` and `cache_hits` count this ledger's calls only (the
+    store counts every hit of the run: `store.request_totals()["cache_hits"]`).
     """
 
     def __init__(self, teacher: Teacher, store: Store, *, price: Price | None = None,
@@ -80,6 +81,7 @@ class Ledger:
             row = self.store.get_request(key)
             if row is not None and row["status"] == "done":
                 self.cache_hits += 1
+                self.store.count_cache_hit(key)  # the run's count, across restarts
                 return LedgerResult(key, completion_from_row(row), True, row["cost_usd"])
             # A request a remote batch carries is waited for, not sent again.
             remote = row["remote_batch"] if row and row["status"] == "pending" else None
