@@ -207,7 +207,9 @@ def print_comparison(result: dict) -> None:
 def do_report(store, cfg: Config) -> dict:
     from .pipeline import report_stage, staged
 
-    detail = staged(store, "report", lambda: report_stage(store, cfg))
+    # A spinner: on a large run the analyses (ROUGE-L novelty, the verb parse) take seconds.
+    with console.status("report: describing the kept data and drawing the charts"):
+        detail = staged(store, "report", lambda: report_stage(store, cfg))
     console.print(f"[green]report:[/] {detail['html']}  {detail['markdown']}")
     return detail
 
