@@ -442,6 +442,21 @@ class _Pool:
             np.maximum.at(best, rows, f1)
 
 
+def _encode_into(chars: dict[str, str], token_lists: list[list[str]]) -> list[str]:
+    """Each token list as a string of one private character per token; tokens new to `chars`
+    (the vocabulary, shared by everything compared) are added to it."""
+    counts = Counter(chain.from_iterable(token_lists))  # in order of first appearance
+    new = [t for t in counts if t not in chars]
+    # Most frequent first: rapidfuzz looks characters below 256 up in a flat table and the
+    # rest in a hash map, so LCS runs several times faster when common tokens get small ones.
+    # Code points from 1 (0 is _UNKNOWN); rapidfuzz compares code points, surrogates included.
+    for t in sorted(new, key=counts.__getitem__, reverse=True):
+        chars[t] = chr(len(chars) + 1)
+    joined = "".join(map(chars.__getitem__, chain.from_iterable(token_lists)))
+    ends = list(accumulate(map(len, token_lists)))
+    return [joined[a:b] for a, b in zip([0] + ends, ends)]
+
+
 class RougeNoveltyIndex:
     """A pool of kept texts answering "is this new text novel enough?" exactly as the
     Self-Instruct/Alpaca loop: keep iff max ROUGE-L F1 against the pool <= threshold.
@@ -541,18 +556,7 @@ class RougeNoveltyIndex:
 
     def _encode(self, texts: list[str]) -> list[str]:
         """Each text as a string of one private character per token, growing the vocabulary."""
-        token_lists = [tokenize(text, self.unicode) for text in texts]
-        chars = self._chars
-        counts = Counter(chain.from_iterable(token_lists))  # in order of first appearance
-        new = [t for t in counts if t not in chars]
-        # Most frequent first: rapidfuzz looks characters below 256 up in a flat table and the
-        # rest in a hash map, so LCS runs several times faster when common tokens get small ones.
-        # Code points from 1 (0 is _UNKNOWN); rapidfuzz compares code points, surrogates included.
-        for t in sorted(new, key=counts.__getitem__, reverse=True):
-            chars[t] = chr(len(chars) + 1)
-        joined = "".join(map(chars.__getitem__, chain.from_iterable(token_lists)))
-        ends = list(accumulate(map(len, token_lists)))
-        return [joined[a:b] for a, b in zip([0] + ends, ends)]
+        return _encode_into(self._chars, [tokenize(text, self.unicode) for text in texts])
 
     def _insert(self, texts: list[str], codes: list[str], keys: list[Hashable],
                 feats: _Features) -> None:
@@ -755,14 +759,6 @@ class _Helpers:
 # -- all-pairs nearest scores (the report) -----------------------------------------------------
 
 
-def _encode_all(token_lists: list[list[str]]) -> list[str]:
-    """Each token list as a string of one private character per token (one vocabulary for all),
-    the most frequent tokens getting the smallest code points (rapidfuzz is faster on those)."""
-    counts = Counter(chain.from_iterable(token_lists))
-    chars = {t: chr(rank + 1) for rank, (t, _) in enumerate(counts.most_common())}
-    return ["".join(map(chars.__getitem__, tokens)) for tokens in token_lists]
-
-
 def nearest_scores(queries: Sequence[str], pool: Sequence[str], *, exclude_self: bool = False,
                    self_index: Sequence[int] | None = None, unicode: bool = False,
                    chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -787,7 +783,7 @@ def nearest_scores(queries: Sequence[str], pool: Sequence[str], *, exclude_self:
     ids = np.full(count, -1, np.int64)
     if not count or not size or (skip is not None and size == 1):
         return scores, ids
-    codes = _encode_all([tokenize(t, unicode) for t in (*queries, *pool)])
+    codes = _encode_into({}, [tokenize(t, unicode) for t in (*queries, *pool)])
     query_codes, pool_codes = codes[:count], codes[count:]
     n = np.fromiter(map(len, query_codes), np.int64, count)
     m = np.fromiter(map(len, pool_codes), np.int64, size)
