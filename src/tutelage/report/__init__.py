@@ -109,13 +109,14 @@ def report_context(store: Store, run_dir: Path) -> dict[str, Any]:
         "funnel": funnel,
         "data": data,
         "kept_samples": [_clip_all(r) for r in kept_rows[:N_KEPT_SAMPLES]],
-        "rejected_samples": [_clip_all(r) for r in store.rejected_samples(per_reason=1)],
+        "rejected_samples": [_clip_all(r) for r in _first_per(rejected_rows, "reason", 1)],
         "browse": _browse(kept_rows, rejected_rows, data["novelty"],
-                          _answers(eval_items, judgements)),
+                          _answers(eval_items, judgements, BROWSE_CHARS)),
         "cost": _cost(store.request_totals(), store.request_totals_by_purpose(), funnel["kept"]),
         "training": training,
         "evaluation": evaluation,
-        "eval_samples": _eval_samples(eval_items),
+        "eval_samples": _first_per(_answers(eval_items, [], MAX_SAMPLE_CHARS), "set",
+                                   N_EVAL_SAMPLES),
     }
     context["missing"] = _missing(context, run)
     context["glance"] = _glance(context)
@@ -345,7 +346,10 @@ def _data(kept_rows: list[dict], seeds: list[str], config: dict | None) -> dict:
                     "threshold": filter_cfg.get("rouge_threshold"),
                     "stats": [{"against": "nearest seed", **_describe(near.to_seed)},
                               {"against": "nearest other kept", **_describe(near.to_kept)}],
-                    "bins": _bins(near.to_seed, near.to_kept)},
+                    "bins": _bins(near.to_seed, near.to_kept),
+                    # each instruction's two scores, for the browser, when none was left out
+                    "by_instruction": (dict(zip(instructions, zip(near.to_seed, near.to_kept)))
+                                       if near.n_sampled == near.n_kept else {})},
         "verbs": verbs,
     }
 
@@ -373,11 +377,7 @@ def _bins(to_seed: list[float], to_kept: list[float]) -> list[dict]:
 def _browse(kept_rows: list[dict], rejected_rows: list[dict], near: dict | None,
             answers: list[dict]) -> dict:
     """What the page's browsers show, as JSON-ready rows (the page's script renders them)."""
-    per_row = near and near["n_sampled"] == near["n_kept"]  # scores line up with instructions
-    index = {}
-    if per_row:
-        instructions = list(dict.fromkeys(r["instruction"] for r in kept_rows))
-        index = {text: (s, k) for text, s, k in zip(instructions, near["to_seed"], near["to_kept"])}
+    index = near["by_instruction"] if near else {}
     kept = []
     for r in kept_rows[:BROWSE_LIMIT]:
         to_seed, to_kept = index.get(r["instruction"], (None, None))
@@ -394,20 +394,20 @@ def _browse(kept_rows: list[dict], rejected_rows: list[dict], near: dict | None,
             "answers": answers, "limit": BROWSE_LIMIT}
 
 
-def _answers(items: list[dict], judgements: list[dict]) -> list[dict]:
+def _answers(items: list[dict], judgements: list[dict], chars: int) -> list[dict]:
     """Every evaluation item with each model's answer side by side, and the judge's decisions on
-    it (verdicts of both orders with their rationales; rubric grades)."""
+    it (verdicts of both orders with their rationales; rubric grades); texts cut at `chars`."""
     judged: dict[tuple[str, str], list[dict]] = {}
     for j in judgements:
         judged.setdefault((j["set_name"], j["item_key"]), []).append(j)
     grouped: dict[tuple[str, str], dict] = {}
     for item in items:
         entry = grouped.setdefault((item["set_name"], item["item_key"]), {
-            "set": item["set_name"], "instruction": _clip(item["instruction"], BROWSE_CHARS),
-            "input": _clip(item["input"], BROWSE_CHARS),
-            "reference": _clip(item["reference"], BROWSE_CHARS), "answers": []})
+            "set": item["set_name"], "instruction": _clip(item["instruction"], chars),
+            "input": _clip(item["input"], chars),
+            "reference": _clip(item["reference"], chars), "answers": []})
         entry["answers"].append({"role": item["model_role"],
-                                 "answer": _clip(item["answer"], BROWSE_CHARS),
+                                 "answer": _clip(item["answer"], chars),
                                  "rouge_l": item["scores"].get("rouge_l")})
     out = []
     for key, entry in grouped.items():
@@ -416,34 +416,26 @@ def _answers(items: list[dict], judgements: list[dict]) -> list[dict]:
         entry["pairs"] = [
             {"pair": j["subject"], "status": j["status"], "score": j["score"],
              "orders": [{"first_as": o.get("first_as"), "verdict": o.get("verdict"),
-                         "rationale": _clip(o.get("rationale") or "", BROWSE_CHARS)}
+                         "rationale": _clip(o.get("rationale") or "", chars)}
                         for o in j["detail"].get("orders", [])]}
             for j in decisions if j["kind"] == "pairwise"]
         entry["grades"] = [{"role": j["subject"], "status": j["status"], "grade": j["grade"],
-                            "rationale": _clip(j["detail"].get("rationale") or "", BROWSE_CHARS)}
+                            "rationale": _clip(j["detail"].get("rationale") or "", chars)}
                            for j in decisions if j["kind"] == "rubric"]
         out.append(entry)
     return out
 
 
-def _eval_samples(items: list[dict]) -> list[dict]:
-    """The first few items of each set with every model's answer side by side (items are stored in
-    evaluation order, so this is no hand-picked selection)."""
-    grouped: dict[tuple[str, str], dict] = {}
-    for item in items:
-        entry = grouped.setdefault((item["set_name"], item["item_key"]), {
-            "set_name": item["set_name"], "instruction": _clip(item["instruction"]),
-            "input": _clip(item["input"]), "reference": _clip(item["reference"]), "answers": {}})
-        entry["answers"][item["model_role"]] = {"answer": _clip(item["answer"]),
-                                                "rouge_l": item["scores"].get("rouge_l")}
-    samples, per_set = [], Counter()
-    for entry in grouped.values():
-        if per_set[entry["set_name"]] < N_EVAL_SAMPLES:
-            per_set[entry["set_name"]] += 1
-            entry["answers"] = sorted(entry["answers"].items(), key=lambda kv: (
-                ROLE_ORDER.index(kv[0]) if kv[0] in ROLE_ORDER else 99, kv[0]))
-            samples.append(entry)
-    return samples
+def _first_per(rows: list[dict], key: str, n: int) -> list[dict]:
+    """The first n rows of each value of row[key], in the rows' order (stored order: no
+    hand-picked selection)."""
+    seen: Counter = Counter()
+    out = []
+    for row in rows:
+        seen[row[key]] += 1
+        if seen[row[key]] <= n:
+            out.append(row)
+    return out
 
 
 def _missing(context: dict, run: str) -> list[dict]:
