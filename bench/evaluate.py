@@ -42,10 +42,20 @@ def run_stage(folder: Path, args: argparse.Namespace, batch_size: int, judge: bo
     items = [json.loads(line) for line in ev.BUILTIN_SET.read_text().splitlines()][: args.items]
     eval_file = folder / "bench-set.jsonl"
     eval_file.write_text("".join(json.dumps(row) + "\n" for row in items))
-    config = Config(run_dir=folder / "run", seed=args.seed, evaluation={
-        "builtin_set": False, "sets": [eval_file], "max_new_tokens": args.max_new_tokens,
-        "include_teacher": judge, "pairs": ["tuned:base", "tuned:teacher"] if judge else [],
-        "judge_retries": 1, "judge_max_tokens": 160, "bootstrap": 200})
+    config = Config(
+        run_dir=folder / "run",
+        seed=args.seed,
+        evaluation={
+            "builtin_set": False,
+            "sets": [eval_file],
+            "max_new_tokens": args.max_new_tokens,
+            "include_teacher": judge,
+            "pairs": ["tuned:base", "tuned:teacher"] if judge else [],
+            "judge_retries": 1,
+            "judge_max_tokens": 160,
+            "bootstrap": 200,
+        },
+    )
     store = Store(config.run_dir)
     marks: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
@@ -58,8 +68,9 @@ def run_stage(folder: Path, args: argparse.Namespace, batch_size: int, judge: bo
         counts[part] = total
 
     ev.BATCH_SIZE = batch_size
-    summary = ev.evaluate(store, config, config.run_dir, tuned_model=embedded_student_hf(),
-                          progress=progress)
+    summary = ev.evaluate(
+        store, config, config.run_dir, tuned_model=embedded_student_hf(), progress=progress
+    )
     wall = time.perf_counter() - start
     # A part runs from the end of the part before it (or the start) to its last tick.
     ends = sorted((ticks[-1], part) for part, ticks in marks.items())
@@ -67,13 +78,20 @@ def run_stage(folder: Path, args: argparse.Namespace, batch_size: int, judge: bo
     for end, part in ends:
         seconds[part], before = end - before, end
     students = counts.get("base", 0)  # the students' ticks count base and tuned together
-    out = {"wall_s": wall, "students_items": students,
-           "students_s": seconds.get("base", 0) + seconds.get("tuned", 0)}
+    out = {
+        "wall_s": wall,
+        "students_items": students,
+        "students_s": seconds.get("base", 0) + seconds.get("tuned", 0),
+    }
     if judge:
-        out |= {"teacher_items": counts.get("teacher", 0), "teacher_s": seconds.get("teacher"),
-                "judge_items": counts.get("judge", 0), "judge_s": seconds.get("judge"),
-                "judge_failed": sum(j["status"] == "failed" for j in store.judgements()),
-                "summary": summary}
+        out |= {
+            "teacher_items": counts.get("teacher", 0),
+            "teacher_s": seconds.get("teacher"),
+            "judge_items": counts.get("judge", 0),
+            "judge_s": seconds.get("judge"),
+            "judge_failed": sum(j["status"] == "failed" for j in store.judgements()),
+            "summary": summary,
+        }
     store.close()
     return out
 
@@ -87,8 +105,11 @@ def main() -> None:
     args = parser.parse_args()
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
-    console.print(f"{args.items} items, {args.max_new_tokens} new tokens at most; load average "
-                  f"{load} at the start", highlight=False)
+    console.print(
+        f"{args.items} items, {args.max_new_tokens} new tokens at most; load average "
+        f"{load} at the start",
+        highlight=False,
+    )
 
     with tempfile.TemporaryDirectory(prefix="tutelage-bench-eval-") as tmp:
         batched = run_stage(Path(tmp) / "batched", args, ev.BATCH_SIZE, judge=True)
@@ -98,10 +119,16 @@ def main() -> None:
     for col in ("part", "items", "seconds", "items/s"):
         table.add_column(col, justify="left" if col == "part" else "right")
     rows = [
-        ("students answer, batches of 8 (base + tuned)", batched["students_items"],
-         batched["students_s"]),
-        ("students answer, one at a time (baseline)", single["students_items"],
-         single["students_s"]),
+        (
+            "students answer, batches of 8 (base + tuned)",
+            batched["students_items"],
+            batched["students_s"],
+        ),
+        (
+            "students answer, one at a time (baseline)",
+            single["students_items"],
+            single["students_s"],
+        ),
         ("teacher answers (llama.cpp, ledger)", batched["teacher_items"], batched["teacher_s"]),
         ("judge: pairs judged, both orders each", batched["judge_items"], batched["judge_s"]),
     ]
@@ -109,17 +136,23 @@ def main() -> None:
         table.add_row(part, str(n), f"{s:.1f}", f"{n / s:.2f}")
     console.print(table)
     ratio = (batched["students_items"] / batched["students_s"]) / (
-        single["students_items"] / single["students_s"])
-    console.print(f"batched / one at a time: [bold]{ratio:.2f}x[/]; whole stage with teacher and "
-                  f"judge: {batched['wall_s']:.0f} s; judgements failed (unparseable after a "
-                  f"retry): {batched['judge_failed']} of {batched['judge_items']}",
-                  highlight=False)
+        single["students_items"] / single["students_s"]
+    )
+    console.print(
+        f"batched / one at a time: [bold]{ratio:.2f}x[/]; whole stage with teacher and "
+        f"judge: {batched['wall_s']:.0f} s; judgements failed (unparseable after a "
+        f"retry): {batched['judge_failed']} of {batched['judge_items']}",
+        highlight=False,
+    )
     metrics = batched["summary"]["sets"]["bench-set"]["metrics"]
     for name in ("win_rate", "lc_win_rate"):
         for pair, v in metrics.get(name, {}).items():
             if v.get("mean") is not None:
-                console.print(f"{name} {pair}: {v['mean']:.2f} [{v['ci_low']:.2f}, "
-                              f"{v['ci_high']:.2f}] over {v['n']} items", highlight=False)
+                console.print(
+                    f"{name} {pair}: {v['mean']:.2f} [{v['ci_low']:.2f}, "
+                    f"{v['ci_high']:.2f}] over {v['n']} items",
+                    highlight=False,
+                )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ WHOLE_GOAL_S = 3.0
 WHOLE_KEPT = 11457  # the data README
 
 
-def published_loop(instructions: list[str], threshold: float = THRESHOLD,
-                   processes: int = 0) -> list[bool]:
+def published_loop(
+    instructions: list[str], threshold: float = THRESHOLD, processes: int = 0
+) -> list[bool]:
     """Alpaca's filter: every new instruction against every kept one. processes > 0 maps the
     scoring over a multiprocessing Pool(processes) made for each new instruction, as the script
     does; 0 scores in this process."""
@@ -122,7 +123,7 @@ def spread(times: list[float]) -> str:
 
 
 def bench_published(rows: list[str], args: argparse.Namespace) -> None:
-    sample = rows[:args.published_rows]
+    sample = rows[: args.published_rows]
     how = f"a Pool({args.published_pool}) per row" if args.published_pool else "one process"
     console.print(f"published loop on the first {len(sample):,} rows ({how}) ...")
     start = time.perf_counter()
@@ -134,17 +135,26 @@ def bench_published(rows: list[str], args: argparse.Namespace) -> None:
         times.append(seconds)
     ours_s = statistics.median(times)
     same = [d.kept for d in decisions] == reference
-    table = Table(title=f"First {len(sample):,} rows: the published loop and ours, threshold 0.7",
-                  box=BOX)
+    table = Table(
+        title=f"First {len(sample):,} rows: the published loop and ours, threshold 0.7", box=BOX
+    )
     for col in ("filter", "time", "kept", "speed-up", "same kept set"):
         table.add_column(col, justify="left" if col == "filter" else "right")
-    table.add_row(f"published (Alpaca: rouge_score, pre-tokenized pool, {how})",
-                  f"{published_s:.1f} s",
-                  f"{sum(reference):,}", "1x", "")
+    table.add_row(
+        f"published (Alpaca: rouge_score, pre-tokenized pool, {how})",
+        f"{published_s:.1f} s",
+        f"{sum(reference):,}",
+        "1x",
+        "",
+    )
     ratio = published_s / ours_s
-    table.add_row(f"ours (RougeNoveltyIndex, 1 process, median of {len(times)})",
-                  f"{ours_s * 1000:.1f} ms", f"{sum(d.kept for d in decisions):,}",
-                  f"{ratio:,.0f}x", "yes" if same else "NO")
+    table.add_row(
+        f"ours (RougeNoveltyIndex, 1 process, median of {len(times)})",
+        f"{ours_s * 1000:.1f} ms",
+        f"{sum(d.kept for d in decisions):,}",
+        f"{ratio:,.0f}x",
+        "yes" if same else "NO",
+    )
     console.print(table)
     verdict = "met" if ratio >= RATIO_GOAL else "NOT met"
     console.print(f"goal: at least {RATIO_GOAL:,}x -> {verdict}")
@@ -166,27 +176,45 @@ def bench_whole(rows: list[str], args: argparse.Namespace) -> None:
     for workers in args.workers:
         kept = sum(d.kept for d in results[workers])
         same = records(results[workers]) == first
-        table.add_row("RougeNoveltyIndex.add_many", str(workers), str(len(times[workers])),
-                      f"{statistics.median(times[workers]):.2f} s", spread(times[workers]),
-                      f"{kept:,}", "yes" if same else "NO")
+        table.add_row(
+            "RougeNoveltyIndex.add_many",
+            str(workers),
+            str(len(times[workers])),
+            f"{statistics.median(times[workers]):.2f} s",
+            spread(times[workers]),
+            f"{kept:,}",
+            "yes" if same else "NO",
+        )
         assert same and (kept == WHOLE_KEPT or args.data != DATA)
     one_s = statistics.median(times[1]) if 1 in times else None
     with tempfile.TemporaryDirectory() as tmp:
         for workers in args.workers:
-            summary = dedup_file(args.data, Path(tmp) / "out.jsonl",
-                                 rejected_path=Path(tmp) / "rejected.jsonl", workers=workers)
-            table.add_row("tutelage dedup (read, filter, write kept + rejected)", str(workers),
-                          "1", f"{summary.seconds:.2f} s", "", f"{summary.kept:,}", "")
+            summary = dedup_file(
+                args.data,
+                Path(tmp) / "out.jsonl",
+                rejected_path=Path(tmp) / "rejected.jsonl",
+                workers=workers,
+            )
+            table.add_row(
+                "tutelage dedup (read, filter, write kept + rejected)",
+                str(workers),
+                "1",
+                f"{summary.seconds:.2f} s",
+                "",
+                f"{summary.kept:,}",
+                "",
+            )
     console.print(table)
     if one_s is not None:
-        console.print(f"goal: all rows under {WHOLE_GOAL_S:.0f} s on one core -> "
-                      f"{'met' if one_s < WHOLE_GOAL_S else 'NOT met'} ({one_s:.2f} s)")
+        console.print(
+            f"goal: all rows under {WHOLE_GOAL_S:.0f} s on one core -> "
+            f"{'met' if one_s < WHOLE_GOAL_S else 'NOT met'} ({one_s:.2f} s)"
+        )
 
 
 def bench_perturbed(rows: list[str], args: argparse.Namespace) -> None:
     texts = perturbed(rows, args.perturbed_rows, args.seed)
-    table = Table(title=f"{len(texts):,} perturbed rows (seed {args.seed}), threshold 0.7",
-                  box=BOX)
+    table = Table(title=f"{len(texts):,} perturbed rows (seed {args.seed}), threshold 0.7", box=BOX)
     for col in ("workers", "time", "rows/s", "kept", "same records as 1"):
         table.add_column(col, justify="right")
     first = None
@@ -194,8 +222,13 @@ def bench_perturbed(rows: list[str], args: argparse.Namespace) -> None:
         seconds, decisions = ours(texts, workers)
         first = first or records(decisions)
         same = records(decisions) == first
-        table.add_row(str(workers), f"{seconds:.2f} s", f"{len(texts) / seconds:,.0f}",
-                      f"{sum(d.kept for d in decisions):,}", "yes" if same else "NO")
+        table.add_row(
+            str(workers),
+            f"{seconds:.2f} s",
+            f"{len(texts) / seconds:,.0f}",
+            f"{sum(d.kept for d in decisions):,}",
+            "yes" if same else "NO",
+        )
         assert same
     console.print(table)
     # growth: the same rows fed 10,000 at a time to one index (the incremental API)
@@ -207,22 +240,35 @@ def bench_perturbed(rows: list[str], args: argparse.Namespace) -> None:
     for at in range(0, len(texts), step):
         before = len(index)
         start = time.perf_counter()
-        decisions = index.add_many(texts[at:at + step])
+        decisions = index.add_many(texts[at : at + step])
         seconds = time.perf_counter() - start
-        growth.add_row(f"{at + 1:,}-{at + len(decisions):,}", f"{before:,}", f"{seconds:.2f} s",
-                       f"{seconds / len(decisions) * 1e6:.0f}",
-                       f"{sum(d.kept for d in decisions):,}")
+        growth.add_row(
+            f"{at + 1:,}-{at + len(decisions):,}",
+            f"{before:,}",
+            f"{seconds:.2f} s",
+            f"{seconds / len(decisions) * 1e6:.0f}",
+            f"{sum(d.kept for d in decisions):,}",
+        )
     console.print(growth)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--published-rows", type=int, default=1000,
-                        help="rows for the published loop (about 74 s for 1,000; 0 skips it)")
-    parser.add_argument("--published-pool", type=int, default=0,
-                        help="run the published loop with a Pool(N) per row, as the script does")
+    parser.add_argument(
+        "--published-rows",
+        type=int,
+        default=1000,
+        help="rows for the published loop (about 74 s for 1,000; 0 skips it)",
+    )
+    parser.add_argument(
+        "--published-pool",
+        type=int,
+        default=0,
+        help="run the published loop with a Pool(N) per row, as the script does",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of ours, median reported")
     parser.add_argument("--workers", default="1,2", help="worker counts to run")
     parser.add_argument("--perturbed-rows", type=int, default=100_000, help="0 skips it")
@@ -246,21 +292,31 @@ def main(argv: list[str] | None = None) -> None:
     if not args.data.exists():
         console.print(f"bench/filter.py: {args.data} is absent; nothing to do")
         return
-    rows = [json.loads(line)["instruction"] for line in args.data.read_text().splitlines()
-            if line.strip()]
+    rows = [
+        json.loads(line)["instruction"]
+        for line in args.data.read_text().splitlines()
+        if line.strip()
+    ]
     start = time.perf_counter()
     load = os.getloadavg()
-    console.print(f"bench/filter.py: {len(rows):,} rows from {args.data.name}; load average "
-                  f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start, {os.cpu_count()} CPUs")
-    sections = ([bench_published] if args.published_rows else []) + [bench_whole] + \
-        ([bench_perturbed] if args.perturbed_rows else [])
+    console.print(
+        f"bench/filter.py: {len(rows):,} rows from {args.data.name}; load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start, {os.cpu_count()} CPUs"
+    )
+    sections = (
+        ([bench_published] if args.published_rows else [])
+        + [bench_whole]
+        + ([bench_perturbed] if args.perturbed_rows else [])
+    )
     for section in sections:
         section(rows, args)
         load = os.getloadavg()
         console.print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     load = os.getloadavg()
-    console.print(f"done in {time.perf_counter() - start:.0f} s; load average {load[0]:.2f} "
-                  f"{load[1]:.2f} {load[2]:.2f} at the end")
+    console.print(
+        f"done in {time.perf_counter() - start:.0f} s; load average {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f} at the end"
+    )
 
 
 if __name__ == "__main__":

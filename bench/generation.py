@@ -40,31 +40,49 @@ BOX = box.HEAVY_HEAD  # box.MARKDOWN with --markdown
 
 
 def run_recipe(recipe: str, args: argparse.Namespace, folder: Path) -> dict:
-    max_requests = (args.max_requests_alpaca if recipe == "alpaca"
-                    else args.max_requests_self_instruct)
-    config = load_config(None, {
-        "seed": args.seed, "generation.recipe": recipe, "generation.target": args.target,
-        "generation.max_requests": max_requests, "generation.stall_requests": max_requests,
-        "teacher.threads": args.threads, "teacher.sampling.max_tokens": args.max_tokens})
+    max_requests = (
+        args.max_requests_alpaca if recipe == "alpaca" else args.max_requests_self_instruct
+    )
+    config = load_config(
+        None,
+        {
+            "seed": args.seed,
+            "generation.recipe": recipe,
+            "generation.target": args.target,
+            "generation.max_requests": max_requests,
+            "generation.stall_requests": max_requests,
+            "teacher.threads": args.threads,
+            "teacher.sampling.max_tokens": args.max_tokens,
+        },
+    )
     config.run_dir = folder / recipe
     store = open_run(config)
     teacher = make_teacher(config.teacher)
     start = time.perf_counter()
 
     def progress(kept: int, target: int, info: dict) -> None:
-        console.print(f"  {recipe}: {kept}/{target} kept after {info['requests']} requests, "
-                      f"{time.perf_counter() - start:.0f} s", highlight=False)
+        console.print(
+            f"  {recipe}: {kept}/{target} kept after {info['requests']} requests, "
+            f"{time.perf_counter() - start:.0f} s",
+            highlight=False,
+        )
 
     result = generate(store, config, teacher, progress)
     wall = time.perf_counter() - start
     by_step = {r["purpose"]: r["requests"] for r in store.request_totals_by_purpose()}
     totals = store.request_totals()
     row = {
-        "recipe": recipe, "stop": result.stop_reason, "wall_s": wall, "main": result.requests,
-        "by_step": by_step, "requests": sum(by_step.values()),
+        "recipe": recipe,
+        "stop": result.stop_reason,
+        "wall_s": wall,
+        "main": result.requests,
+        "by_step": by_step,
+        "requests": sum(by_step.values()),
         "tokens": totals["tokens_in"] + totals["tokens_out"],
-        "tokens_in": totals["tokens_in"], "tokens_out": totals["tokens_out"],
-        "kept": result.kept, "instances": len(store.examples()),
+        "tokens_in": totals["tokens_in"],
+        "tokens_out": totals["tokens_out"],
+        "kept": result.kept,
+        "instances": len(store.examples()),
         "funnel": store.funnel(),
         "instance_funnel": store.instance_funnel() if recipe == "self-instruct" else None,
     }
@@ -73,26 +91,47 @@ def run_recipe(recipe: str, args: argparse.Namespace, folder: Path) -> dict:
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
-    table = Table(title=f"Generation on the embedded teacher, target {args.target} kept "
-                        "instructions", box=BOX)
-    for col in ("recipe", "stop", "wall s", "main requests", "teacher requests (by step)",
-                "tokens in / out", "kept instr.", "kept instances", "kept / main req.",
-                "kept / teacher req.", "kept / 1k tokens", "kept / min"):
+    table = Table(
+        title=f"Generation on the embedded teacher, target {args.target} kept instructions", box=BOX
+    )
+    for col in (
+        "recipe",
+        "stop",
+        "wall s",
+        "main requests",
+        "teacher requests (by step)",
+        "tokens in / out",
+        "kept instr.",
+        "kept instances",
+        "kept / main req.",
+        "kept / teacher req.",
+        "kept / 1k tokens",
+        "kept / min",
+    ):
         table.add_column(col, justify="left" if col in ("recipe", "stop") else "right")
     for r in rows:
         steps = ", ".join(f"{k} {v}" for k, v in sorted(r["by_step"].items()))
         table.add_row(
-            r["recipe"], r["stop"], f"{r['wall_s']:.0f}", str(r["main"]),
-            f"{r['requests']} ({steps})", f"{r['tokens_in']:,} / {r['tokens_out']:,}",
-            str(r["kept"]), str(r["instances"]), f"{r['kept'] / max(r['main'], 1):.2f}",
+            r["recipe"],
+            r["stop"],
+            f"{r['wall_s']:.0f}",
+            str(r["main"]),
+            f"{r['requests']} ({steps})",
+            f"{r['tokens_in']:,} / {r['tokens_out']:,}",
+            str(r["kept"]),
+            str(r["instances"]),
+            f"{r['kept'] / max(r['main'], 1):.2f}",
             f"{r['kept'] / max(r['requests'], 1):.2f}",
-            f"{1000 * r['kept'] / max(r['tokens'], 1):.2f}", f"{60 * r['kept'] / r['wall_s']:.2f}")
+            f"{1000 * r['kept'] / max(r['tokens'], 1):.2f}",
+            f"{60 * r['kept'] / r['wall_s']:.2f}",
+        )
     console.print(table)
     for r in rows:
         console.print(f"{r['recipe']} instructions: {funnel_line(r['funnel'])}", highlight=False)
         if r["instance_funnel"]:
-            console.print(f"{r['recipe']} instances: {funnel_line(r['instance_funnel'])}",
-                          highlight=False)
+            console.print(
+                f"{r['recipe']} instances: {funnel_line(r['instance_funnel'])}", highlight=False
+            )
 
 
 def funnel_line(funnel: dict) -> str:
@@ -102,8 +141,9 @@ def funnel_line(funnel: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", type=int, default=10, help="kept instructions to stop at")
     parser.add_argument("--max-requests-alpaca", type=int, default=40)
     parser.add_argument("--max-requests-self-instruct", type=int, default=12)

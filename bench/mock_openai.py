@@ -41,16 +41,22 @@ class Stats:
 
     def snapshot(self) -> dict:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return {"served": self.served, "max_in_flight": self.max_in_flight,
-                "cpu_s": usage.ru_utime + usage.ru_stime}
+        return {
+            "served": self.served,
+            "max_in_flight": self.max_in_flight,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+        }
 
 
 def answer(path: str, body: dict) -> dict:
     """An OpenAI-shaped answer: echoes the prompt, one token per word."""
     if path.endswith("/chat/completions"):
         prompt = body["messages"][-1]["content"]
-        choice = {"index": 0, "message": {"role": "assistant", "content": f"echo: {prompt}"},
-                  "finish_reason": "stop"}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": f"echo: {prompt}"},
+            "finish_reason": "stop",
+        }
         kind = "chat.completion"
     else:
         prompt = body["prompt"]
@@ -58,12 +64,24 @@ def answer(path: str, body: dict) -> dict:
         kind = "text_completion"
     usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(prompt.split()) + 1}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {"id": "cmpl-mock", "object": kind, "created": int(time.time()),
-            "model": body.get("model"), "choices": [choice], "usage": usage}
+    return {
+        "id": "cmpl-mock",
+        "object": kind,
+        "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
-async def serve(slots: asyncio.Semaphore, stats: Stats, latency: float, path: str,
-                body: bytes, jitter: float = 0.0) -> tuple[int, dict]:
+async def serve(
+    slots: asyncio.Semaphore,
+    stats: Stats,
+    latency: float,
+    path: str,
+    body: bytes,
+    jitter: float = 0.0,
+) -> tuple[int, dict]:
     """One request for the uvicorn app (the raw server does the same with callbacks)."""
     if path == "/stats":
         return 200, stats.snapshot()
@@ -78,8 +96,9 @@ async def serve(slots: asyncio.Semaphore, stats: Stats, latency: float, path: st
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
             # jitter j: uniform in latency x [1 - j, 1 + j], the same mean (so the same capacity)
-            await asyncio.sleep(latency * random.uniform(1 - jitter, 1 + jitter) if jitter
-                                else latency)
+            await asyncio.sleep(
+                latency * random.uniform(1 - jitter, 1 + jitter) if jitter else latency
+            )
         finally:
             stats.in_flight -= 1
     stats.served += 1
@@ -97,9 +116,11 @@ REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found"}
 
 def reply(status: int, payload: dict, close: bool) -> bytes:
     blob = json.dumps(payload).encode()
-    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(blob)}\r\n"
-            f"connection: {'close' if close else 'keep-alive'}\r\n\r\n").encode() + blob
+    return (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(blob)}\r\n"
+        f"connection: {'close' if close else 'keep-alive'}\r\n\r\n"
+    ).encode() + blob
 
 
 class Slots:
@@ -120,8 +141,11 @@ class Slots:
     def _start(self, done: Callable[[], None]) -> None:
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
-        delay = (self.latency * random.uniform(1 - self.jitter, 1 + self.jitter) if self.jitter
-                 else self.latency)
+        delay = (
+            self.latency * random.uniform(1 - self.jitter, 1 + self.jitter)
+            if self.jitter
+            else self.latency
+        )
         self.loop.call_later(delay, self._finish, done)
 
     def _finish(self, done: Callable[[], None]) -> None:
@@ -168,8 +192,8 @@ class RawProtocol(asyncio.Protocol):
                     close = True
             if len(self.buffer) < end + 4 + length:
                 return
-            body = self.buffer[end + 4:end + 4 + length]
-            self.buffer = self.buffer[end + 4 + length:]
+            body = self.buffer[end + 4 : end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length :]
             path = head[0].split(" ", 2)[1]
             entry: list = [None, close]
             self.pending.append(entry)
@@ -202,8 +226,7 @@ async def run_raw(sock: socket.socket, latency: float, n_slots: int, jitter: flo
     stats = Stats()
     slots = Slots(n_slots, latency, jitter, stats)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: RawProtocol(slots, stats), sock=sock,
-                                      backlog=4096)
+    server = await loop.create_server(lambda: RawProtocol(slots, stats), sock=sock, backlog=4096)
     async with server:
         await server.serve_forever()
 
@@ -222,17 +245,27 @@ def run_uvicorn(sock: socket.socket, latency: float, n_slots: int, jitter: float
         if "slots" not in state:  # made inside uvicorn's event loop
             state["slots"], state["stats"] = asyncio.Semaphore(n_slots), Stats()
         body = await request.body() if request.method == "POST" else b""
-        status, payload = await serve(state["slots"], state["stats"], latency,
-                                      request.url.path, body, jitter)
+        status, payload = await serve(
+            state["slots"], state["stats"], latency, request.url.path, body, jitter
+        )
         return JSONResponse(payload, status_code=status)
 
-    app = Starlette(routes=[
-        Route("/v1/chat/completions", endpoint, methods=["POST"]),
-        Route("/v1/completions", endpoint, methods=["POST"]),
-        Route("/stats", endpoint, methods=["GET"]),
-    ])
-    config = uvicorn.Config(app, log_level="warning", access_log=False, loop="asyncio",
-                            http="h11", lifespan="off", backlog=4096)
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", endpoint, methods=["POST"]),
+            Route("/v1/completions", endpoint, methods=["POST"]),
+            Route("/stats", endpoint, methods=["GET"]),
+        ]
+    )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        loop="asyncio",
+        http="h11",
+        lifespan="off",
+        backlog=4096,
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -240,17 +273,30 @@ def run_uvicorn(sock: socket.socket, latency: float, n_slots: int, jitter: float
 class MockServer:
     """The mock in a child process: `with MockServer(0.2, 256) as m: ... m.url ... m.stats()`."""
 
-    def __init__(self, latency: float = 0.2, slots: int = 256, impl: str = "raw",
-                 jitter: float = 0.0):
+    def __init__(
+        self, latency: float = 0.2, slots: int = 256, impl: str = "raw", jitter: float = 0.0
+    ):
         self.latency, self.slots, self.impl, self.jitter = latency, slots, impl, jitter
         self.capacity = slots / latency  # requests per second
 
     def __enter__(self) -> MockServer:
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve",
-             "--latency", str(self.latency),
-             "--slots", str(self.slots), "--impl", self.impl, "--jitter", str(self.jitter)],
-            stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--serve",
+                "--latency",
+                str(self.latency),
+                "--slots",
+                str(self.slots),
+                "--impl",
+                self.impl,
+                "--jitter",
+                str(self.jitter),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline().split()  # type: ignore[union-attr]
         if len(line) != 2 or line[0] != "PORT":
             self.proc.kill()
@@ -281,9 +327,13 @@ async def load(port: int, concurrency: int, n: int) -> float:
     """A bare keep-alive client (asyncio streams, no parsing beyond Content-Length): sends `n`
     completions over `concurrency` connections and returns the wall seconds they took."""
     body = json.dumps({"model": "m", "prompt": "task", "max_tokens": 16}).encode()
-    request = (b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-               b"content-type: application/json\r\ncontent-length: "
-               + str(len(body)).encode() + b"\r\n\r\n" + body)
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
     counts = [n // concurrency + (i < n % concurrency) for i in range(concurrency)]
 
     async def worker(k: int) -> None:
@@ -308,12 +358,18 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2, help="seconds per request")
     parser.add_argument("--slots", type=int, default=256, help="requests served at once")
     parser.add_argument("--impl", choices=["raw", "uvicorn"], default="raw")
-    parser.add_argument("--jitter", type=float, default=0.0,
-                        help="each latency uniform in latency x [1 - jitter, 1 + jitter]")
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="each latency uniform in latency x [1 - jitter, 1 + jitter]",
+    )
     args = parser.parse_args()
     if not args.serve:
-        print("bench/mock_openai.py: the mock OpenAI server used by bench/teachers.py "
-              "(not a benchmark itself; --serve runs it, --help says how)")
+        print(
+            "bench/mock_openai.py: the mock OpenAI server used by bench/teachers.py "
+            "(not a benchmark itself; --serve runs it, --help says how)"
+        )
         return
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

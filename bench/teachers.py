@@ -45,10 +45,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mock_openai import MockServer, load  # noqa: E402
+from mock_openai import MockServer, load
 
-from tutelage.store import Store  # noqa: E402
-from tutelage.teachers import Ledger, Request  # noqa: E402
+from tutelage.store import Store
+from tutelage.teachers import Ledger, Request
 
 # Wide enough for the tables when the output goes to a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -88,12 +88,17 @@ def make_openai_teacher(url: str, concurrency: int):
 
 
 def chat_requests(n: int, tag: str) -> list[Request]:
-    return [Request.make(messages=[{"role": "user", "content": f"task {i} ({tag})"}],
-                         sampling={"max_tokens": 16}) for i in range(n)]
+    return [
+        Request.make(
+            messages=[{"role": "user", "content": f"task {i} ({tag})"}], sampling={"max_tokens": 16}
+        )
+        for i in range(n)
+    ]
 
 
-async def http_pass(make_teacher: Callable, url: str, c: int, n: int, mode: str, tag: str,
-                    folder: Path) -> tuple[float, float]:
+async def http_pass(
+    make_teacher: Callable, url: str, c: int, n: int, mode: str, tag: str, folder: Path
+) -> tuple[float, float]:
     """One pass at concurrency c: (wall seconds, client CPU seconds)."""
     teacher = make_teacher(url, c)
     requests = chat_requests(n, tag)
@@ -122,10 +127,21 @@ def bench_mock(args: argparse.Namespace) -> None:
     """The mock alone, driven by a bare asyncio client: the ceiling the mock itself allows."""
     c = max(args.levels)
     n = args.requests or max(20, args.rounds * c)
-    table = Table(title=f"Mock server alone (bare asyncio keep-alive client, "
-                        f"{args.latency * 1000:.0f} ms latency, {args.slots} slots)", box=BOX)
-    for col in ("server", "concurrency", "requests", "req/s", "ideal req/s", "fraction",
-                "load client CPU s/1k", "server CPU s/1k"):
+    table = Table(
+        title=f"Mock server alone (bare asyncio keep-alive client, "
+        f"{args.latency * 1000:.0f} ms latency, {args.slots} slots)",
+        box=BOX,
+    )
+    for col in (
+        "server",
+        "concurrency",
+        "requests",
+        "req/s",
+        "ideal req/s",
+        "fraction",
+        "load client CPU s/1k",
+        "server CPU s/1k",
+    ):
         table.add_column(col, justify="left" if col == "server" else "right")
     impls = [args.server] if args.quick else ["raw", "uvicorn"]
     for impl in impls:
@@ -135,24 +151,47 @@ def bench_mock(args: argparse.Namespace) -> None:
             wall = asyncio.run(load(mock.port, c, n))
             cpu, after = cpu_s() - cpu0, mock.stats()
         ideal = min(c, args.slots) / args.latency
-        table.add_row(impl + (" (used)" if impl == args.server else ""), str(c), str(n),
-                      f"{n / wall:.0f}", f"{ideal:.0f}", f"{n / wall / ideal:.3f}",
-                      f"{1000 * cpu / n:.3f}",
-                      f"{1000 * (after['cpu_s'] - before['cpu_s']) / n:.3f}")
+        table.add_row(
+            impl + (" (used)" if impl == args.server else ""),
+            str(c),
+            str(n),
+            f"{n / wall:.0f}",
+            f"{ideal:.0f}",
+            f"{n / wall / ideal:.3f}",
+            f"{1000 * cpu / n:.3f}",
+            f"{1000 * (after['cpu_s'] - before['cpu_s']) / n:.3f}",
+        )
     console.print(table)
 
 
-def bench_http(args: argparse.Namespace, make_teacher: Callable = make_openai_teacher,
-               title: str = "OpenAITeacher") -> list[dict]:
+def bench_http(
+    args: argparse.Namespace,
+    make_teacher: Callable = make_openai_teacher,
+    title: str = "OpenAITeacher",
+) -> list[dict]:
     rows = []
-    table = Table(title=f"{title} vs the mock ({args.latency * 1000:.0f} ms latency, {args.slots} "
-                        f"slots = {args.slots / args.latency:.0f} req/s capacity, {args.server})",
-                  box=BOX)
-    for col in ("concurrency", "path", "requests", "wall s", "req/s", "ideal req/s", "fraction",
-                f">= {HTTP_GOAL}", "client CPU s/1k", "server CPU s/1k"):
+    table = Table(
+        title=f"{title} vs the mock ({args.latency * 1000:.0f} ms latency, {args.slots} "
+        f"slots = {args.slots / args.latency:.0f} req/s capacity, {args.server})",
+        box=BOX,
+    )
+    for col in (
+        "concurrency",
+        "path",
+        "requests",
+        "wall s",
+        "req/s",
+        "ideal req/s",
+        "fraction",
+        f">= {HTTP_GOAL}",
+        "client CPU s/1k",
+        "server CPU s/1k",
+    ):
         table.add_column(col, justify="right")
-    with MockServer(args.latency, args.slots, args.server, args.jitter) as mock, \
-            tempfile.TemporaryDirectory(prefix="tutelage-bench-") as tmp:
+    with (
+        MockServer(args.latency, args.slots, args.server, args.jitter) as mock,
+        tempfile.TemporaryDirectory(prefix="tutelage-bench-") as tmp,
+    ):
         # Warm up: lazy imports (anyio backends, sqlite) and the first connection, not measured.
         for mode in ("bare", "ledger"):
             asyncio.run(http_pass(make_teacher, mock.url, 4, 8, mode, f"warm-{mode}", Path(tmp)))
@@ -162,15 +201,33 @@ def bench_http(args: argparse.Namespace, make_teacher: Callable = make_openai_te
             for mode in ("bare", "ledger"):
                 before = mock.stats()
                 wall, cpu = asyncio.run(
-                    http_pass(make_teacher, mock.url, c, n, mode, f"{mode}-{c}", Path(tmp)))
+                    http_pass(make_teacher, mock.url, c, n, mode, f"{mode}-{c}", Path(tmp))
+                )
                 server_cpu = mock.stats()["cpu_s"] - before["cpu_s"]
                 fraction = n / wall / ideal
-                rows.append({"c": c, "mode": mode, "n": n, "wall": wall, "rate": n / wall,
-                             "fraction": fraction, "cpu_per_1k": 1000 * cpu / n})
-                table.add_row(str(c), "bare teacher" if mode == "bare" else "through Ledger",
-                              str(n), f"{wall:.2f}", f"{n / wall:.0f}", f"{ideal:.0f}",
-                              f"{fraction:.3f}", mark(fraction >= HTTP_GOAL),
-                              f"{1000 * cpu / n:.2f}", f"{1000 * server_cpu / n:.3f}")
+                rows.append(
+                    {
+                        "c": c,
+                        "mode": mode,
+                        "n": n,
+                        "wall": wall,
+                        "rate": n / wall,
+                        "fraction": fraction,
+                        "cpu_per_1k": 1000 * cpu / n,
+                    }
+                )
+                table.add_row(
+                    str(c),
+                    "bare teacher" if mode == "bare" else "through Ledger",
+                    str(n),
+                    f"{wall:.2f}",
+                    f"{n / wall:.0f}",
+                    f"{ideal:.0f}",
+                    f"{fraction:.3f}",
+                    mark(fraction >= HTTP_GOAL),
+                    f"{1000 * cpu / n:.2f}",
+                    f"{1000 * server_cpu / n:.3f}",
+                )
                 console.print(f"  c={c} {mode}: {n / wall:.0f} req/s", style="dim")
     console.print(table)
     return rows
@@ -182,8 +239,10 @@ def bench_http(args: argparse.Namespace, make_teacher: Callable = make_openai_te
 # the decode slows down for the whole process. So the direct baseline runs in a process of its own
 # (its main thread, as a plain script would), and each section of this benchmark in a fresh one.
 def greedy(prompts: list[str], max_tokens: int) -> list[Request]:
-    return [Request.make(prompt=p, sampling={"max_tokens": max_tokens, "temperature": 0.0})
-            for p in prompts]
+    return [
+        Request.make(prompt=p, sampling={"max_tokens": max_tokens, "temperature": 0.0})
+        for p in prompts
+    ]
 
 
 def llama_direct(llm, prompts: list[str], max_tokens: int) -> tuple[float, int, list[str]]:
@@ -192,8 +251,9 @@ def llama_direct(llm, prompts: list[str], max_tokens: int) -> tuple[float, int, 
     tokens, texts = 0, []
     for prompt in prompts:
         llm.reset()
-        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_p=1.0,
-                                    seed=0)
+        out = llm.create_completion(
+            prompt, max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=0
+        )
         tokens += out["usage"]["completion_tokens"]
         texts.append(out["choices"][0]["text"])
     return time.perf_counter() - start, tokens, texts
@@ -205,8 +265,14 @@ def direct_worker(threads: int) -> None:
 
     from tutelage.models import embedded_teacher_gguf
 
-    llm = llama_cpp.Llama(str(embedded_teacher_gguf()), n_ctx=2048, n_threads=threads,
-                          n_threads_batch=threads, seed=0, verbose=False)
+    llm = llama_cpp.Llama(
+        str(embedded_teacher_gguf()),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        seed=0,
+        verbose=False,
+    )
     print("ready", flush=True)
     for line in sys.stdin:
         job = json.loads(line)
@@ -222,9 +288,17 @@ class DirectLlama:
 
     def __enter__(self) -> DirectLlama:
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--direct-worker",
-             "--threads", str(self.threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--direct-worker",
+                "--threads",
+                str(self.threads),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if self.proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
             raise RuntimeError("the direct llama-cpp-python worker did not start")
         return self
@@ -250,9 +324,11 @@ def make_llamacpp_teacher(path: Path, threads: int):
     return LlamaCppTeacher(path, n_ctx=2048, threads=threads)
 
 
-def teacher_pass(teacher, requests: list[Request], folder: Path | None = None,
-                 concurrency: int = 8) -> tuple[float, int, list[str]]:
+def teacher_pass(
+    teacher, requests: list[Request], folder: Path | None = None, concurrency: int = 8
+) -> tuple[float, int, list[str]]:
     """`teacher.complete` over all requests, or through a fresh ledger when `folder` is given."""
+
     async def go():
         if folder is None:
             return await teacher.complete(requests)
@@ -271,12 +347,17 @@ def teacher_pass(teacher, requests: list[Request], folder: Path | None = None,
 
 def summarize(runs: list[tuple[float, int, list[str]]]) -> dict:
     rates = [tokens / wall for wall, tokens, _ in runs]
-    return {"tokens": runs[0][1], "rates": rates, "median": statistics.median(rates),
-            "texts": runs[0][2]}
+    return {
+        "tokens": runs[0][1],
+        "rates": rates,
+        "median": statistics.median(rates),
+        "texts": runs[0][2],
+    }
 
 
-def alternate(paths: dict[str, Callable], rounds: int, skip: Callable = lambda r, name: False
-              ) -> dict[str, list]:
+def alternate(
+    paths: dict[str, Callable], rounds: int, skip: Callable = lambda r, name: False
+) -> dict[str, list]:
     """Run every path once per round, in order, so drifts in the machine's load hit them all."""
     runs: dict[str, list] = {name: [] for name in paths}
     for r in range(rounds):
@@ -292,28 +373,42 @@ def alternate(paths: dict[str, Callable], rounds: int, skip: Callable = lambda r
 DIRECT = "llama-cpp-python direct"
 
 
-def bench_llamacpp(args: argparse.Namespace, make_teacher: Callable = make_llamacpp_teacher,
-                   title: str = "LlamaCppTeacher") -> dict:
+def bench_llamacpp(
+    args: argparse.Namespace,
+    make_teacher: Callable = make_llamacpp_teacher,
+    title: str = "LlamaCppTeacher",
+) -> dict:
     from tutelage.models import embedded_teacher_gguf
 
-    prompts = PROMPTS[:args.prompts]
+    prompts = PROMPTS[: args.prompts]
     requests = greedy(prompts, args.max_tokens)
     teacher = make_teacher(embedded_teacher_gguf(), 2)
-    with DirectLlama(2) as direct, \
-            tempfile.TemporaryDirectory(prefix="tutelage-bench-") as tmp:
+    with DirectLlama(2) as direct, tempfile.TemporaryDirectory(prefix="tutelage-bench-") as tmp:
         direct.run(prompts[:1], 8)  # warm up: page faults, the first thread pool
         teacher_pass(teacher, greedy(prompts[:1], 8))
-        runs = alternate({
-            DIRECT: lambda: direct.run(prompts, args.max_tokens),
-            title: lambda: teacher_pass(teacher, requests),
-            f"{title} via Ledger": lambda: teacher_pass(teacher, requests, Path(tmp)),
-        }, args.repeats)
-    table = Table(title=f"Embedded teacher on llama.cpp (2 threads): {len(prompts)} prompts x "
-                        f"{args.max_tokens} new tokens, greedy, {args.repeats} alternated rounds; "
-                        "ratio of medians",
-                  box=BOX)
-    for col in ("path", "tokens/round", "tokens/s median", "tokens/s min-max", "ratio vs direct",
-                f">= {LOCAL_GOAL}", "same text"):
+        runs = alternate(
+            {
+                DIRECT: lambda: direct.run(prompts, args.max_tokens),
+                title: lambda: teacher_pass(teacher, requests),
+                f"{title} via Ledger": lambda: teacher_pass(teacher, requests, Path(tmp)),
+            },
+            args.repeats,
+        )
+    table = Table(
+        title=f"Embedded teacher on llama.cpp (2 threads): {len(prompts)} prompts x "
+        f"{args.max_tokens} new tokens, greedy, {args.repeats} alternated rounds; "
+        "ratio of medians",
+        box=BOX,
+    )
+    for col in (
+        "path",
+        "tokens/round",
+        "tokens/s median",
+        "tokens/s min-max",
+        "ratio vs direct",
+        f">= {LOCAL_GOAL}",
+        "same text",
+    ):
         table.add_column(col, justify="left" if col == "path" else "right")
     summary = {}
     direct_median = summarize(runs[DIRECT])["median"]
@@ -324,11 +419,15 @@ def bench_llamacpp(args: argparse.Namespace, make_teacher: Callable = make_llama
         s["ratio"] = s["median"] / direct_median
         summary[name] = s
         baseline = name == DIRECT
-        table.add_row(name + (" (own process)" if baseline else ""), str(s["tokens"]),
-                      f"{s['median']:.1f}", f"{min(s['rates']):.1f}-{max(s['rates']):.1f}",
-                      "1 (baseline)" if baseline else f"{s['ratio']:.3f}",
-                      "" if baseline else mark(s["ratio"] >= LOCAL_GOAL),
-                      "" if baseline else "yes" if s["texts"] == runs[DIRECT][0][2] else "NO")
+        table.add_row(
+            name + (" (own process)" if baseline else ""),
+            str(s["tokens"]),
+            f"{s['median']:.1f}",
+            f"{min(s['rates']):.1f}-{max(s['rates']):.1f}",
+            "1 (baseline)" if baseline else f"{s['ratio']:.3f}",
+            "" if baseline else mark(s["ratio"] >= LOCAL_GOAL),
+            "" if baseline else "yes" if s["texts"] == runs[DIRECT][0][2] else "NO",
+        )
     console.print(table)
     return summary
 
@@ -341,66 +440,103 @@ def bench_transformers(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     batched = TransformersTeacher("embedded", max_batch=8, threads=2)
     unbatched = TransformersTeacher("embedded", max_batch=1, threads=2)
-    console.print(f"  transformers teachers loaded in {time.perf_counter() - t0:.1f} s",
-                  style="dim")
+    console.print(
+        f"  transformers teachers loaded in {time.perf_counter() - t0:.1f} s", style="dim"
+    )
     ub = "transformers unbatched (max_batch 1)"
-    with DirectLlama(2) as direct, \
-            tempfile.TemporaryDirectory(prefix="tutelage-bench-") as tmp:
+    with DirectLlama(2) as direct, tempfile.TemporaryDirectory(prefix="tutelage-bench-") as tmp:
         teacher_pass(batched, greedy(prompts, 2))  # warm up, at the batch's own shape
         direct.run(prompts[:1], 4)
-        runs = alternate({
-            "transformers batched (max_batch 8)": lambda: teacher_pass(batched, requests),
-            ub: lambda: teacher_pass(unbatched, requests),
-            "transformers batched via Ledger": lambda: teacher_pass(batched, requests, Path(tmp)),
-            DIRECT + " (own process)": lambda: direct.run(prompts, args.hf_tokens),
-        }, args.hf_repeats,
+        runs = alternate(
+            {
+                "transformers batched (max_batch 8)": lambda: teacher_pass(batched, requests),
+                ub: lambda: teacher_pass(unbatched, requests),
+                "transformers batched via Ledger": lambda: teacher_pass(
+                    batched, requests, Path(tmp)
+                ),
+                DIRECT + " (own process)": lambda: direct.run(prompts, args.hf_tokens),
+            },
+            args.hf_repeats,
             # the unbatched run is the slow one (about 30 s): once unless asked
-            skip=lambda r, name: r > 0 and name == ub and not args.hf_repeat_unbatched)
+            skip=lambda r, name: r > 0 and name == ub and not args.hf_repeat_unbatched,
+        )
     s = {name: summarize(name_runs) for name, name_runs in runs.items()}
     base = s[ub]["median"]
     llama = s[DIRECT + " (own process)"]["median"]
-    table = Table(title=f"Embedded teacher on transformers (fp32, 2 threads): 8 prompts x "
-                        f"{args.hf_tokens} new tokens, greedy, {args.hf_repeats} alternated "
-                        "rounds (unbatched once); ratios of medians", box=BOX)
-    for col in ("path", "runs", "tokens/run", "tokens/s median", "tokens/s min-max",
-                "vs unbatched", "vs llama.cpp direct", "same text as unbatched"):
+    table = Table(
+        title=f"Embedded teacher on transformers (fp32, 2 threads): 8 prompts x "
+        f"{args.hf_tokens} new tokens, greedy, {args.hf_repeats} alternated "
+        "rounds (unbatched once); ratios of medians",
+        box=BOX,
+    )
+    for col in (
+        "path",
+        "runs",
+        "tokens/run",
+        "tokens/s median",
+        "tokens/s min-max",
+        "vs unbatched",
+        "vs llama.cpp direct",
+        "same text as unbatched",
+    ):
         table.add_column(col, justify="left" if col == "path" else "right")
     for name, v in s.items():
-        table.add_row(name, str(len(v["rates"])), str(v["tokens"]), f"{v['median']:.1f}",
-                      f"{min(v['rates']):.1f}-{max(v['rates']):.1f}",
-                      f"{v['median'] / base:.2f}x", f"{v['median'] / llama:.2f}x",
-                      "" if name.startswith("llama") else
-                      "yes" if v["texts"] == s[ub]["texts"] else "NO")
+        table.add_row(
+            name,
+            str(len(v["rates"])),
+            str(v["tokens"]),
+            f"{v['median']:.1f}",
+            f"{min(v['rates']):.1f}-{max(v['rates']):.1f}",
+            f"{v['median'] / base:.2f}x",
+            f"{v['median'] / llama:.2f}x",
+            "" if name.startswith("llama") else "yes" if v["texts"] == s[ub]["texts"] else "NO",
+        )
     console.print(table)
     return s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: small everything")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-local", action="store_true", help="no llama.cpp, no transformers")
     parser.add_argument("--skip-hf", action="store_true", help="no transformers")
-    parser.add_argument("--only", choices=["http", "llama", "hf"], action="append",
-                        help="run only this section (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=["http", "llama", "hf"],
+        action="append",
+        help="run only this section (repeatable)",
+    )
     parser.add_argument("--markdown", action="store_true", help="tables in Markdown")
     parser.add_argument("--levels", default="1,16,64,256", help="HTTP concurrency levels")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="HTTP requests per level = max(20, rounds x concurrency)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="HTTP requests per level = max(20, rounds x concurrency)",
+    )
     parser.add_argument("--requests", type=int, default=0, help="HTTP requests per level, fixed")
     parser.add_argument("--latency", type=float, default=0.2, help="mock latency, seconds")
     parser.add_argument("--slots", type=int, default=256, help="mock capacity in requests at once")
     parser.add_argument("--server", choices=["raw", "uvicorn"], default="raw")
-    parser.add_argument("--jitter", type=float, default=0.0,
-                        help="mock latency uniform in latency x [1 - jitter, 1 + jitter]")
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="mock latency uniform in latency x [1 - jitter, 1 + jitter]",
+    )
     parser.add_argument("--prompts", type=int, default=4, help="llama.cpp prompts (at most 8)")
     parser.add_argument("--max-tokens", type=int, default=64, help="llama.cpp new tokens")
     parser.add_argument("--repeats", type=int, default=5, help="llama.cpp alternated rounds")
     parser.add_argument("--hf-tokens", type=int, default=64, help="transformers new tokens")
     parser.add_argument("--hf-repeats", type=int, default=3, help="transformers rounds")
-    parser.add_argument("--hf-repeat-unbatched", action="store_true",
-                        help="repeat the slow unbatched transformers run too")
+    parser.add_argument(
+        "--hf-repeat-unbatched",
+        action="store_true",
+        help="repeat the slow unbatched transformers run too",
+    )
     # Internal: one section in this process; the llama.cpp worker for the direct baseline.
     parser.add_argument("--section", choices=["http", "llama", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
@@ -437,16 +573,22 @@ def main(argv: list[str] | None = None) -> None:
         return run_section(args)
     start = time.perf_counter()
     load_avg = os.getloadavg()
-    console.print(f"bench/teachers.py: load average {load_avg[0]:.2f} {load_avg[1]:.2f} "
-                  f"{load_avg[2]:.2f} at start, {os.cpu_count()} CPUs")
-    sections = args.only or ([] if args.skip_http else ["http"]) + \
-        ([] if args.skip_local else ["llama"] + ([] if args.skip_hf else ["hf"]))
+    console.print(
+        f"bench/teachers.py: load average {load_avg[0]:.2f} {load_avg[1]:.2f} "
+        f"{load_avg[2]:.2f} at start, {os.cpu_count()} CPUs"
+    )
+    sections = args.only or ([] if args.skip_http else ["http"]) + (
+        [] if args.skip_local else ["llama"] + ([] if args.skip_hf else ["hf"])
+    )
     for section in sections:  # each in a fresh process: see the note above greedy()
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
-                        "--section", section], check=True)
+        subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), *argv, "--section", section], check=True
+        )
     load_avg = os.getloadavg()
-    console.print(f"done in {time.perf_counter() - start:.0f} s; load average {load_avg[0]:.2f} "
-                  f"{load_avg[1]:.2f} {load_avg[2]:.2f} at the end")
+    console.print(
+        f"done in {time.perf_counter() - start:.0f} s; load average {load_avg[0]:.2f} "
+        f"{load_avg[1]:.2f} {load_avg[2]:.2f} at the end"
+    )
 
 
 if __name__ == "__main__":

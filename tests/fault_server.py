@@ -74,15 +74,23 @@ def _text(body: dict) -> str:
 def answer(path: str, body: dict) -> dict:
     if path.endswith("/chat/completions"):
         prompt = body["messages"][-1]["content"]
-        choice = {"index": 0, "message": {"role": "assistant", "content": f"echo: {prompt}"},
-                  "finish_reason": "stop"}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": f"echo: {prompt}"},
+            "finish_reason": "stop",
+        }
     else:
         prompt = body["prompt"]
         choice = {"index": 0, "text": f"echo: {prompt}", "finish_reason": "stop"}
     usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(prompt.split()) + 1}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {"id": "cmpl-test", "object": "text_completion", "model": body.get("model"),
-            "choices": [choice], "usage": usage}
+    return {
+        "id": "cmpl-test",
+        "object": "text_completion",
+        "model": body.get("model"),
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
@@ -121,12 +129,20 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
         def form(self, raw: bytes) -> dict:
             head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
             message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
-            return {part.get_param("name", header="content-disposition"):
-                    part.get_payload(decode=True) for part in message.iter_parts()}
+            return {
+                part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                for part in message.iter_parts()
+            }
 
         def handle_any(self, body) -> None:
-            fault = server._next_fault({"path": self.path, "method": self.command,
-                                        "headers": dict(self.headers), "body": body})
+            fault = server._next_fault(
+                {
+                    "path": self.path,
+                    "method": self.command,
+                    "headers": dict(self.headers),
+                    "body": body,
+                }
+            )
             try:
                 self.respond(fault, body)
             except OSError:  # the client gave up (timeout) while we were slow
@@ -139,8 +155,12 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             time.sleep(server.delay_s)
             self.lose = fault == "lost"
             if fault == "429":
-                self.error(429, "Rate limit reached", "rate_limit_exceeded",
-                           **{"Retry-After": server.retry_after})
+                self.error(
+                    429,
+                    "Rate limit reached",
+                    "rate_limit_exceeded",
+                    **{"Retry-After": server.retry_after},
+                )
             elif fault == "quota":
                 self.error(429, "You exceeded your current quota", "insufficient_quota")
             elif fault == "500":
@@ -157,8 +177,9 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             elif fault == "403":
                 self.error(403, "Project does not have access to this model")
             elif fault == "404":
-                self.error(404, f"The model `{body.get('model')}` does not exist",
-                           "model_not_found")
+                self.error(
+                    404, f"The model `{body.get('model')}` does not exist", "model_not_found"
+                )
             else:
                 if fault == "slow":
                     time.sleep(server.slow_s)
@@ -173,7 +194,9 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             if path == "files":
                 file_id = f"file-{next(server._ids)}"
                 server.files[file_id] = body["file"]
-                self.send_json({"id": file_id, "object": "file", "purpose": body["purpose"].decode()})
+                self.send_json(
+                    {"id": file_id, "object": "file", "purpose": body["purpose"].decode()}
+                )
             elif parts[0] == "files" and parts[-1] == "content":
                 payload = server.files[parts[1]]
                 self.send_response(200)
@@ -183,11 +206,17 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             elif path == "batches" and self.command == "POST":
                 batch_id = f"batch-{next(server._ids)}"
                 server.batches[batch_id] = {
-                    "id": batch_id, "object": "batch", "endpoint": body["endpoint"],
-                    "input_file_id": body["input_file_id"], "status": "validating",
-                    "metadata": body.get("metadata"), "polls": 0, "output_file_id": None,
-                    "error_file_id": None, "request_counts": {"total": 0, "completed": 0,
-                                                              "failed": 0}}
+                    "id": batch_id,
+                    "object": "batch",
+                    "endpoint": body["endpoint"],
+                    "input_file_id": body["input_file_id"],
+                    "status": "validating",
+                    "metadata": body.get("metadata"),
+                    "polls": 0,
+                    "output_file_id": None,
+                    "error_file_id": None,
+                    "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                }
                 self.send_json(self.public(server.batches[batch_id]))
             elif path == "batches":
                 newest = sorted(server.batches.values(), key=lambda b: b["id"], reverse=True)
@@ -212,24 +241,48 @@ def _handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
             batch["request_counts"]["total"] = len(lines)
             if server.batch_end == "failed":
                 batch["status"] = "failed"
-                batch["errors"] = {"data": [{"code": "invalid_request",
-                                             "message": "the input file is not valid"}]}
+                batch["errors"] = {
+                    "data": [{"code": "invalid_request", "message": "the input file is not valid"}]
+                }
                 return
-            answered = lines if server.batch_end == "completed" else lines[:len(lines) // 2]
+            answered = lines if server.batch_end == "completed" else lines[: len(lines) // 2]
             out, errors = [], []
             for line in lines:
                 cid = line["custom_id"]
                 if line not in answered:
-                    errors.append({"custom_id": cid, "response": None,
-                                   "error": {"code": "batch_expired",
-                                             "message": "This request could not be executed "
-                                                        "before the completion window expired."}})
+                    errors.append(
+                        {
+                            "custom_id": cid,
+                            "response": None,
+                            "error": {
+                                "code": "batch_expired",
+                                "message": "This request could not be executed "
+                                "before the completion window expired.",
+                            },
+                        }
+                    )
                 elif "FAIL" in _text(line["body"]):
-                    errors.append({"custom_id": cid, "error": None, "response": {
-                        "status_code": 400, "body": {"error": {"message": "bad request line"}}}})
+                    errors.append(
+                        {
+                            "custom_id": cid,
+                            "error": None,
+                            "response": {
+                                "status_code": 400,
+                                "body": {"error": {"message": "bad request line"}},
+                            },
+                        }
+                    )
                 else:
-                    out.append({"custom_id": cid, "error": None, "response": {
-                        "status_code": 200, "body": answer(line["url"], line["body"])}})
+                    out.append(
+                        {
+                            "custom_id": cid,
+                            "error": None,
+                            "response": {
+                                "status_code": 200,
+                                "body": answer(line["url"], line["body"]),
+                            },
+                        }
+                    )
             for name, rows in (("output_file_id", out), ("error_file_id", errors)):
                 if rows:
                     file_id = f"file-{next(server._ids)}"

@@ -13,8 +13,8 @@ import time
 
 import pytest
 import yaml
-
 from fault_server import FaultServer
+
 from tutelage.config import Price, TeacherConfig
 from tutelage.store import Store
 from tutelage.teachers import Ledger, Request, TeacherError, make_teacher, price_for
@@ -35,8 +35,10 @@ def batch_teacher(server: FaultServer, **kw) -> OpenAIBatchTeacher:
 
 
 def chat(text: str) -> Request:
-    return Request.make(messages=[{"role": "user", "content": text}],
-                        sampling={"max_tokens": 10, "temperature": 0.0})
+    return Request.make(
+        messages=[{"role": "user", "content": text}],
+        sampling={"max_tokens": 10, "temperature": 0.0},
+    )
 
 
 def ask(ledger: Ledger, *requests: Request):
@@ -44,8 +46,9 @@ def ask(ledger: Ledger, *requests: Request):
 
 
 def calls(server: FaultServer, method: str, path: str) -> int:
-    return sum(r["method"] == method and r["path"].split("?")[0].endswith(path)
-               for r in server.requests)
+    return sum(
+        r["method"] == method and r["path"].split("?")[0].endswith(path) for r in server.requests
+    )
 
 
 def rows(store: Store) -> list[dict]:
@@ -61,16 +64,20 @@ def test_a_batch_is_submitted_polled_collected_and_stored(server, store):
     results = ask(ledger, *requests)
 
     assert [r.completion.text for r in results] == [f"echo: task {i}" for i in range(5)] + [
-        "echo: go on: 1."]
+        "echo: go on: 1."
+    ]
     # Chat and completion requests go to two batches (one endpoint each), one upload apiece.
     assert calls(server, "POST", "/files") == 2 and calls(server, "POST", "/batches") == 2
-    assert {b["endpoint"] for b in server.batches.values()} == {"/v1/chat/completions",
-                                                                "/v1/completions"}
+    assert {b["endpoint"] for b in server.batches.values()} == {
+        "/v1/chat/completions",
+        "/v1/completions",
+    }
     assert "in_progress" in updates and updates[-1] == "completed"
     stored = rows(store)
     assert all(r["status"] == "done" and r["remote_batch"] in server.batches for r in stored)
     assert sum(r["cost_usd"] for r in stored) == pytest.approx(
-        sum(r.completion.tokens_in + r.completion.tokens_out for r in results))
+        sum(r.completion.tokens_in + r.completion.tokens_out for r in results)
+    )
     assert [b["status"] for b in store.remote_batches()] == ["completed", "completed"]
     # The key went in the Authorization header only: not in the uploaded file or the store.
     assert all(SECRET.encode() not in f for f in server.files.values())
@@ -169,8 +176,16 @@ def test_the_protocol_call_without_a_ledger(server):
 
 
 def test_config_and_prices_for_batch_mode(server):
-    teacher = make_teacher(TeacherConfig(backend="openai", model="gpt-4o-mini", base_url=server.url,
-                                         api_key_env=KEY_ENV, batch=True, batch_size=7))
+    teacher = make_teacher(
+        TeacherConfig(
+            backend="openai",
+            model="gpt-4o-mini",
+            base_url=server.url,
+            api_key_env=KEY_ENV,
+            batch=True,
+            batch_size=7,
+        )
+    )
     assert isinstance(teacher, OpenAIBatchTeacher) and teacher.max_batch == 7
     listed = price_for("openai", "gpt-4o-mini", None, batch=True)
     assert (listed.input, listed.output) == (0.075, 0.30)
@@ -181,21 +196,38 @@ def test_config_and_prices_for_batch_mode(server):
 
 
 def test_generation_in_batch_mode_asks_in_waves_and_a_kill_9_resumes_the_pending_wave(
-        server, tmp_path):
+    server, tmp_path
+):
     """`tutelage generate` on a Batch API teacher, killed -9 while its first wave is pending."""
     config = {
-        "teacher": {"backend": "openai", "model": "gpt-4o-mini", "base_url": server.url,
-                    "api_key_env": KEY_ENV, "chat": True, "batch": True, "batch_size": 3,
-                    "batch_poll_s": 0.05},
+        "teacher": {
+            "backend": "openai",
+            "model": "gpt-4o-mini",
+            "base_url": server.url,
+            "api_key_env": KEY_ENV,
+            "chat": True,
+            "batch": True,
+            "batch_size": 3,
+            "batch_poll_s": 0.05,
+        },
         "generation": {"target": 1000, "max_requests": 6, "stall_requests": 100},
     }
     (tmp_path / "tutelage.yaml").write_text(yaml.safe_dump(config))
     server.batch_polls = 10**6
-    command = [sys.executable, "-m", "tutelage.cli", "generate", "-c", "tutelage.yaml",
-               "--run-dir", "run"]
+    command = [
+        sys.executable,
+        "-m",
+        "tutelage.cli",
+        "generate",
+        "-c",
+        "tutelage.yaml",
+        "--run-dir",
+        "run",
+    ]
     env = {**os.environ, KEY_ENV: SECRET}
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while not any(b["polls"] >= 2 for b in server.batches.values()):
         assert time.monotonic() < deadline and proc.poll() is None, "no batch was submitted"
@@ -204,8 +236,9 @@ def test_generation_in_batch_mode_asks_in_waves_and_a_kill_9_resumes_the_pending
     proc.wait()
 
     server.batch_polls = 1
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "max_requests=6" in done.stdout + done.stderr
     # Two waves of three requests: the pending wave was collected, not sent again.

@@ -7,7 +7,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from browser import chromium_available, open_page, require_chromium
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -21,8 +20,11 @@ def chromium() -> None:
 
 def page(tmp_path: Path, body: str, name: str = "page.html") -> Path:
     path = tmp_path / name
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>t</title></head>"
-                    f"<body>{body}</body></html>", encoding="utf-8")
+    path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>t</title></head>"
+        f"<body>{body}</body></html>",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -39,20 +41,26 @@ def test_a_script_error_is_reported_and_a_clean_page_has_none(chromium, tmp_path
         assert broken.errors() == [error]  # kept across calls, although get_log drains
     with open_page(page(tmp_path, "<p>fine</p><script>console.log('ok')</script>")) as clean:
         assert clean.errors() == []
-        assert clean.js("return document.querySelector('p').textContent + arguments[0]", "!") \
+        assert (
+            clean.js("return document.querySelector('p').textContent + arguments[0]", "!")
             == "fine!"
+        )
 
 
-@pytest.mark.parametrize("markup, runs", [
-    ("&lt;img src=x onerror=\"window.pwned=1\"&gt;", False),
-    ("<img src=x onerror=\"window.pwned=1\">", True),
-])
+@pytest.mark.parametrize(
+    "markup, runs",
+    [
+        ('&lt;img src=x onerror="window.pwned=1"&gt;', False),
+        ('<img src=x onerror="window.pwned=1">', True),
+    ],
+)
 def test_escaped_markup_stays_text_and_live_markup_runs(chromium, tmp_path, markup, runs):
     with open_page(page(tmp_path, f"<div id=note>{markup}</div>")) as shown:
         # The missing image fails before the load event driver.get waits for; the short wait
         # only keeps a late onerror from passing unseen.
         pwned = shown.driver.execute_async_script(
-            "const done = arguments[0]; setTimeout(() => done(window.pwned), 200);")
+            "const done = arguments[0]; setTimeout(() => done(window.pwned), 200);"
+        )
         assert (pwned == 1) is runs
         text = shown.js("return document.getElementById('note').textContent")
         assert text.startswith("<img") is not runs

@@ -8,13 +8,33 @@ import sys
 
 import pytest
 
-COMMANDS = ["init", "run", "generate", "filter", "train", "evaluate", "report", "export", "dedup", "demo"]
+COMMANDS = [
+    "init",
+    "run",
+    "generate",
+    "filter",
+    "train",
+    "evaluate",
+    "report",
+    "export",
+    "dedup",
+    "demo",
+]
 
 
 def tutelage(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tutelage.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin",
-                                                   "HOME": "/tmp", "PYTHONPATH": ":".join(sys.path)})
+    return subprocess.run(
+        [sys.executable, "-m", "tutelage.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={
+            "COLUMNS": "200",
+            "PATH": "/usr/bin:/bin",
+            "HOME": "/tmp",
+            "PYTHONPATH": ":".join(sys.path),
+        },
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -58,13 +78,21 @@ def test_export_needs_a_run_folder(tmp_path):
 
 
 def test_dedup_command(tmp_path):
-    rows = [{"instruction": "Describe the water cycle in simple words."},
-            {"instruction": "Describe the water cycle in simple words please."},
-            {"instruction": "List three uses of copper in modern homes."}]
+    rows = [
+        {"instruction": "Describe the water cycle in simple words."},
+        {"instruction": "Describe the water cycle in simple words please."},
+        {"instruction": "List three uses of copper in modern homes."},
+    ]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = tutelage("dedup", str(src), "-o", str(tmp_path / "out.jsonl"), "--rejected",
-                 str(tmp_path / "rej.jsonl"))
+    r = tutelage(
+        "dedup",
+        str(src),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--rejected",
+        str(tmp_path / "rej.jsonl"),
+    )
     assert r.returncode == 0, r.stderr
     assert "read 3, kept 2, rejected 1" in r.stderr
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

@@ -41,8 +41,9 @@ CONFIG = textwrap.dedent("""
 
 
 def tutelage(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tutelage.cli", *args], capture_output=True,
-                          text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "tutelage.cli", *args], capture_output=True, text=True, **kw
+    )
 
 
 def db_rows(run: Path, sql: str) -> list[tuple]:
@@ -66,9 +67,20 @@ def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
     run = tmp_path / "run"
 
     # Kill -9 generation as soon as it has ingested its first answer.
-    proc = subprocess.Popen([sys.executable, "-m", "tutelage.cli", "generate", "-c", str(config),
-                             "--run-dir", str(run)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tutelage.cli",
+            "generate",
+            "-c",
+            str(config),
+            "--run-dir",
+            str(run),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (run / "tutelage.db").exists() and db_rows(run, "SELECT COUNT(*) FROM batches")[0][0]:
@@ -91,51 +103,79 @@ def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
     assert len({b[1] for b in batches}) == len(batches)
     generated = {r[0] for r in db_rows(run, "SELECT key FROM requests WHERE purpose='generate'")}
     assert generated == {b[1] for b in batches} or len(generated) == len(batches) + 1
-    dup = db_rows(run, "SELECT request_key, position, COUNT(*) FROM instructions "
-                       "GROUP BY 1, 2 HAVING COUNT(*) > 1")
+    dup = db_rows(
+        run,
+        "SELECT request_key, position, COUNT(*) FROM instructions "
+        "GROUP BY 1, 2 HAVING COUNT(*) > 1",
+    )
     assert dup == []
-    kept = db_rows(run, "SELECT COUNT(*) FROM instructions i JOIN instances n ON n.instruction_id=i.id "
-                        "WHERE i.source='machine' AND i.status='kept' AND n.status='kept'")[0][0]
+    kept = db_rows(
+        run,
+        "SELECT COUNT(*) FROM instructions i JOIN instances n ON n.instruction_id=i.id "
+        "WHERE i.source='machine' AND i.status='kept' AND n.status='kept'",
+    )[0][0]
     assert kept >= 6
 
     # Every stage left its output.
     stages = dict(db_rows(run, "SELECT name, status FROM stages"))
-    assert stages == {"generate": "done", "filter": "done", "train": "done", "evaluate": "done",
-                      "report": "done"}
+    assert stages == {
+        "generate": "done",
+        "filter": "done",
+        "train": "done",
+        "evaluate": "done",
+        "report": "done",
+    }
     assert db_rows(run, "SELECT COUNT(*) FROM train_steps")[0][0] >= 3
     summary = json.loads((run / "evaluation.json").read_text())
     assert summary
-    assert {r[0] for r in db_rows(run, "SELECT DISTINCT model_role FROM eval_items")} == \
-        {"base", "tuned", "teacher"}
+    assert {r[0] for r in db_rows(run, "SELECT DISTINCT model_role FROM eval_items")} == {
+        "base",
+        "tuned",
+        "teacher",
+    }
     # Every item judged for both pairs (a verdict or a recorded failure), through the ledger.
     items = db_rows(run, "SELECT COUNT(DISTINCT set_name || item_key) FROM eval_items")[0][0]
-    assert db_rows(run, "SELECT COUNT(*) FROM eval_judgements WHERE kind='pairwise'")[0][0] == \
-        2 * items
+    assert (
+        db_rows(run, "SELECT COUNT(*) FROM eval_judgements WHERE kind='pairwise'")[0][0]
+        == 2 * items
+    )
     assert db_rows(run, "SELECT COUNT(*) FROM requests WHERE purpose='judge'")[0][0] >= 4 * items
     html = (run / "report.html").read_text()
     assert "<svg" in html and (run / "report.md").exists()
 
     # The student loads without tutelage.
     probe = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from transformers import AutoModelForCausalLM as M; "
-         f"m = M.from_pretrained({str(run / 'student')!r}); "
-         "assert 'tutelage' not in sys.modules; print(m.config.model_type)"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-c",
+            "import sys; from transformers import AutoModelForCausalLM as M; "
+            f"m = M.from_pretrained({str(run / 'student')!r}); "
+            "assert 'tutelage' not in sys.modules; print(m.config.model_type)",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert probe.returncode == 0 and "gemma" in probe.stdout, probe.stderr[-2000:]
 
     # The GGUF beside it serves with llama.cpp.
     metrics = json.loads(db_rows(run, "SELECT metrics_json FROM train_runs")[0][0])
     assert metrics["gguf"] == str(run / "student.gguf") and "gguf_error" not in metrics
     served = subprocess.run(
-        [sys.executable, "-c",
-         "from llama_cpp import Llama; "
-         f"m = Llama({str(run / 'student.gguf')!r}, n_ctx=256, verbose=False); "
-         "print(m.n_vocab(), len(m('### Instruction:\\nSay hi.\\n\\n### Response:\\n', "
-         "max_tokens=4, temperature=0)['choices'][0]['text']) >= 0)"],
-        capture_output=True, text=True)
-    assert served.returncode == 0 and served.stdout.split() == ["262144", "True"], \
-        served.stderr[-2000:]
+        [
+            sys.executable,
+            "-c",
+            "from llama_cpp import Llama; "
+            f"m = Llama({str(run / 'student.gguf')!r}, n_ctx=256, verbose=False); "
+            "print(m.n_vocab(), len(m('### Instruction:\\nSay hi.\\n\\n### Response:\\n', "
+            "max_tokens=4, temperature=0)['choices'][0]['text']) >= 0)",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert served.returncode == 0 and served.stdout.split() == ["262144", "True"], served.stderr[
+        -2000:
+    ]
 
     # A second run has nothing left to do: no new request, no new training run.
     requests_before = len(after)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import add_examples, save_tiny_model
 from transformers import AutoTokenizer
 
 from tutelage import evaluate as ev
@@ -17,8 +18,6 @@ from tutelage.config import Config
 from tutelage.formats import student_prompt
 from tutelage.models import embedded_teacher_hf
 from tutelage.store import Store
-
-from helpers import add_examples, save_tiny_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXAMPLES = [
@@ -33,15 +32,26 @@ EXAMPLES = [
 def tiny(tmp_path_factory) -> dict[str, Path]:
     tokenizer = AutoTokenizer.from_pretrained(embedded_teacher_hf())
     root = tmp_path_factory.mktemp("tiny")
-    return {"base": save_tiny_model(root / "base", tokenizer, 0),
-            "tuned": save_tiny_model(root / "tuned", tokenizer, 1)}
+    return {
+        "base": save_tiny_model(root / "base", tokenizer, 0),
+        "tuned": save_tiny_model(root / "tuned", tokenizer, 1),
+    }
 
 
 def make_run(tmp_path: Path, tiny: dict[str, Path], sets: list[Path] = ()) -> tuple[Store, Config]:
     run_dir = tmp_path / "run"
-    config = Config(run_dir=run_dir, student={"model": str(tiny["base"])},
-                    evaluation={"builtin_set": False, "sets": list(sets), "max_new_tokens": 5,
-                                "bootstrap": 200, "include_teacher": False, "pairs": []})
+    config = Config(
+        run_dir=run_dir,
+        student={"model": str(tiny["base"])},
+        evaluation={
+            "builtin_set": False,
+            "sets": list(sets),
+            "max_new_tokens": 5,
+            "bootstrap": 200,
+            "include_teacher": False,
+            "pairs": [],
+        },
+    )
     store = Store(run_dir)
     add_examples(store, EXAMPLES, "test")
     add_examples(store, [("A training task only.", "", "Never evaluated.")], "train")
@@ -86,7 +96,7 @@ def test_reference_nll_scores_only_the_reference(tiny):
         logp = F.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
     per_token = [-logp[t - 1, ids[t]].item() for t in range(1, len(ids))]
     assert n == len(target)
-    assert nll == pytest.approx(np.mean(per_token[len(context) - 1:]), rel=1e-5)
+    assert nll == pytest.approx(np.mean(per_token[len(context) - 1 :]), rel=1e-5)
     assert nll != pytest.approx(np.mean(per_token), rel=1e-3)  # prompt tokens are not scored
 
 
@@ -103,17 +113,28 @@ def test_cut_answer_stops_at_a_template_section():
     assert ev.cut_answer(" Two\nlines\n### Instruction: next task") == "Two\nlines"
     assert ev.cut_answer("C# uses ### here, mid-line.") == "C# uses ### here, mid-line."
     assert ev.cut_answer("### Instruction: only an echo") == ""
-    assert ev.cut_answer("Steps:\n### Step 1\nMix.") == "Steps:\n### Step 1\nMix."  # a real heading stays
+    assert (
+        ev.cut_answer("Steps:\n### Step 1\nMix.") == "Steps:\n### Step 1\nMix."
+    )  # a real heading stays
 
 
 # -- evaluation files ---------------------------------------------------------------------------
 def test_each_input_format_loads(tmp_path):
     self_instruct = tmp_path / "si.jsonl"
-    self_instruct.write_text(json.dumps({
-        "id": "user_oriented_task_0", "motivation_app": "Grammarly",
-        "instruction": "Fix the grammar.",
-        "instances": [{"input": "he go home", "output": "He goes home."},
-                      {"input": "they was late", "output": "They were late."}]}) + "\n\n")
+    self_instruct.write_text(
+        json.dumps(
+            {
+                "id": "user_oriented_task_0",
+                "motivation_app": "Grammarly",
+                "instruction": "Fix the grammar.",
+                "instances": [
+                    {"input": "he go home", "output": "He goes home."},
+                    {"input": "they was late", "output": "They were late."},
+                ],
+            }
+        )
+        + "\n\n"
+    )
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi!"}]))
     bare = tmp_path / "bare.jsonl"
@@ -123,7 +144,8 @@ def test_each_input_format_loads(tmp_path):
 
     assert ev.load_eval_file(self_instruct) == [
         ev.EvalItem("Fix the grammar.", "he go home", "He goes home."),
-        ev.EvalItem("Fix the grammar.", "they was late", "They were late.")]
+        ev.EvalItem("Fix the grammar.", "they was late", "They were late."),
+    ]
     assert ev.load_eval_file(alpaca) == [ev.EvalItem("Say hi.", "", "Hi!")]
     assert ev.load_eval_file(bare) == [ev.EvalItem("Why is the sky blue?", "", None)]
     assert ev.load_eval_file(bare_list) == [ev.EvalItem("Why is the sea salty?", "", None)]
@@ -141,14 +163,17 @@ def test_alpaca_eval_file_loads():
     assert len(items) == 805 and all(i.reference is None and i.instruction for i in items)
 
 
-@pytest.mark.parametrize("text, where", [
-    ('{"instruction": "ok"}\n{"instruction": "broken"\n', ":2: not valid JSON"),
-    ('{"instruction": "ok"}\n\n{"input": "x"}\n', ":3: missing or empty 'instruction'"),
-    ('{"instruction": "x", "instances": []}\n', ":1: 'instances' must be"),
-    ('{"instruction": "x", "output": 3}\n', ":1: 'input' and 'output' must be strings"),
-    ('[{"instruction": "ok"}, "a string"]', ": row 2: a row must be a JSON object"),
-    ('[{"instruction": "ok"},\n oops]', ":2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ('{"instruction": "ok"}\n{"instruction": "broken"\n', ":2: not valid JSON"),
+        ('{"instruction": "ok"}\n\n{"input": "x"}\n', ":3: missing or empty 'instruction'"),
+        ('{"instruction": "x", "instances": []}\n', ":1: 'instances' must be"),
+        ('{"instruction": "x", "output": 3}\n', ":1: 'input' and 'output' must be strings"),
+        ('[{"instruction": "ok"}, "a string"]', ": row 2: a row must be a JSON object"),
+        ('[{"instruction": "ok"},\n oops]', ":2: not valid JSON"),
+    ],
+)
 def test_malformed_file_names_file_and_line(tmp_path, text, where):
     path = tmp_path / "bad.jsonl"
     path.write_text(text)
@@ -186,6 +211,7 @@ def test_evaluate_scores_resumes_and_refreshes_a_changed_tuned_model(tmp_path, t
     assert row["reference"] == "chat" and row["scores"]["n_ref_tokens"] >= 2
     assert row["scores"]["nll"] > 0 and 0 <= row["scores"]["rouge_l"] <= 1
     nll = held_out["metrics"]["nll"]
+
     def item_nll(instruction: str, task_input: str, role: str) -> float:
         return items["held_out", ev.EvalItem(instruction, task_input).key, role]["scores"]["nll"]
 
@@ -209,8 +235,9 @@ def test_evaluate_scores_resumes_and_refreshes_a_changed_tuned_model(tmp_path, t
     before = {k: r["created_at"] for k, r in items.items()}
     ev.evaluate(store, config, config.run_dir)
     assert len(generations) == 3 and len(loads) == 1
-    after = {(r["set_name"], r["item_key"], r["model_role"]): r["created_at"]
-             for r in store.eval_items()}
+    after = {
+        (r["set_name"], r["item_key"], r["model_role"]): r["created_at"] for r in store.eval_items()
+    }
     assert after.keys() == before.keys()
     assert all((after[k] == before[k]) == (k[2] == "base") for k in after)
 
@@ -229,8 +256,18 @@ def test_without_a_tuned_model_only_the_base_is_evaluated(tmp_path, tiny):
 
 def test_builtin_set_is_cut_to_its_limit(tmp_path, tiny, monkeypatch):
     builtin = tmp_path / "builtin.jsonl"
-    builtin.write_text("".join(json.dumps({"instruction": f"Task {i}.", "instances": [
-        {"input": "", "output": f"Answer {i}."}]}) + "\n" for i in range(5)))
+    builtin.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "instruction": f"Task {i}.",
+                    "instances": [{"input": "", "output": f"Answer {i}."}],
+                }
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
     monkeypatch.setattr(ev, "BUILTIN_SET", builtin)
     store, config = make_run(tmp_path, tiny)
     config.evaluation.builtin_set, config.evaluation.builtin_limit = True, 2
@@ -285,8 +322,10 @@ def test_teacher_answers_and_pairs_are_judged_in_both_orders(tmp_path, tiny):
     assert all(r["answer"].startswith("The teacher answers") for r in answers)
     assert all(r["scores"]["rouge_l"] is not None and r["scores"]["request_key"] for r in answers)
     judged = store.judgements("held_out", "pairwise")
-    assert {(j["subject"], j["status"]) for j in judged} == {("tuned:base", "done"),
-                                                             ("tuned:teacher", "done")}
+    assert {(j["subject"], j["status"]) for j in judged} == {
+        ("tuned:base", "done"),
+        ("tuned:teacher", "done"),
+    }
     assert len(judged) == 2 * len(EXAMPLES)
     # The teacher's long answer beats the tiny student's 5 tokens in both orders.
     vs_teacher = [j for j in judged if j["subject"] == "tuned:teacher"]
@@ -294,8 +333,9 @@ def test_teacher_answers_and_pairs_are_judged_in_both_orders(tmp_path, tiny):
     assert all(len(j["detail"]["orders"]) == 2 for j in judged)
     metrics = summary["sets"]["held_out"]["metrics"]
     assert metrics["win_rate"]["tuned:teacher"]["mean"] == 0.0
-    assert set(metrics["win_rate"]) == set(metrics["lc_win_rate"]) == {"tuned:base",
-                                                                       "tuned:teacher"}
+    assert (
+        set(metrics["win_rate"]) == set(metrics["lc_win_rate"]) == {"tuned:base", "tuned:teacher"}
+    )
     assert summary["judge"] == "llamacpp:embedded" and summary["models"]["teacher"]
     # Every judge request went through the ledger, both orders of every pair of every item.
     by_purpose = {r["purpose"]: r["requests"] for r in store.request_totals_by_purpose()}
@@ -352,8 +392,9 @@ def test_compare_two_runs_item_by_item(tmp_path, tiny):
     rouge = held["metrics"]["rouge_l"]
     # Run a's tuned model is the base model: its tuned answers are run b's base answers.
     with Store(runs[1]) as b:
-        base_b = [r["scores"]["rouge_l"] for r in b.eval_items("held_out")
-                  if r["model_role"] == "base"]
+        base_b = [
+            r["scores"]["rouge_l"] for r in b.eval_items("held_out") if r["model_role"] == "base"
+        ]
     assert rouge["a"]["mean"] == pytest.approx(sum(base_b) / len(base_b))
     assert rouge["delta"]["mean"] == pytest.approx(rouge["b"]["mean"] - rouge["a"]["mean"])
     assert rouge["delta"]["ci_low"] <= rouge["delta"]["mean"] <= rouge["delta"]["ci_high"]
@@ -366,11 +407,15 @@ def test_compare_two_runs_item_by_item(tmp_path, tiny):
     from tutelage.cli import app
 
     out = tmp_path / "compare.json"
-    shown = CliRunner().invoke(app, ["evaluate", "--compare", str(runs[0]), str(runs[1]),
-                                     "-o", str(out)], env={"COLUMNS": "200"})
+    shown = CliRunner().invoke(
+        app,
+        ["evaluate", "--compare", str(runs[0]), str(runs[1]), "-o", str(out)],
+        env={"COLUMNS": "200"},
+    )
     assert shown.exit_code == 0, shown.output
     assert "held_out" in shown.output and "rouge_l" in shown.output
     assert json.loads(out.read_text())["sets"]["held_out"]["n_items"] == len(EXAMPLES)
-    missing = CliRunner().invoke(app, ["evaluate", "--compare", str(tmp_path), str(runs[1])],
-                                 env={"COLUMNS": "400"})
+    missing = CliRunner().invoke(
+        app, ["evaluate", "--compare", str(tmp_path), str(runs[1])], env={"COLUMNS": "400"}
+    )
     assert missing.exit_code == 2 and "not a run folder" in missing.output

@@ -77,8 +77,16 @@ def test_rouge_l_f1_is_rouge_score_on_tokens(a, b):
 def test_rouge_l_f1_edge_cases():
     words = ("lorem ipsum dolor sit amet " * 120).split()
     shuffled = words[::2] + words[1::2]
-    for a, b in [([], []), ([], ["a"]), (["a"], []), (["x"], ["y"]), (["a"], ["a"]),
-                 (words, words), (words, shuffled), (words[:7], words[:13])]:
+    for a, b in [
+        ([], []),
+        ([], ["a"]),
+        (["a"], []),
+        (["x"], ["y"]),
+        (["a"], ["a"]),
+        (words, words),
+        (words, shuffled),
+        (words[:7], words[:13]),
+    ]:
         assert rouge_l_f1(a, b) == reference_f1(a, b)
     assert rouge_l_f1(words, words) == 1.0
     assert tokenize("Привет, 世界! ¿Qué?") == reference_tokenize("Привет, 世界! ¿Qué?") == ["qu"]
@@ -177,7 +185,7 @@ def brute_nearest(pool: list[str], text: str) -> tuple[float, int | None]:
 
 # sentences over a six-word vocabulary: overlaps and exact ties everywhere, and with 40+ pool texts
 # every word becomes common enough to take the dense path
-SENTENCE = st.lists(st.sampled_from("the cat sat on a mat".split()), max_size=12).map(" ".join)
+SENTENCE = st.lists(st.sampled_from(["the", "cat", "sat", "on", "a", "mat"]), max_size=12).map(" ".join)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -192,9 +200,10 @@ def test_nearest_is_the_exact_maximum(pool, queries):
 
 def test_nearest_on_a_large_pool_with_many_ties():
     rng = random.Random(7)
-    words = "the cat sat on a mat".split()
-    pool, queries = ([" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(k)]
-                     for k in (400, 40))
+    words = ["the", "cat", "sat", "on", "a", "mat"]
+    pool, queries = (
+        [" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(k)] for k in (400, 40)
+    )
     index = RougeNoveltyIndex()
     for text in pool:
         index.add_reference(text)
@@ -218,8 +227,13 @@ def test_nearest_handles_counts_beyond_255():
     index = RougeNoveltyIndex()
     for text in pool:
         index.add_reference(text)
-    for query in ["go " * 280, "go " * 500 + "stop", "stop " * 300, "stop go " * 140,
-                  "stop go " * 300]:
+    for query in [
+        "go " * 280,
+        "go " * 500 + "stop",
+        "stop " * 300,
+        "stop go " * 140,
+        "stop go " * 300,
+    ]:
         assert index.nearest(query) == brute_nearest(pool, query)
 
 
@@ -294,28 +308,39 @@ def test_every_reason_code_has_a_failing_example():
     assert rules.check_instruction(CLEAN[0]) is None
 
 
-@pytest.mark.parametrize("instruction,input,output,code", [
-    ("Go to the store and buy milk today.", "", "OK", "blacklisted_word"),  # a phrase
-    ("Please go   to bed early tonight, kid.", "", "OK", "blacklisted_word"),
-    ("Describe how DIAGRAMS help students.", "", "OK", None),  # whole words only: not "diagram"
-    ("Explain the mapping between two sets.", "", "OK", None),  # "map" inside a word
-    ("Give a short answer to the question.", "", "N/A", "empty_output"),
-    ("Give a short answer to the question.", "", "<noinput>", "empty_output"),
-    ("Give a short answer to the question.", "Input: 2 + 2", "4", "leaked_list_marker"),
-    ("Give a short answer to the question.", "", "4\nOutput: 5", "leaked_list_marker"),
-    ("Give a short answer to the question.", "", "4\r\n", "control_characters"),
-    ("Give a short answer to the question.", "2\t+\n2", "4", None),  # tab and newline are fine
-    ("Give a short answer to the question.", "", "Four:", None),  # colon check off by default
-    ("Summarize the text below in one line.", "", "The output: a summary.", None),
-])
+@pytest.mark.parametrize(
+    "instruction,input,output,code",
+    [
+        ("Go to the store and buy milk today.", "", "OK", "blacklisted_word"),  # a phrase
+        ("Please go   to bed early tonight, kid.", "", "OK", "blacklisted_word"),
+        ("Describe how DIAGRAMS help students.", "", "OK", None),  # whole words only: not "diagram"
+        ("Explain the mapping between two sets.", "", "OK", None),  # "map" inside a word
+        ("Give a short answer to the question.", "", "N/A", "empty_output"),
+        ("Give a short answer to the question.", "", "<noinput>", "empty_output"),
+        ("Give a short answer to the question.", "Input: 2 + 2", "4", "leaked_list_marker"),
+        ("Give a short answer to the question.", "", "4\nOutput: 5", "leaked_list_marker"),
+        ("Give a short answer to the question.", "", "4\r\n", "control_characters"),
+        ("Give a short answer to the question.", "2\t+\n2", "4", None),  # tab and newline are fine
+        ("Give a short answer to the question.", "", "Four:", None),  # colon check off by default
+        ("Summarize the text below in one line.", "", "The output: a summary.", None),
+    ],
+)
 def test_quality_rule_cases(instruction, input, output, code):
     assert QualityRules().check_instance(instruction, input, output) == code
 
 
 def test_rules_can_be_switched_off():
-    rules = QualityRules(min_words=1, max_words=10_000, blacklist=(), check_write_a_program=False,
-                         check_punctuation_start=False, check_non_ascii_start=False,
-                         check_output=False, check_list_markers=False, check_control_chars=False)
+    rules = QualityRules(
+        min_words=1,
+        max_words=10_000,
+        blacklist=(),
+        check_write_a_program=False,
+        check_punctuation_start=False,
+        check_non_ascii_start=False,
+        check_output=False,
+        check_list_markers=False,
+        check_control_chars=False,
+    )
     for code, example in FAILING.items():
         assert rules.check_instance(*example) is None, code
     assert QualityRules(min_words=2).check_instruction("Summarize this.") is None
@@ -327,8 +352,11 @@ ROWS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Sleep."},
     {"instruction": "Give three tips for staying healthy!", "input": "", "output": "Eat."},
     {"output": "Paris", "instruction": "What is the capital of France?", "input": ""},
-    {"instruction": "Translate the sentence into Spanish.", "input": "I like tea.",
-     "output": "Me gusta el té."},
+    {
+        "instruction": "Translate the sentence into Spanish.",
+        "input": "I like tea.",
+        "output": "Me gusta el té.",
+    },
     {"instruction": "Give 3 tips for staying healthy.", "input": "", "output": "Move."},
 ]
 
@@ -364,25 +392,38 @@ def test_dedup_json_list_keeps_format_and_key_order(tmp_path):
 
 
 def test_dedup_self_instruct_rows_against_seeds(tmp_path):
-    seeds = write_jsonl(tmp_path / "seeds.jsonl", [
-        {"id": "seed_task_0", "name": "tips", "instruction": "Give three tips for staying healthy.",
-         "instances": [{"input": "", "output": "Sleep."}], "is_classification": False},
-    ])
+    seeds = write_jsonl(
+        tmp_path / "seeds.jsonl",
+        [
+            {
+                "id": "seed_task_0",
+                "name": "tips",
+                "instruction": "Give three tips for staying healthy.",
+                "instances": [{"input": "", "output": "Sleep."}],
+                "is_classification": False,
+            },
+        ],
+    )
     generated = [
-        {"instruction": "Give three tips for staying healthy.",
-         "instances": [{"input": "", "output": "x"}]},
+        {
+            "instruction": "Give three tips for staying healthy.",
+            "instances": [{"input": "", "output": "x"}],
+        },
         {"instruction": "Name a river in Africa.", "instances": [{"input": "", "output": "Nile"}]},
         {"instruction": "Name a river in Africa, please.", "instances": []},
     ]
     src = write_jsonl(tmp_path / "generated.jsonl", generated)
-    summary = dedup_file(src, tmp_path / "out.jsonl", against=seeds,
-                         rejected_path=tmp_path / "r.jsonl")
+    summary = dedup_file(
+        src, tmp_path / "out.jsonl", against=seeds, rejected_path=tmp_path / "r.jsonl"
+    )
     assert (summary.read, summary.kept, summary.rejected) == (3, 1, 2)
     out = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in out] == [generated[1]]
     rejected = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["nearest"] for r in rejected] == [
-        "Give three tips for staying healthy.", "Name a river in Africa."]
+        "Give three tips for staying healthy.",
+        "Name a river in Africa.",
+    ]
     # without the seeds the first row is new
     assert dedup_file(src, tmp_path / "out2.jsonl").kept == 2
 
@@ -409,18 +450,29 @@ def test_dedup_bad_input_names_file_and_line(tmp_path):
 
 def test_numbered_marker_leaked_mid_line_is_caught():
     rules = QualityRules()
-    assert rules.check_instance("Explain the rules of chess.", "", "Pieces move. 18. Instruction: next") == "leaked_list_marker"
-    assert rules.check_instance("Explain the rules of chess.", "", "Input: stray label") == "leaked_list_marker"
-    assert rules.check_instance("Explain the rules of chess.", "", "The output: pieces move.") is None
+    assert (
+        rules.check_instance(
+            "Explain the rules of chess.", "", "Pieces move. 18. Instruction: next"
+        )
+        == "leaked_list_marker"
+    )
+    assert (
+        rules.check_instance("Explain the rules of chess.", "", "Input: stray label")
+        == "leaked_list_marker"
+    )
+    assert (
+        rules.check_instance("Explain the rules of chess.", "", "The output: pieces move.") is None
+    )
 
 
 # --- chunks and workers: the same decisions and nearest records ---------------------------------
 
-from tutelage.filter import rouge as rouge_module  # noqa: E402
+from tutelage.filter import rouge as rouge_module
 
 
-def brute_decisions(texts: list[str], threshold: float = 0.7,
-                    pool: list[str] = ()) -> list[tuple[bool, float, int | None]]:
+def brute_decisions(
+    texts: list[str], threshold: float = 0.7, pool: list[str] = ()
+) -> list[tuple[bool, float, int | None]]:
     """The published loop with nearest records: (kept, best F1, index in pool + texts of the
     earliest kept text reaching it, None when 0.0); rouge_l_f1 is rouge_score's F1 (tested above)."""
     kept = [(i, tokenize(t)) for i, t in enumerate(pool)]
@@ -443,7 +495,7 @@ def near_duplicates(count: int, seed: int) -> list[str]:
     a few rows back (so chunks are full of near-duplicates of their own rows), plus exact
     duplicates, reversed copies (many equal bounds, low F1) and empty rows."""
     rng = random.Random(seed)
-    words = "write a short poem about the sea and sky list three facts on cats dogs".split()
+    words = ["write", "a", "short", "poem", "about", "the", "sea", "and", "sky", "list", "three", "facts", "on", "cats", "dogs"]
     rows: list[str] = []
     for _ in range(count):
         roll = rng.random()
@@ -479,8 +531,9 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(rouge_module, "_WAIT_FOR_WORKERS", True)
     calls = []
     best = rouge_module._Helpers.best
-    monkeypatch.setattr(rouge_module._Helpers, "best",
-                        lambda self, *a: calls.append(a[-1]) or best(self, *a))
+    monkeypatch.setattr(
+        rouge_module._Helpers, "best", lambda self, *a: calls.append(a[-1]) or best(self, *a)
+    )
     return calls
 
 
@@ -498,8 +551,10 @@ def test_chunked_decisions_are_the_published_loop_with_nearest(small_chunks, thr
     expected = brute_decisions(texts, threshold, pool)
     everything = pool + texts
     assert [(d.kept, d.score, d.nearest_key) for d in decisions] == expected
-    assert all(d.nearest_text == (None if i is None else everything[i])
-               for d, (_, _, i) in zip(decisions, expected))
+    assert all(
+        d.nearest_text == (None if i is None else everything[i])
+        for d, (_, _, i) in zip(decisions, expected)
+    )
     assert not small_chunks  # workers=1: no helpers
 
 
@@ -512,15 +567,15 @@ def test_workers_decide_exactly_as_one_process_on_near_duplicates(small_chunks, 
     two.add_reference("write a short poem about the sea", key="seed")
     single, parallel = one.add_many(texts), two.add_many(texts, workers=3)
     assert as_tuples(parallel) == as_tuples(single)
-    assert [(d.kept, d.score) for d in single] == [x[:2] for x in brute_decisions(
-        texts, 0.7, ["write a short poem about the sea"])]
+    assert [(d.kept, d.score) for d in single] == [
+        x[:2] for x in brute_decisions(texts, 0.7, ["write a short poem about the sea"])
+    ]
     assert small_chunks and set(small_chunks) == {3}  # every chunk was split three ways
     assert len(two) == len(one)
     assert two.nearest("the sea poem short") == one.nearest("the sea poem short")
 
 
-def test_workers_decide_exactly_as_one_process_on_real_rows(pool_rows, small_chunks,
-                                                            monkeypatch):
+def test_workers_decide_exactly_as_one_process_on_real_rows(pool_rows, small_chunks, monkeypatch):
     monkeypatch.setattr(rouge_module, "_CHUNK", 128)
     texts = pool_rows[:2000]
     single = RougeNoveltyIndex().add_many(texts)
@@ -597,16 +652,42 @@ def test_dedup_command_with_workers(tmp_path):
     for workers in ("1", "2"):
         out = tmp_path / f"out{workers}.jsonl"
         rejected = tmp_path / f"rejected{workers}.jsonl"
-        r = subprocess.run([sys.executable, "-m", "tutelage.cli", "dedup", str(src), "-o",
-                            str(out), "--rejected", str(rejected), "--workers", workers],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tutelage.cli",
+                "dedup",
+                str(src),
+                "-o",
+                str(out),
+                "--rejected",
+                str(rejected),
+                "--workers",
+                workers,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         assert "read 2500, kept" in r.stderr + r.stdout
         outputs.append((out.read_text(), rejected.read_text()))
     assert outputs[0] == outputs[1]
-    r = subprocess.run([sys.executable, "-m", "tutelage.cli", "dedup", str(src), "-o",
-                        str(tmp_path / "x.jsonl"), "--workers", "0"], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tutelage.cli",
+            "dedup",
+            str(src),
+            "-o",
+            str(tmp_path / "x.jsonl"),
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
 
 
@@ -617,7 +698,8 @@ def test_workers_that_cannot_start_leave_this_process_alone(small_chunks, monkey
     monkeypatch.setattr(rouge_module._Helpers, "__init__", refuse)
     texts = near_duplicates(200, seed=7)
     assert as_tuples(RougeNoveltyIndex().add_many(texts, workers=2)) == as_tuples(
-        RougeNoveltyIndex().add_many(texts))
+        RougeNoveltyIndex().add_many(texts)
+    )
 
 
 def test_word_counts_follow_the_unicode_tokenizer_when_asked():

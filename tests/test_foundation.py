@@ -80,7 +80,9 @@ def test_builtin_seeds_meet_the_brief():
     assert 0.25 <= no_input <= 0.40, no_input
     assert len({s["instruction"] for s in seeds}) == n
     raw = [json.loads(line) for line in BUILTIN_SEEDS.read_text().splitlines()]
-    assert all(set(r) == {"id", "name", "instruction", "instances", "is_classification"} for r in raw)
+    assert all(
+        set(r) == {"id", "name", "instruction", "instances", "is_classification"} for r in raw
+    )
 
 
 def test_builtin_seeds_are_novel_among_themselves():
@@ -91,7 +93,9 @@ def test_builtin_seeds_are_novel_among_themselves():
     assert all(d.kept for d in decisions), [d for d in decisions if not d.kept][:3]
 
 
-@pytest.mark.skipif(not (SHARED / "self-instruct-seed-tasks.jsonl").exists(), reason="no shared data")
+@pytest.mark.skipif(
+    not (SHARED / "self-instruct-seed-tasks.jsonl").exists(), reason="no shared data"
+)
 def test_self_instruct_seed_file_loads_as_is():
     seeds = load_seeds(SHARED / "self-instruct-seed-tasks.jsonl")
     assert len(seeds) == 175 and any(s["is_classification"] for s in seeds)
@@ -102,18 +106,35 @@ def test_alpaca_list_and_jsonl(tmp_path):
     a.write_text(json.dumps([{"instruction": "Add the numbers.", "input": "2 3", "output": "5"}]))
     assert load_seeds(a)[0]["instances"] == [{"input": "2 3", "output": "5"}]
     j = tmp_path / "b.jsonl"
-    j.write_text('{"instruction": "Say hi.", "output": "Hi!"}\n\n{"instruction": "Say bye.", "output": "Bye."}\n')
+    j.write_text(
+        '{"instruction": "Say hi.", "output": "Hi!"}\n\n{"instruction": "Say bye.", "output": "Bye."}\n'
+    )
     assert [s["instruction"] for s in load_seeds(j)] == ["Say hi.", "Say bye."]
 
 
-@pytest.mark.parametrize("body, expected", [
-    ('{"instruction": "ok", "output": "x"}\n{"instruction": "bad"\n', r"s\.jsonl:2: not valid JSON"),
-    ('{"instruction": "ok", "output": "x"}\n{"output": "x"}\n', r"s\.jsonl:2: missing or empty 'instruction'"),
-    ('{"instruction": "ok", "instances": []}\n', r"s\.jsonl:1: 'instances' must be a non-empty"),
-    ('{"instruction": "ok"}\n', r"s\.jsonl:1: a seed task needs 'instances'"),
-    ('{"instruction": "ok", "output": "x", "is_classification": "yes"}\n', r"s\.jsonl:1: 'is_classification'"),
-    ('', r"s\.jsonl: no seed tasks"),
-])
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            '{"instruction": "ok", "output": "x"}\n{"instruction": "bad"\n',
+            r"s\.jsonl:2: not valid JSON",
+        ),
+        (
+            '{"instruction": "ok", "output": "x"}\n{"output": "x"}\n',
+            r"s\.jsonl:2: missing or empty 'instruction'",
+        ),
+        (
+            '{"instruction": "ok", "instances": []}\n',
+            r"s\.jsonl:1: 'instances' must be a non-empty",
+        ),
+        ('{"instruction": "ok"}\n', r"s\.jsonl:1: a seed task needs 'instances'"),
+        (
+            '{"instruction": "ok", "output": "x", "is_classification": "yes"}\n',
+            r"s\.jsonl:1: 'is_classification'",
+        ),
+        ("", r"s\.jsonl: no seed tasks"),
+    ],
+)
 def test_malformed_seed_file_names_the_line(tmp_path, body, expected):
     p = tmp_path / "s.jsonl"
     p.write_text(body)
@@ -124,13 +145,25 @@ def test_malformed_seed_file_names_the_line(tmp_path, body, expected):
 # -- store --------------------------------------------------------------------------------------
 def _finish(store: Store, key: str, text: str = "answer") -> None:
     store.begin_request(key, "test", "m", {"prompt": key}, "generate")
-    store.finish_request(key, text=text, finish_reason="stop", tokens_in=3, tokens_out=5,
-                         cost_usd=0.01, latency_s=0.1, attempts=1)
+    store.finish_request(
+        key,
+        text=text,
+        finish_reason="stop",
+        tokens_in=3,
+        tokens_out=5,
+        cost_usd=0.01,
+        latency_s=0.1,
+        attempts=1,
+    )
 
 
 def _record(text: str, status: str = "kept", reason: str | None = None) -> dict:
-    return {"text": text, "status": status, "reason": reason,
-            "instances": [{"input": "", "output": f"out {text}", "status": status, "reason": reason}]}
+    return {
+        "text": text,
+        "status": status,
+        "reason": reason,
+        "instances": [{"input": "", "output": f"out {text}", "status": status, "reason": reason}],
+    }
 
 
 def test_store_schema_wal_and_reopen(tmp_path):
@@ -154,16 +187,34 @@ def test_ledger_rows_are_not_duplicated_and_done_is_final(tmp_path):
 
 def test_batch_is_atomic_and_funnel_counts(tmp_path):
     with Store(tmp_path) as s:
-        s.put_seeds([{"instruction": "Seed task one.", "instances": [{"input": "", "output": "o"}]}])
+        s.put_seeds(
+            [{"instruction": "Seed task one.", "instances": [{"input": "", "output": "o"}]}]
+        )
         _finish(s, "k0")
-        s.put_batch(0, "k0", "alpaca", [_record("a b c d"), _record("dup", "rejected", "rouge_duplicate"),
-                                        {"text": "", "status": "rejected", "reason": "parse_error",
-                                         "raw": "garbage", "instances": []}])
+        s.put_batch(
+            0,
+            "k0",
+            "alpaca",
+            [
+                _record("a b c d"),
+                _record("dup", "rejected", "rouge_duplicate"),
+                {
+                    "text": "",
+                    "status": "rejected",
+                    "reason": "parse_error",
+                    "raw": "garbage",
+                    "instances": [],
+                },
+            ],
+        )
         _finish(s, "k1")
         with pytest.raises(Exception):  # the same batch index twice: nothing of it may land
             s.put_batch(0, "k1", "alpaca", [_record("other task here")])
-        assert s.funnel() == {"generated": 3, "kept": 1,
-                              "rejected": {"rouge_duplicate": 1, "parse_error": 1}}
+        assert s.funnel() == {
+            "generated": 3,
+            "kept": 1,
+            "rejected": {"rouge_duplicate": 1, "parse_error": 1},
+        }
         assert s.next_batch_index() == 1
         assert [e["instruction"] for e in s.examples()] == ["a b c d"]
         assert s.count_kept_examples() == 1
@@ -172,8 +223,11 @@ def test_batch_is_atomic_and_funnel_counts(tmp_path):
 def test_nearest_pos_links_within_a_batch(tmp_path):
     with Store(tmp_path) as s:
         _finish(s, "k0")
-        dup = {**_record("a b c d e", "rejected", "rouge_duplicate"), "nearest_pos": 0,
-               "nearest_score": 0.9}
+        dup = {
+            **_record("a b c d e", "rejected", "rouge_duplicate"),
+            "nearest_pos": 0,
+            "nearest_score": 0.9,
+        }
         ids = s.put_batch(0, "k0", "alpaca", [_record("a b c d"), dup])
         rej = s.examples(status="rejected")
         assert rej[0]["nearest"] == "a b c d" and rej[0]["nearest_score"] == 0.9
@@ -206,8 +260,9 @@ def test_kill_9_leaves_the_store_consistent(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     for _ in range(4):
-        p = subprocess.Popen([sys.executable, str(script), str(tmp_path), src],
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), src], stdout=subprocess.PIPE, text=True
+        )
         for _ in range(5):  # let it write a few batches, then kill it wherever it is
             p.stdout.readline()
         os.kill(p.pid, signal.SIGKILL)
@@ -220,6 +275,8 @@ def test_kill_9_leaves_the_store_consistent(tmp_path):
         assert len(rows) == batches and all(n == 20 for _, n in rows)
         idx = [r[0] for r in s.db.execute("SELECT idx FROM batches ORDER BY idx")]
         assert idx == list(range(batches))
-        orphans = s.db.execute("SELECT COUNT(*) FROM requests WHERE status='done' AND key NOT IN "
-                               "(SELECT request_key FROM batches)").fetchone()[0]
+        orphans = s.db.execute(
+            "SELECT COUNT(*) FROM requests WHERE status='done' AND key NOT IN "
+            "(SELECT request_key FROM batches)"
+        ).fetchone()[0]
         assert orphans <= 1  # at most the one answered but not yet ingested when killed

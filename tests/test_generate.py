@@ -13,7 +13,10 @@ from tutelage.config import ConfigError, load_config
 from tutelage.filter.quality import QualityRules
 from tutelage.generate import alpaca, generate, self_instruct
 from tutelage.generate.instances import (
-    Instance, filter_instances, parse_input_first, parse_output_first,
+    Instance,
+    filter_instances,
+    parse_input_first,
+    parse_output_first,
 )
 from tutelage.generate.recipe import Context
 from tutelage.generate.steering import screen_for
@@ -21,8 +24,12 @@ from tutelage.pipeline import filter_stage, open_run
 from tutelage.teachers.base import Completion, TeacherError
 
 
-def block(n: int, instruction: str, task_input: str = "<noinput>", output: str = "An answer.") -> str:
-    return f"###\n{n}. Instruction: {instruction}\n{n}. Input:\n{task_input}\n{n}. Output:\n{output}\n"
+def block(
+    n: int, instruction: str, task_input: str = "<noinput>", output: str = "An answer."
+) -> str:
+    return (
+        f"###\n{n}. Instruction: {instruction}\n{n}. Input:\n{task_input}\n{n}. Output:\n{output}\n"
+    )
 
 
 def context(cfg, seeds, chat=False, **kw) -> Context:
@@ -31,8 +38,10 @@ def context(cfg, seeds, chat=False, **kw) -> Context:
 
 # -- parser -------------------------------------------------------------------------------------
 def test_parse_continued_completion_with_drifting_numbers():
-    text = ("Name three rivers in Africa.\n4. Input:\n<noinput>\n4. Output:\nNile, Congo, Niger.\n"
-            "###\n6. Instruction: Sort these numbers.\n7. Input:\n3, 1, 2\n8. Output:\n1, 2, 3\n")
+    text = (
+        "Name three rivers in Africa.\n4. Input:\n<noinput>\n4. Output:\nNile, Congo, Niger.\n"
+        "###\n6. Instruction: Sort these numbers.\n7. Input:\n3, 1, 2\n8. Output:\n1, 2, 3\n"
+    )
     tasks = alpaca.parse(text, "stop", continued=True, first_number=4)
     assert [(t.instruction, t.input, t.output, t.error) for t in tasks] == [
         ("Name three rivers in Africa.", "", "Nile, Congo, Niger.", None),
@@ -41,8 +50,10 @@ def test_parse_continued_completion_with_drifting_numbers():
 
 
 def test_parse_chat_answer_without_separators_or_input():
-    text = ("Sure! Here are the tasks.\n1. Instruction: Define entropy.\n1. Output: A measure of disorder.\n"
-            "2. Instruction: Translate 'cat' to French.\n2. Input: cat\n2. Output: chat\n")
+    text = (
+        "Sure! Here are the tasks.\n1. Instruction: Define entropy.\n1. Output: A measure of disorder.\n"
+        "2. Instruction: Translate 'cat' to French.\n2. Input: cat\n2. Output: chat\n"
+    )
     tasks = alpaca.parse(text, "stop", continued=False, first_number=4)
     assert [(t.instruction, t.input, t.output) for t in tasks] == [
         ("Define entropy.", "", "A measure of disorder."),
@@ -51,10 +62,12 @@ def test_parse_chat_answer_without_separators_or_input():
 
 
 def test_parse_errors_and_truncation_are_returned_not_dropped():
-    text = (block(4, "Give a synonym for happy.", output="Joyful.")
-            + "###\n5. Instruction: An instruction with no output at all\n"
-            + "###\n6. Instruction: Answer twice.\n6. Output: a\n6. Output: b\n"
-            + block(7, "List two prime numbers.", output="2 and 3, and then"))
+    text = (
+        block(4, "Give a synonym for happy.", output="Joyful.")
+        + "###\n5. Instruction: An instruction with no output at all\n"
+        + "###\n6. Instruction: Answer twice.\n6. Output: a\n6. Output: b\n"
+        + block(7, "List two prime numbers.", output="2 and 3, and then")
+    )
     tasks = alpaca.parse(text, "length", continued=False, first_number=4)
     assert [t.error for t in tasks] == [None, "parse_error", "parse_error", "length_truncated"]
     assert "no output at all" in tasks[1].raw
@@ -63,8 +76,10 @@ def test_parse_errors_and_truncation_are_returned_not_dropped():
 
 def test_request_depends_only_on_seed_and_index():
     cfg = load_config(None)
-    seeds = [{"instruction": f"Seed task number {i}.", "instances": [{"input": "", "output": "o"}]}
-             for i in range(10)]
+    seeds = [
+        {"instruction": f"Seed task number {i}.", "instances": [{"input": "", "output": "o"}]}
+        for i in range(10)
+    ]
     a = alpaca.build_request(3, context(cfg, seeds))
     assert a == alpaca.build_request(3, context(cfg, seeds))
     assert a != alpaca.build_request(4, context(cfg, seeds))
@@ -83,9 +98,14 @@ REASON_BLOCKS = {
     "starts_with_punctuation": block(4, "- Explain how rainbows form in the sky."),
     "non_ascii_start": block(4, "É explain how a bill becomes law briefly."),
     "empty_output": block(4, "Explain why the sky looks blue at noon.", output=""),
-    "input_equals_output": block(4, "Repeat the following sentence back exactly.", "Hello there", "Hello there"),
-    "leaked_list_marker": block(4, "Explain the rules of chess to a beginner.",
-                                output="Pieces move. 18. Instruction: something"),
+    "input_equals_output": block(
+        4, "Repeat the following sentence back exactly.", "Hello there", "Hello there"
+    ),
+    "leaked_list_marker": block(
+        4,
+        "Explain the rules of chess to a beginner.",
+        output="Pieces move. 18. Instruction: something",
+    ),
     "control_characters": block(4, "Explain how vaccines train the immune\x07 system."),
 }
 
@@ -123,8 +143,10 @@ class ScriptedTeacher:
 
 def unique_blocks(i: int, n: int = 3) -> str:
     """n tasks that share only two words with any other: all novel at ROUGE-L 0.7."""
+
     def words(k: int) -> str:
         return " ".join(f"w{4 * (i * n + k) + m}" for m in range(4))
+
     return "".join(block(4 + k, f"Describe {words(k)} carefully.") for k in range(n))
 
 
@@ -140,9 +162,12 @@ def cfg(tmp_path):
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
 def test_every_reason_code_is_stored_with_a_record(cfg, chat):
-    script = ["".join(REASON_BLOCKS.values()) + unique_blocks(0, 2)
-              + block(6, "Describe w0 w1 w2 w3 carefully!")  # a near-duplicate of the first
-              + "###\n7. Instruction: no output here\n"]
+    script = [
+        "".join(REASON_BLOCKS.values())
+        + unique_blocks(0, 2)
+        + block(6, "Describe w0 w1 w2 w3 carefully!")  # a near-duplicate of the first
+        + "###\n7. Instruction: no output here\n"
+    ]
     cfg.generation.target = 2
     cfg.teacher.chat = chat
     store = open_run(cfg)
@@ -205,7 +230,9 @@ def test_concurrency_keeps_requests_in_flight_and_order(cfg, tmp_path):
     teacher = ScriptedTeacher(script)
     generate(store, cfg, teacher)
     assert teacher.max_in_flight > 1
-    assert [e["instruction"] for e in store.examples()] == [e["instruction"] for e in serial.examples()]
+    assert [e["instruction"] for e in store.examples()] == [
+        e["instruction"] for e in serial.examples()
+    ]
 
 
 def test_stall_stops_with_a_clear_message(cfg):
@@ -235,7 +262,12 @@ def test_filter_stage_redecides_and_splits(cfg):
 def test_parse_tolerates_markdown_bold_and_repeated_numbers():
     text = "**5. Instruction:** 5. Name a primary colour.\n**5. Input:** <noinput>\n**5. Output:** Red.\n"
     (task,) = alpaca.parse(text, "stop", continued=False, first_number=4)
-    assert (task.instruction, task.input, task.output, task.error) == ("Name a primary colour.", "", "Red.", None)
+    assert (task.instruction, task.input, task.output, task.error) == (
+        "Name a primary colour.",
+        "",
+        "Red.",
+        None,
+    )
 
 
 def test_budget_stops_generation_before_the_cap_and_a_raised_cap_goes_on(cfg, tmp_path):
@@ -261,7 +293,8 @@ def test_budget_stops_generation_before_the_cap_and_a_raised_cap_goes_on(cfg, tm
     assert more.stop_reason == "target" and more.cost_usd <= 1.0
     assert teacher.calls == reference.batch_stats()["batches"]  # none asked twice
     assert [e["instruction"] for e in store.examples()] == [
-        e["instruction"] for e in reference.examples()]
+        e["instruction"] for e in reference.examples()
+    ]
 
 
 def test_stall_message_names_the_commonest_reason(cfg):
@@ -278,54 +311,93 @@ def test_bootstrap_parse_continued_and_chat():
     text = " Name a river in Peru.\n10. Sort the words by length.\n11.   \n12. Plan a picnic for"
     items = self_instruct.parse(text, "length", continued=True, first_number=9)
     assert [(i.instruction, i.error) for i in items] == [
-        ("Name a river in Peru.", None), ("Sort the words by length.", None),
-        ("", "parse_error"), ("Plan a picnic for", "length_truncated")]
-    chat = ("Sure! Here are new tasks:\n\n9. **give** a synonym for quick.\n"
-            "Task 10: Explain tides\n   to a child.\n\nI hope these help!")
+        ("Name a river in Peru.", None),
+        ("Sort the words by length.", None),
+        ("", "parse_error"),
+        ("Plan a picnic for", "length_truncated"),
+    ]
+    chat = (
+        "Sure! Here are new tasks:\n\n9. **give** a synonym for quick.\n"
+        "Task 10: Explain tides\n   to a child.\n\nI hope these help!"
+    )
     items = self_instruct.parse(chat, "stop", continued=False, first_number=9)
-    assert [i.instruction for i in items] == ["Give** a synonym for quick.",
-                                              "Explain tides to a child."]
-    assert [(i.error, i.raw) for i in self_instruct.parse("I cannot do that.", "stop", False, 9)] \
-        == [("parse_error", "I cannot do that.")]
+    assert [i.instruction for i in items] == [
+        "Give** a synonym for quick.",
+        "Explain tides to a child.",
+    ]
+    assert [
+        (i.error, i.raw) for i in self_instruct.parse("I cannot do that.", "stop", False, 9)
+    ] == [("parse_error", "I cannot do that.")]
 
 
 def test_classification_answer():
     assert self_instruct.is_yes(" Yes") and self_instruct.is_yes("**yes**, it is")
-    assert not self_instruct.is_yes(" No") and not self_instruct.is_yes("Maybe") \
+    assert (
+        not self_instruct.is_yes(" No")
+        and not self_instruct.is_yes("Maybe")
         and not self_instruct.is_yes("yesterday")
+    )
 
 
 def test_instance_parsers():
-    text = ("Example 1\nInput: 3, 1, 2\nOutput: 1, 2, 3\nExample 2\nList: b, a\nOutput: a, b\n"
-            "Input: stray second input\nExample 3\nno output label here\n")
+    text = (
+        "Example 1\nInput: 3, 1, 2\nOutput: 1, 2, 3\nExample 2\nList: b, a\nOutput: a, b\n"
+        "Input: stray second input\nExample 3\nno output label here\n"
+    )
     got = [(i.input, i.output, i.reason) for i in parse_input_first(text, "stop")]
-    assert got == [("3, 1, 2", "1, 2, 3", None), ("List: b, a", "a, b", None),
-                   ("", "no output label here", "parse_error")]
+    assert got == [
+        ("3, 1, 2", "1, 2, 3", None),
+        ("List: b, a", "a, b", None),
+        ("", "no output label here", "parse_error"),
+    ]
     # a chat teacher repeating the task; no Example header; a next task it started itself
     text = "Task: Name a colour.\nOutput: Blue\n\nTask: Something else\nOutput: x"
     assert [(i.input, i.output) for i in parse_input_first(text, "stop")] == [("", "Blue")]
     text = "Class label: Spam\nInput: WIN NOW\nClass label: Not spam\nEmail: lunch at 1?\nClass label: Sp"
     got = [(i.input, i.output, i.reason) for i in parse_output_first(text, "length")]
-    assert got == [("WIN NOW", "Spam", None), ("Email: lunch at 1?", "Not spam", None),
-                   ("", "Sp", "length_truncated")]
+    assert got == [
+        ("WIN NOW", "Spam", None),
+        ("Email: lunch at 1?", "Not spam", None),
+        ("", "Sp", "length_truncated"),
+    ]
     assert [i.reason for i in parse_output_first("Spam, obviously.", "stop")] == ["parse_error"]
 
 
 def test_instance_filters_give_every_reason_and_keep_kept_first():
     def judged(pairs, limit=5):
-        out = filter_instances("Do the task well.", [Instance(i, o) for i, o in pairs],
-                               QualityRules(), limit)
+        out = filter_instances(
+            "Do the task well.", [Instance(i, o) for i, o in pairs], QualityRules(), limit
+        )
         return [(i.input, i.output, i.reason) for i in out]
 
-    got = judged([("a", ""), ("same", "same"), ("x", "Here it is:"), ("Text:", "y"),
-                  ("q1", "r1"), ("q1", "r1"), ("q2", "r2"), ("q3", "r3"), ("", "r4"),
-                  ("", "r5"), ("", "r6")])
-    assert got == [("q1", "r1", None), ("q2", "r2", None), ("q3", "r3", None), ("", "r4", None),
-                   ("", "r5", None), ("a", "", "empty_output"),
-                   ("same", "same", "input_equals_output"),
-                   ("x", "Here it is:", "output_ends_with_colon"),
-                   ("Text:", "y", "input_ends_with_colon"), ("q1", "r1", "duplicate_instance"),
-                   ("", "r6", "over_instance_limit")]
+    got = judged(
+        [
+            ("a", ""),
+            ("same", "same"),
+            ("x", "Here it is:"),
+            ("Text:", "y"),
+            ("q1", "r1"),
+            ("q1", "r1"),
+            ("q2", "r2"),
+            ("q3", "r3"),
+            ("", "r4"),
+            ("", "r5"),
+            ("", "r6"),
+        ]
+    )
+    assert got == [
+        ("q1", "r1", None),
+        ("q2", "r2", None),
+        ("q3", "r3", None),
+        ("", "r4", None),
+        ("", "r5", None),
+        ("a", "", "empty_output"),
+        ("same", "same", "input_equals_output"),
+        ("x", "Here it is:", "output_ends_with_colon"),
+        ("Text:", "y", "input_ends_with_colon"),
+        ("q1", "r1", "duplicate_instance"),
+        ("", "r6", "over_instance_limit"),
+    ]
     # one input with two different outputs: the whole task goes, as in the paper
     assert {r for *_, r in judged([("q", "1"), ("q", "2"), ("p", "3")])} == {"conflicting_outputs"}
 
@@ -338,14 +410,24 @@ def test_bootstrap_request_mixes_seed_and_machine_instructions():
     ctx.pool = [(0, "Machine task alpha."), (0, "Machine task beta."), (3, "Machine task gamma.")]
     request = self_instruct.build_request(3, ctx)
     assert request == self_instruct.build_request(3, ctx)
-    listed = [line.split(". ", 1)[1] for line in request.prompt.splitlines()
-              if line[:1].isdigit() and ". " in line]
+    listed = [
+        line.split(". ", 1)[1]
+        for line in request.prompt.splitlines()
+        if line[:1].isdigit() and ". " in line
+    ]
     assert len(listed) == 8 and request.prompt.endswith("\n9.")
     # request 3 with 2 in flight sees the pool of requests <= 1 only: never gamma
-    assert sorted(t for t in listed if t.startswith("Machine")) == ["Machine task alpha.",
-                                                                    "Machine task beta."]
+    assert sorted(t for t in listed if t.startswith("Machine")) == [
+        "Machine task alpha.",
+        "Machine task beta.",
+    ]
     p = request.params()
-    assert (p["temperature"], p["top_p"], p["presence_penalty"], p["max_tokens"]) == (0.7, 0.5, 2.0, 1024)
+    assert (p["temperature"], p["top_p"], p["presence_penalty"], p["max_tokens"]) == (
+        0.7,
+        0.5,
+        2.0,
+        1024,
+    )
     assert "\n16." in p["stop"] and "\n\n" in p["stop"]
     early = self_instruct.build_request(0, ctx)  # nothing in the pool yet: eight seeds
     assert sum("Seed task" in line for line in early.prompt.splitlines()) == 8
@@ -391,9 +473,13 @@ class SelfInstructTeacher:
         if "Classification: Yes" in prompt:
             return " Yes" if "label" in task else " No"
         if "Class label: Positive" in prompt:
-            return self.instances.get(task, "Class label: Good\nInput: fine\nClass label: Bad\nInput: awful\n")
+            return self.instances.get(
+                task, "Class label: Good\nInput: fine\nClass label: Bad\nInput: awful\n"
+            )
         if "Example 1" in prompt:
-            return self.instances.get(task, "Example 1\nInput: one\nOutput: uno\nExample 2\nInput: two\nOutput: dos\n")
+            return self.instances.get(
+                task, "Example 1\nInput: one\nOutput: uno\nExample 2\nInput: two\nOutput: dos\n"
+            )
         return self.lists[request.sample_index % len(self.lists)]
 
     async def complete(self, requests):
@@ -417,15 +503,17 @@ class SelfInstructTeacher:
 
 def novel(i: int, n: int = 3) -> list[str]:
     """n instructions sharing at most two words with any other: novel at ROUGE-L 0.7."""
-    return [f"Describe {' '.join(f'v{4 * (i * n + k) + m}' for m in range(4))} carefully."
-            for k in range(n)]
+    return [
+        f"Describe {' '.join(f'v{4 * (i * n + k) + m}' for m in range(4))} carefully."
+        for k in range(n)
+    ]
 
 
 def as_list(instructions: list[str], chat: bool, first: int = 9) -> str:
     lines = [f"{first + k}. {text}" for k, text in enumerate(instructions)]
     if chat:
         return "Here you go:\n" + "\n".join(lines) + "\n\nEnjoy!"
-    return " " + "\n".join(lines)[len(f"{first}. "):]  # continues the prompt's open "9."
+    return " " + "\n".join(lines)[len(f"{first}. ") :]  # continues the prompt's open "9."
 
 
 @pytest.fixture
@@ -447,14 +535,18 @@ INSTANCE_ANSWERS = {  # instruction -> instance answer, and the reasons it must 
     "Translate this sentence into plain English.": (
         "Example 1\nInput: a\nOutput:\nExample 2\nInput: same\nOutput: same\nExample 3\n"
         "Input: x\nOutput: Here it is:\nExample 4\nInput: Text:\nOutput: y\nExample 5\n"
-        "Input: q1\nOutput: r1\nExample 6\nInput: q1\nOutput: r1\nExample 7\nno label\n"),
-    "Count the vowels in the given word.": ("Example 1\nInput: q\nOutput: 1\nExample 2\n"
-                                            "Input: q\nOutput: 2\n"),
+        "Input: q1\nOutput: r1\nExample 6\nInput: q1\nOutput: r1\nExample 7\nno label\n"
+    ),
+    "Count the vowels in the given word.": (
+        "Example 1\nInput: q\nOutput: 1\nExample 2\nInput: q\nOutput: 2\n"
+    ),
     "Give the answer and label it as correct or wrong.": (
         "Class label: Correct\nInput: 2+2=4\nClass label: Wrong\nInput: 2+2=5\nClass label: Cor",
-        "length"),
-    "List six famous bridges of Europe.": "".join(f"Example {k}\nOutput: bridge {k}\n"
-                                                  for k in range(1, 7)),
+        "length",
+    ),
+    "List six famous bridges of Europe.": "".join(
+        f"Example {k}\nOutput: bridge {k}\n" for k in range(1, 7)
+    ),
 }
 
 
@@ -463,8 +555,10 @@ def run_every_reason(cfg, chat: bool):
     cfg.teacher.chat = chat
     cfg.generation.target = 5
     first = [*INSTRUCTION_REASONS.values(), *INSTANCE_ANSWERS, "Describe w0 w1 w2 w3 carefully."]
-    lists = [as_list(first, chat) + ("" if chat else "\n17.  \n"),
-             as_list(["Describe w0 w1 w2 w3 carefully!", "Describe the rivers of Spain to me."], chat)]
+    lists = [
+        as_list(first, chat) + ("" if chat else "\n17.  \n"),
+        as_list(["Describe w0 w1 w2 w3 carefully!", "Describe the rivers of Spain to me."], chat),
+    ]
     store = open_run(cfg)
     return store, generate(store, cfg, SelfInstructTeacher(lists, instances=INSTANCE_ANSWERS))
 
@@ -485,16 +579,25 @@ def test_self_instruct_stores_every_piece_with_a_reason(si_cfg, chat):
     assert dup["nearest"] == "Describe w0 w1 w2 w3 carefully." and dup["nearest_score"] == 1.0
 
     instances = store.instance_funnel()["rejected"]
-    assert instances == {"empty_output": 1, "input_equals_output": 1, "output_ends_with_colon": 1,
-                         "input_ends_with_colon": 1, "duplicate_instance": 1, "parse_error": 1,
-                         "conflicting_outputs": 2, "length_truncated": 1,
-                         "over_instance_limit": 1}
+    assert instances == {
+        "empty_output": 1,
+        "input_equals_output": 1,
+        "output_ends_with_colon": 1,
+        "input_ends_with_colon": 1,
+        "duplicate_instance": 1,
+        "parse_error": 1,
+        "conflicting_outputs": 2,
+        "length_truncated": 1,
+        "over_instance_limit": 1,
+    }
     kept = {e["instruction"]: [] for e in store.examples()}
     for e in store.examples():
         kept[e["instruction"]].append((e["input"], e["output"]))
     assert kept["Translate this sentence into plain English."] == [("q1", "r1")]
-    assert kept["Give the answer and label it as correct or wrong."] == [("2+2=4", "Correct"),
-                                                                          ("2+2=5", "Wrong")]
+    assert kept["Give the answer and label it as correct or wrong."] == [
+        ("2+2=4", "Correct"),
+        ("2+2=5", "Wrong"),
+    ]
     assert len(kept["List six famous bridges of Europe."]) == 5  # at most 5 a task
     assert kept["Describe the rivers of Spain to me."] == [("one", "uno"), ("two", "dos")]
     classified = {r["instruction"]: r["is_classification"] for r in store.machine_records()}
@@ -506,10 +609,14 @@ def test_self_instruct_stores_every_piece_with_a_reason(si_cfg, chat):
 
 def test_an_instruction_without_instances_stays_in_the_pool(si_cfg):
     si_cfg.generation.target = 2
-    lists = [as_list(["Count the vowels in the given word.", "Describe w0 w1 w2 w3 carefully."],
-                     chat=False),
-             as_list(["Count the vowels in the given word!", "Describe v1 v2 v3 v4 carefully."],
-                     chat=False)]
+    lists = [
+        as_list(
+            ["Count the vowels in the given word.", "Describe w0 w1 w2 w3 carefully."], chat=False
+        ),
+        as_list(
+            ["Count the vowels in the given word!", "Describe v1 v2 v3 v4 carefully."], chat=False
+        ),
+    ]
     teacher = SelfInstructTeacher(lists, instances=INSTANCE_ANSWERS)
     store = open_run(si_cfg)
     generate(store, si_cfg, teacher)
@@ -523,8 +630,10 @@ def test_an_instruction_without_instances_stays_in_the_pool(si_cfg):
 
 
 def si_lists(n: int = 12, chat: bool = False) -> list[str]:
-    extra = {0: ["Assign a label to the given colour.", "Count the vowels in the given word."],
-             2: ["Count the vowels in the given word!"]}  # a repeat of an instruction of request 0
+    extra = {
+        0: ["Assign a label to the given colour.", "Count the vowels in the given word."],
+        2: ["Count the vowels in the given word!"],
+    }  # a repeat of an instruction of request 0
     return [as_list(novel(i) + extra.get(i, []), chat) for i in range(n)]
 
 
@@ -534,8 +643,9 @@ def dataset(store) -> list[tuple]:
 
 def test_self_instruct_killed_mid_run_resumes_to_the_same_dataset(si_cfg, tmp_path):
     si_cfg.generation.target = 10
-    reference = reference_run(si_cfg, tmp_path / "reference",
-                              SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS))
+    reference = reference_run(
+        si_cfg, tmp_path / "reference", SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS)
+    )
     total = reference.request_totals()["requests"]
     # request 0 left "Count the vowels ..." without instances; request 2 repeats it
     assert reference.funnel()["rejected"] == {"no_valid_instances": 1, "rouge_duplicate": 1}
@@ -551,15 +661,18 @@ def test_self_instruct_killed_mid_run_resumes_to_the_same_dataset(si_cfg, tmp_pa
     assert teacher.calls == total - done  # nothing stored was asked again
     assert dataset(store) == dataset(reference)
     assert [r["instruction"] for r in store.rejected_samples(per_reason=99)] == [
-        r["instruction"] for r in reference.rejected_samples(per_reason=99)]
+        r["instruction"] for r in reference.rejected_samples(per_reason=99)
+    ]
 
 
 def test_self_instruct_concurrency_is_deterministic(si_cfg, tmp_path):
     si_cfg.generation.target = 12
     si_cfg.generation.concurrency = 4
     runs = []
-    for name, delay in [("fast-first", lambda t: 0.001 * (len(t) % 7)),
-                        ("slow-first", lambda t: 0.001 * (7 - len(t) % 7))]:
+    for name, delay in [
+        ("fast-first", lambda t: 0.001 * (len(t) % 7)),
+        ("slow-first", lambda t: 0.001 * (7 - len(t) % 7)),
+    ]:
         c = si_cfg.model_copy(deep=True)
         c.run_dir = tmp_path / name
         store = open_run(c)
@@ -579,15 +692,20 @@ def test_self_instruct_chat_teacher(si_cfg):
     store = open_run(si_cfg)
     teacher = SelfInstructTeacher(si_lists(chat=True))
     assert generate(store, si_cfg, teacher).stop_reason == "target"
-    assert all("Is this last task a classification task?" in p for p in teacher.prompts
-               if "Classification: Yes" in p)
+    assert all(
+        "Is this last task a classification task?" in p
+        for p in teacher.prompts
+        if "Classification: Yes" in p
+    )
     assert {e["instruction"] for e in store.examples()} >= set(novel(0))
 
 
 def test_user_templates_and_their_errors(si_cfg, tmp_path):
     own = tmp_path / "bootstrap.jinja"
-    own.write_text("MY OWN PROMPT about {{ topics }}\n{% for d in demonstrations %}{{ loop.index }}. "
-                   "{{ d }}\n{% endfor %}{{ first_new }}.")
+    own.write_text(
+        "MY OWN PROMPT about {{ topics }}\n{% for d in demonstrations %}{{ loop.index }}. "
+        "{{ d }}\n{% endfor %}{{ first_new }}."
+    )
     si_cfg.generation.prompt_template = own
     si_cfg.generation.topics = "astronomy"
     si_cfg.generation.target = 3
@@ -616,8 +734,14 @@ def test_explain_prints_the_funnel_with_examples(si_cfg):
     assert out.exit_code == 0, out.output
     text = out.output
     assert "recipe self-instruct" in text and "classify 6" in text
-    for reason in [*INSTRUCTION_REASONS, "rouge_duplicate", "no_valid_instances",
-                   "duplicate_instance", "conflicting_outputs", "over_instance_limit"]:
+    for reason in [
+        *INSTRUCTION_REASONS,
+        "rouge_duplicate",
+        "no_valid_instances",
+        "duplicate_instance",
+        "conflicting_outputs",
+        "over_instance_limit",
+    ]:
         line = next(line for line in text.splitlines() if line.strip().startswith(reason + " "))
         assert "e.g." in line, line
     assert "(ROUGE-L 1.00)" in text
@@ -625,8 +749,11 @@ def test_explain_prints_the_funnel_with_examples(si_cfg):
 
 # -- steering -----------------------------------------------------------------------------------
 DOMAINS = {
-    "cooking": ["Suggest a {} recipe using leftover rice", "Explain how to bake {} bread at home",
-                "Give a {} marinade for grilled vegetables"],
+    "cooking": [
+        "Suggest a {} recipe using leftover rice",
+        "Explain how to bake {} bread at home",
+        "Give a {} marinade for grilled vegetables",
+    ],
     "law": ["Explain the {} rules of a rental contract", "Summarise the {} rights of a tenant"],
     "sports": ["Describe a {} training plan for a marathon", "Explain the {} offside rule"],
     "music": ["Describe the {} structure of a sonata", "Suggest {} chords for a folk song"],
@@ -651,8 +778,11 @@ class DomainTeacher(SelfInstructTeacher):
         rng = random.Random(request.sample_index)
         tasks = []
         for k in range(4):
-            domain = ("cooking" if "cooking" in prompt and rng.random() < 0.8
-                      else rng.choice(sorted(DOMAINS)))
+            domain = (
+                "cooking"
+                if "cooking" in prompt and rng.random() < 0.8
+                else rng.choice(sorted(DOMAINS))
+            )
             template = rng.choice(DOMAINS[domain])
             i = request.sample_index  # words of its own, so that tasks are novel
             tasks.append(template.format(" ".join(f"{a}{i}x{k}" for a in "pqrstu")))
@@ -680,14 +810,20 @@ def test_topics_steer_generation_towards_the_domain(cfg, tmp_path, recipe):
 def test_a_topic_list_is_taken_in_turn(cfg):
     cfg.generation.topics = ["astronomy", "gardening", "chess"]
     cfg.generation.target = 1
-    ctx = context(cfg, [{"instruction": "A seed task.", "instances": [{"input": "", "output": "o"}]}])
+    ctx = context(
+        cfg, [{"instruction": "A seed task.", "instances": [{"input": "", "output": "o"}]}]
+    )
     prompts = [alpaca.build_request(i, ctx).prompt for i in range(6)]
     assert ["astronomy" in p for p in prompts] == [True, False, False, True, False, False]
     assert ["chess" in p for p in prompts] == [False, False, True, False, False, True]
 
 
-CHINESE = ["请用三句话介绍长城的历史。", "把下面的句子翻译成英文。", "写一首关于秋天的短诗。",
-           "解释什么是光合作用。"]
+CHINESE = [
+    "请用三句话介绍长城的历史。",
+    "把下面的句子翻译成英文。",
+    "写一首关于秋天的短诗。",
+    "解释什么是光合作用。",
+]
 
 
 @pytest.mark.parametrize("recipe", ["alpaca", "self-instruct"])
@@ -720,9 +856,16 @@ def test_self_instruct_on_the_embedded_teacher(tmp_path):
     from tutelage.generate.explain import explain
     from tutelage.teachers import make_teacher  # loads llama.cpp
 
-    c = load_config(None, {"generation.recipe": "self-instruct", "generation.target": 2,
-                           "generation.max_requests": 2, "teacher.threads": 2,
-                           "teacher.sampling.max_tokens": 256})
+    c = load_config(
+        None,
+        {
+            "generation.recipe": "self-instruct",
+            "generation.target": 2,
+            "generation.max_requests": 2,
+            "teacher.threads": 2,
+            "teacher.sampling.max_tokens": 256,
+        },
+    )
     c.run_dir = tmp_path / "run"
     store = open_run(c)
     teacher = make_teacher(c.teacher)
@@ -761,8 +904,9 @@ def test_self_instruct_budget_stops_before_the_cap_and_a_raised_cap_goes_on(si_c
     from tutelage.config import Price
 
     si_cfg.generation.target = 10
-    reference = reference_run(si_cfg, tmp_path / "reference",
-                              SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS))
+    reference = reference_run(
+        si_cfg, tmp_path / "reference", SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS)
+    )
     total = reference.request_totals()["requests"]
 
     # Every request answers 20 tokens; at $1,000 per million output tokens each costs $0.02, and

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from helpers import save_tiny_model
 from safetensors.torch import load_file, save_file
 
 from tutelage.export import export_model, gguf_path
 from tutelage.formats import prompt_ids, student_prompt
 from tutelage.gguf_export import ENV_VAR, ConverterNotFound, export_gguf, find_converter
 from tutelage.models import embedded_student_hf, embedded_teacher_hf
-
-from helpers import save_tiny_model
 
 
 def _converter_missing() -> str | None:
@@ -35,7 +34,8 @@ def _converter_missing() -> str | None:
 MISSING = _converter_missing()
 needs_converter = pytest.mark.skipif(
     MISSING is not None,
-    reason=f"llama.cpp's converter is not installed (`make install` installs it): {MISSING}")
+    reason=f"llama.cpp's converter is not installed (`make install` installs it): {MISSING}",
+)
 
 PROMPT = student_prompt("Name three primary colours.")
 # Largest logit error measured on the tiny models (logits spread about 0.16): f32 3e-4, f16 7e-4,
@@ -55,8 +55,11 @@ def tokenizer():
 def sharpen_attention(folder: Path, names=("q_proj.weight", "k_proj.weight", "c_attn.weight")):
     path = folder / "model.safetensors"
     weights = load_file(path)
-    save_file({k: v * SHARPEN if k.endswith(names) else v for k, v in weights.items()}, path,
-              metadata={"format": "pt"})
+    save_file(
+        {k: v * SHARPEN if k.endswith(names) else v for k, v in weights.items()},
+        path,
+        metadata={"format": "pt"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +72,30 @@ def tiny_llama(tmp_path_factory, tokenizer) -> Path:
 def save_tiny(kind: str, folder: Path, tokenizer) -> Path:
     """A 2-layer random model of another architecture the converter handles, same tokenizer."""
     torch.manual_seed(0)
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    layers = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    layers = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     if kind == "gemma3":
         # llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim), as the released sizes do; the
         # config default (256) only equals that for head_dim 256.
-        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-            **layers, **ids, query_pre_attn_scalar=16, sliding_window=512))
+        model = tf.Gemma3ForCausalLM(
+            tf.Gemma3TextConfig(**layers, **ids, query_pre_attn_scalar=16, sliding_window=512)
+        )
     elif kind == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4,
-                                                 n_positions=1024, **ids))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **ids)
+        )
     else:
         raise ValueError(kind)
     model.save_pretrained(folder)
@@ -98,8 +113,7 @@ def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
 def gguf_logits(path: Path, ids: list[int], threads: int = 1) -> np.ndarray:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=threads,
-                verbose=False)
+    llm = Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=threads, verbose=False)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -231,8 +245,10 @@ def test_an_unsupported_architecture_is_one_clear_line(tmp_path, tiny_llama):
     out = tmp_path / "odd.gguf"
     with pytest.raises(ValueError) as err:
         export_gguf(folder, out)
-    assert str(err.value) == (f"{folder}: GGUF conversion failed: Model OddForCausalLM is not "
-                              f"supported (log: {out.with_suffix('.log')})")
+    assert str(err.value) == (
+        f"{folder}: GGUF conversion failed: Model OddForCausalLM is not "
+        f"supported (log: {out.with_suffix('.log')})"
+    )
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
@@ -272,9 +288,14 @@ def test_fetch_script_installs_only_the_converter_and_is_idempotent(tmp_path):
     """scripts/fetch_gguf_converter.py on a stand-in sdist: the converter's files only, a
     VERSION stamp, and a second run that changes nothing."""
     root = "llama_cpp_python-9.9.9/vendor/llama.cpp/"
-    files = {"convert_hf_to_gguf.py": "# converter", "conversion/__init__.py": "",
-             "gguf-py/gguf/__init__.py": "", "LICENSE": "MIT", "ggml/src/ggml.c": "int x;",
-             "convert_lora_to_gguf.py": "# not needed"}
+    files = {
+        "convert_hf_to_gguf.py": "# converter",
+        "conversion/__init__.py": "",
+        "gguf-py/gguf/__init__.py": "",
+        "LICENSE": "MIT",
+        "ggml/src/ggml.c": "int x;",
+        "convert_lora_to_gguf.py": "# not needed",
+    }
     src = tmp_path / "src"
     for name, text in files.items():
         (src / root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -284,14 +305,27 @@ def test_fetch_script_installs_only_the_converter_and_is_idempotent(tmp_path):
         tar.add(src / "llama_cpp_python-9.9.9", arcname="llama_cpp_python-9.9.9")
     target = tmp_path / "venv" / "share" / "tutelage" / "llama.cpp"
     script = Path(__file__).parents[1] / "scripts" / "fetch_gguf_converter.py"
-    cmd = [sys.executable, str(script), "--version", "9.9.9", "--sdist", str(sdist),
-           "--target", str(target)]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--version",
+        "9.9.9",
+        "--sdist",
+        str(sdist),
+        "--target",
+        str(target),
+    ]
 
     first = subprocess.run(cmd, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     installed = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
-    assert installed == {"convert_hf_to_gguf.py", "conversion/__init__.py",
-                         "gguf-py/gguf/__init__.py", "LICENSE", "VERSION"}
+    assert installed == {
+        "convert_hf_to_gguf.py",
+        "conversion/__init__.py",
+        "gguf-py/gguf/__init__.py",
+        "LICENSE",
+        "VERSION",
+    }
     assert (target / "VERSION").read_text().strip() == "9.9.9"
     stamp = (target / "VERSION").stat().st_mtime_ns
     sdist.unlink()  # up to date: the second run needs no sdist at all

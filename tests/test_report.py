@@ -11,8 +11,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
 from browser import open_page, require_chromium
+
 from tutelage.report import md_fence, md_inline, write_report
 from tutelage.store import Store
 
@@ -24,14 +24,22 @@ REASONS = ("rouge_duplicate", "too_short", "blacklisted_word", "parse_error", "l
 
 
 def kept(text: str, output: str, task_input: str = "") -> dict:
-    return {"text": text, "status": "kept", "reason": None,
-            "instances": [{"input": task_input, "output": output, "status": "kept",
-                           "reason": None}]}
+    return {
+        "text": text,
+        "status": "kept",
+        "reason": None,
+        "instances": [{"input": task_input, "output": output, "status": "kept", "reason": None}],
+    }
 
 
 def rejected(text: str, reason: str, output: str = "An answer.", **extra) -> dict:
-    return {"text": text, "status": "rejected", "reason": reason, **extra,
-            "instances": [{"input": "", "output": output, "status": "rejected", "reason": reason}]}
+    return {
+        "text": text,
+        "status": "rejected",
+        "reason": reason,
+        **extra,
+        "instances": [{"input": "", "output": output, "status": "rejected", "reason": reason}],
+    }
 
 
 def unparsed(reason: str, raw: str) -> dict:
@@ -41,80 +49,202 @@ def unparsed(reason: str, raw: str) -> dict:
 def make_run(run_dir: Path) -> Store:
     """A run with every stage: 8 generated tasks (3 kept), a training run and an evaluation."""
     store = Store(run_dir)
-    store.set_meta("config", {
-        "seed": 0,
-        "teacher": {"backend": "openai", "model": "org|teacher-7b",
-                    "sampling": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 768}},
-        "generation": {"recipe": "alpaca", "tasks_per_request": 20, "demonstrations": 3,
-                       "target": 100},
-        "student": {"model": "embedded", "method": "lora"},
-    })
-    store.put_seeds([{"instruction": "Write a haiku about the sea.", "instances": []},
-                     {"instruction": "List three primary colours.", "instances": []}])
+    store.set_meta(
+        "config",
+        {
+            "seed": 0,
+            "teacher": {
+                "backend": "openai",
+                "model": "org|teacher-7b",
+                "sampling": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 768},
+            },
+            "generation": {
+                "recipe": "alpaca",
+                "tasks_per_request": 20,
+                "demonstrations": 3,
+                "target": 100,
+            },
+            "student": {"model": "embedded", "method": "lora"},
+        },
+    )
+    store.put_seeds(
+        [
+            {"instruction": "Write a haiku about the sea.", "instances": []},
+            {"instruction": "List three primary colours.", "instances": []},
+        ]
+    )
     store.begin_request("req-0", "openai", "org|teacher-7b", {"prompt": "p"}, "generate")
-    store.finish_request("req-0", text="(teacher text)", finish_reason="length", tokens_in=1200,
-                         tokens_out=3400, cost_usd=0.0123, latency_s=12.5, attempts=1)
-    store.put_batch(0, "req-0", "alpaca", [
-        kept("Write a haiku about autumn leaves.", "Crimson leaves descend."),
-        kept(f"Explain this HTML: {SCRIPT} {IMG}", FENCED_OUTPUT, task_input=f"a | b {IMG}"),
-        kept("Name three primary colours for a child.", "Red, yellow and blue."),
-        rejected("Write a haiku about autumn leaf.", "rouge_duplicate", nearest_pos=0,
-                 nearest_score=0.875),
-        rejected("Hi there.", "too_short"),
-        rejected("Draw a picture of a cat.", "blacklisted_word"),
-        unparsed("parse_error", f"4. Instrction: garbled {SCRIPT}"),
-        unparsed("length_truncated", "8. Instruction: Explain why the sky"),
-    ])
+    store.finish_request(
+        "req-0",
+        text="(teacher text)",
+        finish_reason="length",
+        tokens_in=1200,
+        tokens_out=3400,
+        cost_usd=0.0123,
+        latency_s=12.5,
+        attempts=1,
+    )
+    store.put_batch(
+        0,
+        "req-0",
+        "alpaca",
+        [
+            kept("Write a haiku about autumn leaves.", "Crimson leaves descend."),
+            kept(f"Explain this HTML: {SCRIPT} {IMG}", FENCED_OUTPUT, task_input=f"a | b {IMG}"),
+            kept("Name three primary colours for a child.", "Red, yellow and blue."),
+            rejected(
+                "Write a haiku about autumn leaf.",
+                "rouge_duplicate",
+                nearest_pos=0,
+                nearest_score=0.875,
+            ),
+            rejected("Hi there.", "too_short"),
+            rejected("Draw a picture of a cat.", "blacklisted_word"),
+            unparsed("parse_error", f"4. Instrction: garbled {SCRIPT}"),
+            unparsed("length_truncated", "8. Instruction: Explain why the sky"),
+        ],
+    )
     # The filter's split: same decisions, each kept task in its own split.
     splits = iter(("train", "valid", "test"))
-    store.set_decisions([
-        {"id": r["id"], "status": r["status"], "reason": r["reason"], "nearest_id": r["nearest_id"],
-         "nearest_score": r["nearest_score"], "instance_id": r["instance_id"],
-         "instance_status": r["instance_status"], "instance_reason": r["instance_reason"],
-         "split": next(splits) if r["status"] == "kept" else None}
-        for r in store.machine_records()
-    ])
+    store.set_decisions(
+        [
+            {
+                "id": r["id"],
+                "status": r["status"],
+                "reason": r["reason"],
+                "nearest_id": r["nearest_id"],
+                "nearest_score": r["nearest_score"],
+                "instance_id": r["instance_id"],
+                "instance_status": r["instance_status"],
+                "instance_reason": r["instance_reason"],
+                "split": next(splits) if r["status"] == "kept" else None,
+            }
+            for r in store.machine_records()
+        ]
+    )
     for stage in ("generate", "filter", "train", "evaluate"):
         store.stage_started(stage)
         store.stage_finished(stage, "done", {"message": f"{stage} finished"})
 
-    run_id = store.start_train_run("fp", "gemma-3-270m", "lora", {"epochs": 2}, n_train=1,
-                                   n_valid=1)
+    run_id = store.start_train_run(
+        "fp", "gemma-3-270m", "lora", {"epochs": 2}, n_train=1, n_valid=1
+    )
     for step in range(1, 21):
         eval_loss = 2.0 - step * 0.04 if step % 5 == 0 else None
-        store.log_train_step(run_id, step, loss=3.0 - step * 0.05, eval_loss=eval_loss,
-                             tokens_per_s=800.0 + step, elapsed_s=step * 4.6)
-    store.finish_train_run(run_id, "done", str(run_dir / "student"),
-                           {"steps": 20, "seconds": 93.0, "tokens_per_s": 812.5})
+        store.log_train_step(
+            run_id,
+            step,
+            loss=3.0 - step * 0.05,
+            eval_loss=eval_loss,
+            tokens_per_s=800.0 + step,
+            elapsed_s=step * 4.6,
+        )
+    store.finish_train_run(
+        run_id,
+        "done",
+        str(run_dir / "student"),
+        {"steps": 20, "seconds": 93.0, "tokens_per_s": 812.5},
+    )
 
-    answers = {"base": f"base says {IMG}", "tuned": f"tuned says {SCRIPT}",
-               "teacher": "the teacher says"}
+    answers = {
+        "base": f"base says {IMG}",
+        "tuned": f"tuned says {SCRIPT}",
+        "teacher": "the teacher says",
+    }
     for role, answer in answers.items():
-        store.put_eval_item("held_out", "item-1", role, f"Explain {SCRIPT}", "", "The reference.",
-                            answer, {"rouge_l": {"base": 0.2, "tuned": 0.4}.get(role, 0.6),
-                                     "nll": 2.5})
-    order = {"first_as": "A", "verdict": "A", "rationale": f"A is better {IMG}", "keys": [],
-             "attempts": 1}
-    store.put_judgement("held_out", "item-1", "pairwise", "tuned:base", "done", 1.0, None,
-                        {"score": 1.0, "consistent": True,
-                         "orders": [order, {**order, "first_as": "B", "verdict": "B"}]})
-    store.put_judgement("held_out", "item-1", "rubric", "tuned", "done", None, "B",
-                        {"grade": "B", "rationale": f"minor flaws {SCRIPT}"})
-    ci = {"rouge_l": {"base": (0.231, 0.190, 0.270), "tuned": (0.352, 0.300, 0.401),
-                      "delta": (0.121, 0.050, 0.190)},
-          "nll": {"base": (2.5, 2.4, 2.6), "tuned": (1.9, 1.8, 2.0), "delta": (-0.6, -0.7, -0.5)}}
-    store.put_eval_summary([
-        {"set_name": "held_out", "model_role": role, "metric": metric, "value": v, "ci_low": lo,
-         "ci_high": hi, "n": 12}
-        for metric, by_role in ci.items() for role, (v, lo, hi) in by_role.items()
-    ] + [
-        {"set_name": "held_out", "model_role": "tuned:base", "metric": "win_rate", "value": 0.75,
-         "ci_low": 0.6, "ci_high": 0.9, "n": 12},
-        {"set_name": "held_out", "model_role": "tuned:base", "metric": "lc_win_rate",
-         "value": 0.7, "ci_low": 0.45, "ci_high": 0.85, "n": 12},
-        {"set_name": "held_out", "model_role": "tuned", "metric": "rubric_acceptable",
-         "value": 0.5, "ci_low": 0.25, "ci_high": 0.75, "n": 12},
-    ])
+        store.put_eval_item(
+            "held_out",
+            "item-1",
+            role,
+            f"Explain {SCRIPT}",
+            "",
+            "The reference.",
+            answer,
+            {"rouge_l": {"base": 0.2, "tuned": 0.4}.get(role, 0.6), "nll": 2.5},
+        )
+    order = {
+        "first_as": "A",
+        "verdict": "A",
+        "rationale": f"A is better {IMG}",
+        "keys": [],
+        "attempts": 1,
+    }
+    store.put_judgement(
+        "held_out",
+        "item-1",
+        "pairwise",
+        "tuned:base",
+        "done",
+        1.0,
+        None,
+        {
+            "score": 1.0,
+            "consistent": True,
+            "orders": [order, {**order, "first_as": "B", "verdict": "B"}],
+        },
+    )
+    store.put_judgement(
+        "held_out",
+        "item-1",
+        "rubric",
+        "tuned",
+        "done",
+        None,
+        "B",
+        {"grade": "B", "rationale": f"minor flaws {SCRIPT}"},
+    )
+    ci = {
+        "rouge_l": {
+            "base": (0.231, 0.190, 0.270),
+            "tuned": (0.352, 0.300, 0.401),
+            "delta": (0.121, 0.050, 0.190),
+        },
+        "nll": {"base": (2.5, 2.4, 2.6), "tuned": (1.9, 1.8, 2.0), "delta": (-0.6, -0.7, -0.5)},
+    }
+    store.put_eval_summary(
+        [
+            {
+                "set_name": "held_out",
+                "model_role": role,
+                "metric": metric,
+                "value": v,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": 12,
+            }
+            for metric, by_role in ci.items()
+            for role, (v, lo, hi) in by_role.items()
+        ]
+        + [
+            {
+                "set_name": "held_out",
+                "model_role": "tuned:base",
+                "metric": "win_rate",
+                "value": 0.75,
+                "ci_low": 0.6,
+                "ci_high": 0.9,
+                "n": 12,
+            },
+            {
+                "set_name": "held_out",
+                "model_role": "tuned:base",
+                "metric": "lc_win_rate",
+                "value": 0.7,
+                "ci_low": 0.45,
+                "ci_high": 0.85,
+                "n": 12,
+            },
+            {
+                "set_name": "held_out",
+                "model_role": "tuned",
+                "metric": "rubric_acceptable",
+                "value": 0.5,
+                "ci_low": 0.25,
+                "ci_high": 0.75,
+                "n": 12,
+            },
+        ]
+    )
     store.count_cache_hit("req-0")  # a rerun found the answer stored
     return store
 
@@ -170,7 +300,9 @@ def table_cells(line: str) -> list[str]:
 # -- the full run -------------------------------------------------------------------------------
 def page_data(html: str) -> dict:
     """The JSON data block the page's browsers render."""
-    block = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', html, re.S)
+    block = re.search(
+        r'<script type="application/json" id="report-data">(.*?)</script>', html, re.DOTALL
+    )
     return json.loads(block[1])
 
 
@@ -189,7 +321,9 @@ def test_funnel_numbers_and_every_reason(report):
     # The nearest kept instruction is shown next to the duplicate.
     assert "Nearest kept instruction:\nWrite a haiku about autumn leaves." in md
     assert (duplicate["nearest"], duplicate["nearest_score"]) == (
-        "Write a haiku about autumn leaves.", 0.875)
+        "Write a haiku about autumn leaves.",
+        0.875,
+    )
     raw = {r["reason"]: r["raw"] for r in rejected}
     assert raw["parse_error"] == f"4. Instrction: garbled {SCRIPT}"  # unparsed text, as written
 
@@ -214,8 +348,11 @@ def test_verbs_without_a_parser_say_how_to_add_one(tmp_path, monkeypatch):
     import tutelage.report as report_module
     from tutelage.report.analysis import verb_objects
 
-    monkeypatch.setattr(report_module, "verb_objects",
-                        lambda texts, **kw: verb_objects(texts, **kw, model="no_such_model"))
+    monkeypatch.setattr(
+        report_module,
+        "verb_objects",
+        lambda texts, **kw: verb_objects(texts, **kw, model="no_such_model"),
+    )
     with make_run(tmp_path) as store:
         md_path, html_path = write_report(store, tmp_path)
     md, html = md_path.read_text(), html_path.read_text()
@@ -233,16 +370,22 @@ def test_cost_training_and_evaluation(report):
     assert "| steps | 20 |" in md and "| useful tokens/s | 812.5 |" in md
     assert "| time | 1 min 33 s |" in md
     assert "| first eval loss | 1.800 |" in md and "| final eval loss | 1.200 |" in md
-    assert ("| rouge_l (higher is better) | 0.231 [0.190, 0.270] | 0.352 [0.300, 0.401] "
-            "| +0.121 [+0.050, +0.190] | better | 12 |").replace("_", r"\_") in md
+    assert (
+        "| rouge_l (higher is better) | 0.231 [0.190, 0.270] | 0.352 [0.300, 0.401] "
+        "| +0.121 [+0.050, +0.190] | better | 12 |"
+    ).replace("_", r"\_") in md
     assert "| -0.600 [-0.700, -0.500] | better |" in md  # a lower nll is better
     # The judge's win rates have their own table, not columns of the metric table.
-    assert ("| tuned vs base | 0.750 [0.600, 0.900] | 0.700 [0.450, 0.850] | tuned wins | 12 |"
-            in md)
+    assert "| tuned vs base | 0.750 [0.600, 0.900] | 0.700 [0.450, 0.850] | tuned wins | 12 |" in md
     assert "| tuned | 0.500 [0.250, 0.750] | 12 |" in md  # the rubric's acceptable share
     assert "tuned:base" not in md
-    for text in ("0.231 [0.190, 0.270]", "tuned − base", "0.750 [0.600, 0.900]", "tuned wins",
-                 "Answers side by side"):
+    for text in (
+        "0.231 [0.190, 0.270]",
+        "tuned − base",
+        "0.750 [0.600, 0.900]",
+        "tuned wins",
+        "Answers side by side",
+    ):
         assert text in html
     assert "No training yet" not in html and "No evaluation yet" not in html
 
@@ -255,8 +398,9 @@ def test_answers_side_by_side_carry_every_role_and_the_judge(report):
     [pair] = item["pairs"]
     assert pair["pair"] == "tuned:base" and pair["score"] == 1.0
     assert [o["first_as"] for o in pair["orders"]] == ["A", "B"]
-    assert item["grades"] == [{"role": "tuned", "status": "done", "grade": "B",
-                               "rationale": f"minor flaws {SCRIPT}"}]
+    assert item["grades"] == [
+        {"role": "tuned", "status": "done", "grade": "B", "rationale": f"minor flaws {SCRIPT}"}
+    ]
 
 
 def test_html_is_self_contained_with_inline_charts(report):
@@ -270,7 +414,7 @@ def test_html_is_self_contained_with_inline_charts(report):
     # Two scripts: the JSON data (never run) and the page's own, which the CSP allows by hash.
     scripts = [attrs for tag, attrs in tags if tag == "script"]
     assert scripts == [{"type": "application/json", "id": "report-data"}, {}]
-    body = re.findall(r"<script>(.*?)</script>", html, re.S)[-1]
+    body = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)[-1]
     digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
     csp = next(a["content"] for t, a in tags if a.get("http-equiv") == "Content-Security-Policy")
     assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp
@@ -314,14 +458,22 @@ def test_empty_store_renders_and_says_what_is_missing(tmp_path):
         assert "no evaluation yet" in text and "tutelage evaluate --run-dir" in text
         assert "No configuration stored in this run." in text
         assert "not run" in text
-    assert "<svg" not in html and "<h2 id=\"evaluation\">" in html
+    assert "<svg" not in html and '<h2 id="evaluation">' in html
 
 
 def test_kept_but_untrained_run_asks_for_training(tmp_path):
     with Store(tmp_path) as store:
         store.begin_request("k", "llamacpp", "embedded", {}, "generate")
-        store.finish_request("k", text="t", finish_reason="stop", tokens_in=1, tokens_out=2,
-                             cost_usd=0.0, latency_s=0.5, attempts=1)
+        store.finish_request(
+            "k",
+            text="t",
+            finish_reason="stop",
+            tokens_in=1,
+            tokens_out=2,
+            cost_usd=0.0,
+            latency_s=0.5,
+            attempts=1,
+        )
         store.put_batch(0, "k", "alpaca", [kept("Sort these numbers in order.", "1, 2, 3")])
         run_id = store.start_train_run("fp", "m", "lora", {}, n_train=1, n_valid=0)
         store.finish_train_run(run_id, "failed", None)
@@ -333,8 +485,10 @@ def test_kept_but_untrained_run_asks_for_training(tmp_path):
 
 # -- the page in headless Chromium -------------------------------------------------------------
 CHART_IDS = ["chart-funnel", "chart-lengths", "chart-novelty", "chart-verbs", "chart-loss"]
-CARDS = "return Object.fromEntries([...document.querySelectorAll('.browser')].map(b =>" \
-        " [b.id, b.hidden ? -1 : b.querySelectorAll('.card').length]))"
+CARDS = (
+    "return Object.fromEntries([...document.querySelectorAll('.browser')].map(b =>"
+    " [b.id, b.hidden ? -1 : b.querySelectorAll('.card').length]))"
+)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -361,30 +515,41 @@ def choose(page, selector: str, value: str) -> None:
 def test_page_in_chromium_draws_every_chart_and_runs_no_generated_markup(report_files, tmp_path):
     require_chromium()
     with open_page(report_files[1]) as page:
-        charts = page.js("return [...document.querySelectorAll('.chart')].map(c => {"
-                         " const svg = c.querySelector('svg');"
-                         " const box = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};"
-                         " return [c.id, box.width, box.height]; })")
+        charts = page.js(
+            "return [...document.querySelectorAll('.chart')].map(c => {"
+            " const svg = c.querySelector('svg');"
+            " const box = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};"
+            " return [c.id, box.width, box.height]; })"
+        )
         assert [c[0] for c in charts] == CHART_IDS
         assert all(width > 300 and height > 150 for _, width, height in charts), charts
         assert page.js(CARDS) == {"kept-browser": 3, "rejected-browser": 5, "answers-browser": 1}
 
         # Markup a model wrote is on the page as text, and none of it ran.
-        texts = page.js("return [...document.querySelectorAll('pre.text, .about')]"
-                        ".map(e => e.textContent)")
-        for text in (f"Explain this HTML: {SCRIPT} {IMG}", f"a | b {IMG}",
-                     f"4. Instrction: garbled {SCRIPT}", f"tuned says {SCRIPT}",
-                     f"minor flaws {SCRIPT}"):
+        texts = page.js(
+            "return [...document.querySelectorAll('pre.text, .about')].map(e => e.textContent)"
+        )
+        for text in (
+            f"Explain this HTML: {SCRIPT} {IMG}",
+            f"a | b {IMG}",
+            f"4. Instrction: garbled {SCRIPT}",
+            f"tuned says {SCRIPT}",
+            f"minor flaws {SCRIPT}",
+        ):
             assert text in texts
         assert any(f"A is better {IMG}" in t for t in texts)  # a judge's rationale
-        assert page.js("return [document.querySelectorAll('img').length, document.scripts.length,"
-                       " typeof window.pwned]") == [0, 2, "undefined"]
+        assert page.js(
+            "return [document.querySelectorAll('img').length, document.scripts.length,"
+            " typeof window.pwned]"
+        ) == [0, 2, "undefined"]
 
         # The browsers: search, a split, a reason, a set.
         type_into(page, "#kept-browser input", "HAIKU autumn")
         assert page.js(CARDS)["kept-browser"] == 1
-        assert page.js("return document.querySelector('#kept-browser .count').textContent") == \
-            "1 of 3 match"
+        assert (
+            page.js("return document.querySelector('#kept-browser .count').textContent")
+            == "1 of 3 match"
+        )
         type_into(page, "#kept-browser input", "")
         choose(page, "#kept-browser select", "test")
         assert page.js(CARDS)["kept-browser"] == 1
@@ -408,10 +573,22 @@ def test_page_in_chromium_pages_long_lists_and_blocks_stray_scripts(tmp_path):
     require_chromium()
     with Store(tmp_path) as store:
         store.begin_request("k", "llamacpp", "embedded", {}, "generate")
-        store.finish_request("k", text="t", finish_reason="stop", tokens_in=1, tokens_out=2,
-                             cost_usd=0.0, latency_s=0.5, attempts=1)
-        store.put_batch(0, "k", "alpaca", [kept(f"Describe the number {i} in words.", str(i))
-                                           for i in range(30)])
+        store.finish_request(
+            "k",
+            text="t",
+            finish_reason="stop",
+            tokens_in=1,
+            tokens_out=2,
+            cost_usd=0.0,
+            latency_s=0.5,
+            attempts=1,
+        )
+        store.put_batch(
+            0,
+            "k",
+            "alpaca",
+            [kept(f"Describe the number {i} in words.", str(i)) for i in range(30)],
+        )
         html_path = write_report(store, tmp_path)[1]
     html = html_path.read_text(encoding="utf-8")
     stray = tmp_path / "stray.html"

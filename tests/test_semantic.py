@@ -397,7 +397,8 @@ def test_screen_chains_rouge_minhash_and_embeddings_and_pools_only_what_passes_a
     minhash, embedding = (index for _, index in screen.extra)
     # A fake embedder: texts about cats point one way, everything else another.
     embedding.embed = lambda texts: np.array(
-        [[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in texts])
+        [[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in texts]
+    )
 
     out = "An answer."
     base = "Explain how a cat keeps its balance when it falls from a tree"

@@ -17,12 +17,19 @@ from email.utils import format_datetime
 import httpx
 import pytest
 import torch
-
 from fault_server import FaultServer
+
 from tutelage.config import Price, TeacherConfig
 from tutelage.store import Store
-from tutelage.teachers import (BudgetExceeded, Completion, Ledger, Request, TeacherError,
-                               make_teacher, price_for)
+from tutelage.teachers import (
+    BudgetExceeded,
+    Completion,
+    Ledger,
+    Request,
+    TeacherError,
+    make_teacher,
+    price_for,
+)
 from tutelage.teachers.openai import OpenAITeacher, RateLimit, retry_after
 
 SECRET = "sk-test-DO-NOT-LEAK-4242"
@@ -30,8 +37,10 @@ KEY_ENV = "TUTELAGE_TEST_KEY"
 
 
 def chat(i: int) -> Request:
-    return Request.make(messages=[{"role": "user", "content": f"task number {i}"}],
-                        sampling={"max_tokens": 10, "temperature": 0.0, "stop": []})
+    return Request.make(
+        messages=[{"role": "user", "content": f"task number {i}"}],
+        sampling={"max_tokens": 10, "temperature": 0.0, "stop": []},
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -61,15 +70,18 @@ def rows(store: Store) -> list[dict]:
 
 # -- the package --------------------------------------------------------------------------------
 def test_importing_teachers_loads_no_model_library():
-    code = ("import sys, tutelage.teachers; "
-            "print([m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules])")
+    code = (
+        "import sys, tutelage.teachers; "
+        "print([m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_make_teacher_openai_and_the_key(server, store, monkeypatch):
-    cfg = TeacherConfig(backend="openai", model="gpt-x", base_url=server.url, api_key_env=KEY_ENV,
-                        max_retries=3)
+    cfg = TeacherConfig(
+        backend="openai", model="gpt-x", base_url=server.url, api_key_env=KEY_ENV, max_retries=3
+    )
     teacher = make_teacher(cfg)
     assert (teacher.backend, teacher.model, teacher.max_retries) == ("openai", "gpt-x", 3)
     ask(Ledger(teacher, store), chat(0))
@@ -97,8 +109,12 @@ def test_chat_and_completion_are_sent_recorded_and_priced(server, store):
     by_path = {r["path"]: r["body"] for r in server.requests}
     assert sorted(by_path) == ["/v1/chat/completions", "/v1/completions"]
     sent = by_path["/v1/chat/completions"]
-    assert sent == {"model": "gpt-test", "messages": [{"role": "user", "content": "task number 7"}],
-                    "max_tokens": 10, "temperature": 0.0}  # an empty stop list is not sent
+    assert sent == {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": "task number 7"}],
+        "max_tokens": 10,
+        "temperature": 0.0,
+    }  # an empty stop list is not sent
     assert (a.completion.tokens_in, a.completion.tokens_out) == (3, 4)
     assert a.cost_usd == pytest.approx((3 * 2.0 + 4 * 4.0) / 1e6)
     stored = rows(store)
@@ -151,15 +167,19 @@ def test_gives_up_after_max_retries_then_a_rerun_succeeds(server, store):
     assert row["status"] == "done" and row["error"] is None
 
 
-@pytest.mark.parametrize("fault, expected", [
-    ("400", ["HTTP 400", "Invalid value for 'temperature'"]),
-    ("401", ["HTTP 401", "Incorrect API key provided", f"check the API key in ${KEY_ENV}"]),
-    ("403", ["HTTP 403", "does not have access", "no access to this model"]),
-    ("404", ["HTTP 404", "`gpt-test` does not exist", "unknown model or wrong base_url"]),
-    ("quota", ["HTTP 429", "exceeded your current quota"]),
-])
-def test_non_retryable_errors_fail_at_once_clearly_and_without_the_key(server, store, fault,
-                                                                       expected):
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        ("400", ["HTTP 400", "Invalid value for 'temperature'"]),
+        ("401", ["HTTP 401", "Incorrect API key provided", f"check the API key in ${KEY_ENV}"]),
+        ("403", ["HTTP 403", "does not have access", "no access to this model"]),
+        ("404", ["HTTP 404", "`gpt-test` does not exist", "unknown model or wrong base_url"]),
+        ("quota", ["HTTP 429", "exceeded your current quota"]),
+    ],
+)
+def test_non_retryable_errors_fail_at_once_clearly_and_without_the_key(
+    server, store, fault, expected
+):
     server.faults.append(fault)
     with pytest.raises(TeacherError) as err:
         ask(Ledger(http_teacher(server), store), chat(1))
@@ -218,16 +238,24 @@ def test_rate_limit_waits_for_tokens():
 @pytest.mark.parametrize("limit", [{"rpm": 60}, {"tpm": 60 * 20}])
 def test_configured_rate_limits_pace_the_requests(server, store, limit):
     """A full bucket lets a minute's worth through at once; the rest wait for it to refill."""
-    cfg = TeacherConfig(backend="openai", model="gpt-x", base_url=server.url, api_key_env=KEY_ENV,
-                        concurrency=64, **limit)
+    cfg = TeacherConfig(
+        backend="openai",
+        model="gpt-x",
+        base_url=server.url,
+        api_key_env=KEY_ENV,
+        concurrency=64,
+        **limit,
+    )
     small = [Request.make(prompt=f"p{i}", sampling={"max_tokens": 19}) for i in range(62)]
     start = time.monotonic()  # 1 request and 20 tokens each: 60 at once, then one a second
     ask(Ledger(make_teacher(cfg), store, concurrency=64), *small)
     assert 1.6 <= time.monotonic() - start <= 6 and server.hits == 62
 
 
-@pytest.mark.parametrize("message", ["Invalid model name passed in model=gpt-x",
-                                     "model 'gpt-x' not found, try pulling it first"])
+@pytest.mark.parametrize(
+    "message",
+    ["Invalid model name passed in model=gpt-x", "model 'gpt-x' not found, try pulling it first"],
+)
 def test_a_400_naming_an_unknown_model_says_so(message):
     teacher = OpenAITeacher("gpt-x", base_url="http://127.0.0.1:9/v1", api_key_env=None)
     response = httpx.Response(400, json={"error": {"message": message}})
@@ -317,10 +345,13 @@ def test_concurrent_requests_are_batched_for_local_backends(store):
 
 def test_a_failed_batch_fails_each_of_its_requests(store):
     with pytest.raises(TeacherError, match="the fake teacher failed"):
-        ask(Ledger(BatchingTeacher(fail=True), store),
-            *(Request.make(prompt=f"p{i}") for i in range(3)))
+        ask(
+            Ledger(BatchingTeacher(fail=True), store),
+            *(Request.make(prompt=f"p{i}") for i in range(3)),
+        )
     assert [(r["status"], r["error"]) for r in rows(store)] == [
-        ("failed", "the fake teacher failed")] * 3
+        ("failed", "the fake teacher failed")
+    ] * 3
 
 
 # -- llama.cpp in-process, on the embedded teacher ------------------------------------------------
@@ -331,8 +362,9 @@ def llama_teacher():
 
 def test_llamacpp_chat_and_completion_are_deterministic(llama_teacher, store):
     sampling = {"max_tokens": 16, "temperature": 0.8}
-    chat_request = Request.make(messages=[{"role": "user", "content": "Name a fruit."}],
-                                sampling=sampling)
+    chat_request = Request.make(
+        messages=[{"role": "user", "content": "Name a fruit."}], sampling=sampling
+    )
     prompt_request = Request.make(prompt="1. Write a poem about the sea.\n2.", sampling=sampling)
     ledger = Ledger(llama_teacher, store)
     a, b = (ask(ledger, r) for r in (chat_request, prompt_request))
@@ -355,10 +387,17 @@ def tiny_hf_folder(tmp_path_factory):
     from tutelage.models import embedded_teacher_hf
 
     tokenizer = hf.AutoTokenizer.from_pretrained(embedded_teacher_hf())
-    config = hf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id)
+    config = hf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-llama")
     hf.LlamaForCausalLM(config).save_pretrained(folder)
@@ -373,8 +412,9 @@ def test_transformers_batched_equals_unbatched_greedy(tiny_hf_folder):
     greedy = {"max_tokens": 8, "temperature": 0.0}
     requests = [
         Request.make(prompt="Hello", sampling=greedy),
-        Request.make(prompt="A much longer prompt, so that the batch needs left padding",
-                     sampling=greedy),
+        Request.make(
+            prompt="A much longer prompt, so that the batch needs left padding", sampling=greedy
+        ),
         Request.make(messages=[{"role": "user", "content": "Name a fruit."}], sampling=greedy),
     ]
     batched = asyncio.run(teacher.complete(requests))
@@ -388,10 +428,13 @@ def test_transformers_batched_equals_unbatched_greedy(tiny_hf_folder):
 
     # A stop string taken from the answer ends it there, and is not part of it.
     text = batched[1].text
-    stop = text[len(text) // 2:][:3]
-    [cut] = asyncio.run(teacher.complete([Request.make(
-        prompt=requests[1].prompt, sampling={**greedy, "stop": [stop]})]))
-    assert cut.finish_reason == "stop" and cut.text == text[:text.find(stop)]
+    stop = text[len(text) // 2 :][:3]
+    [cut] = asyncio.run(
+        teacher.complete(
+            [Request.make(prompt=requests[1].prompt, sampling={**greedy, "stop": [stop]})]
+        )
+    )
+    assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
     assert cut.tokens_out < 8
 
 
@@ -423,10 +466,28 @@ def llama_server(tmp_path_factory):
     # The server logs a lot: to a file, since an unread pipe would fill up and stall it.
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_teacher_gguf()),
-         "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512",
-         "--n_threads", "1", "--n_threads_batch", "1"],  # robust on a busy machine
-        stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(embedded_teacher_gguf()),
+            "--model_alias",
+            "smollm2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "512",
+            "--n_threads",
+            "1",
+            "--n_threads_batch",
+            "1",
+        ],  # robust on a busy machine
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 60
@@ -456,9 +517,11 @@ def test_openai_backend_against_a_real_llama_cpp_server(llama_server, store, mon
     teacher = OpenAITeacher("smollm2", base_url=llama_server, timeout_s=60)
     ledger = Ledger(teacher, store)
     greedy = {"max_tokens": 8, "temperature": 0.0}
-    results = ask(ledger, Request.make(messages=[{"role": "user", "content": "Name a fruit."}],
-                                       sampling=greedy),
-                  Request.make(prompt="1. Write a poem about the sea.\n2.", sampling=greedy))
+    results = ask(
+        ledger,
+        Request.make(messages=[{"role": "user", "content": "Name a fruit."}], sampling=greedy),
+        Request.make(prompt="1. Write a poem about the sea.\n2.", sampling=greedy),
+    )
     for r in results:
         c = r.completion
         assert c.text.strip() and c.finish_reason in ("stop", "length")
@@ -469,12 +532,15 @@ def test_openai_backend_against_a_real_llama_cpp_server(llama_server, store, mon
 def test_embedded_teacher_falls_back_to_transformers_without_llama_cpp(monkeypatch):
     import importlib.util
 
-    import tutelage.teachers as teachers
+    from tutelage import teachers
     from tutelage.config import TeacherConfig
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llama_cpp" else real(name, *a),
+    )
     with pytest.warns(UserWarning, match="runs on transformers"):
         teacher = teachers.make_teacher(TeacherConfig())
     assert teacher.backend == "transformers"

@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import add_examples
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tutelage import train as tr
-from tutelage.export import export_model
 from tutelage.config import Config
+from tutelage.export import export_model
 from tutelage.formats import student_prompt
 from tutelage.models import ModelNotFound
 from tutelage.store import Store
-
-from helpers import add_examples
 
 EXAMPLES = [
     ("Name a primary colour.", "", "Red is a primary colour."),
@@ -31,13 +30,21 @@ EXAMPLES = [
 VALID = [("Name a secondary colour.", "", "Green is a secondary colour.")]
 # The tiny model's output head is random and, under "all-linear", frozen: it cannot express a
 # confident answer, so the overfitting test also adapts the head.
-LORA_WITH_HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                  "lm_head"]
+LORA_WITH_HEAD = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+]
 
 
-
-def make_run(run_dir: Path, model: Path, method: str = "lora", lora: dict | None = None,
-             **training) -> tuple[Store, Config]:
+def make_run(
+    run_dir: Path, model: Path, method: str = "lora", lora: dict | None = None, **training
+) -> tuple[Store, Config]:
     store = Store(run_dir)
     if not store.examples():
         add_examples(store, EXAMPLES, "train")
@@ -45,9 +52,11 @@ def make_run(run_dir: Path, model: Path, method: str = "lora", lora: dict | None
     # One thread: the same numbers as two, and far faster on a shared 2-core machine.
     # No GGUF unless a test asks: the conversion is a child process of several seconds.
     training = {"batch_size": 4, "learning_rate": 1e-2, "threads": 1, "gguf": None, **training}
-    config = Config(run_dir=run_dir, student={"model": str(model), "method": method,
-                                              "lora": lora or {}},
-                    training=training)
+    config = Config(
+        run_dir=run_dir,
+        student={"model": str(model), "method": method, "lora": lora or {}},
+        training=training,
+    )
     return store, config
 
 
@@ -61,8 +70,12 @@ def test_prompt_is_masked_token_by_token(tokenizer):
     examples = [tr.tokenize_example(tokenizer, r, "alpaca", 384) for r in rows]
     batch = tr.collate(examples, tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, max(len(e.input_ids) for e in examples))
-    for row, ids, mask, labels in zip(rows, batch["input_ids"].tolist(),
-                                      batch["attention_mask"].tolist(), batch["labels"].tolist()):
+    for row, ids, mask, labels in zip(
+        rows,
+        batch["input_ids"].tolist(),
+        batch["attention_mask"].tolist(),
+        batch["labels"].tolist(),
+    ):
         prompt = tokenizer(student_prompt(row["instruction"], row["input"]))["input_ids"]
         target = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
         n = len(prompt) + len(target) + 1
@@ -91,8 +104,9 @@ def test_long_examples_are_cut_or_dropped(tokenizer):
 def test_loss_counts_only_response_tokens(tokenizer, tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     rows = [{"instruction": i, "input": x, "output": o} for i, x, o in EXAMPLES]
-    batch = tr.collate(tr.tokenize_examples(tokenizer, rows, "alpaca", 384)[0],
-                       tokenizer.pad_token_id)
+    batch = tr.collate(
+        tr.tokenize_examples(tokenizer, rows, "alpaca", 384)[0], tokenizer.pad_token_id
+    )
     total, n = tr.loss_sum(model, batch)
     assert n == int((batch["labels"] != tr.IGNORE).sum())
     reference = model(**batch).loss  # transformers' own shifted, masked loss over full logits
@@ -120,9 +134,16 @@ def test_batch_plan_groups_lengths_and_covers_epochs():
 # -- training -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method, steps", [("lora", 60), ("full", 40)])
 def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, method, steps):
-    store, config = make_run(tmp_path / "run", tiny_model, method,
-                             {"target_modules": LORA_WITH_HEAD}, max_steps=steps, eval_every=10,
-                             save_every=100, gradient_checkpointing=method == "full")
+    store, config = make_run(
+        tmp_path / "run",
+        tiny_model,
+        method,
+        {"target_modules": LORA_WITH_HEAD},
+        max_steps=steps,
+        eval_every=10,
+        save_every=100,
+        gradient_checkpointing=method == "full",
+    )
     calls = []
     metrics = tr.train(store, config, tmp_path / "run", progress=lambda *a: calls.append(a))
     assert [c[:2] for c in calls] == [(s, steps) for s in range(1, steps + 1)]
@@ -132,8 +153,9 @@ def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, meth
     assert steps_rows[0]["loss"] is None and steps_rows[0]["eval_loss"] > 9  # before training
     losses = [r["loss"] for r in steps_rows[1:]]
     assert losses[0] > 9 and losses[-1] < 0.5, losses
-    assert [r["step"] for r in steps_rows if r["eval_loss"] is not None] == \
-        list(range(0, steps + 1, 10))
+    assert [r["step"] for r in steps_rows if r["eval_loss"] is not None] == list(
+        range(0, steps + 1, 10)
+    )
     tokens = [r["tokens"] for r in steps_rows]
     assert all(a < b for a, b in zip(tokens, tokens[1:]))
     assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in steps_rows[1:])
@@ -143,8 +165,10 @@ def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, meth
     stored = json.loads(run["metrics_json"])
     assert stored["steps"] == steps and stored["train_examples"] == 4
     assert stored["valid_examples"] == 1 and stored["train_loss"] == losses[-1]
-    assert (stored["eval_loss_first"], stored["eval_loss"]) == \
-        (steps_rows[0]["eval_loss"], steps_rows[-1]["eval_loss"])
+    assert (stored["eval_loss_first"], stored["eval_loss"]) == (
+        steps_rows[0]["eval_loss"],
+        steps_rows[-1]["eval_loss"],
+    )
     assert stored["useful_tokens"] == tokens[-1] and stored["peak_rss_mb"] > 0
     assert (tmp_path / "run" / "student-adapter").exists() == (method == "lora")
 
@@ -152,10 +176,13 @@ def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, meth
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
     valid = tr.tokenize_examples(tok, store.examples(split="valid"), "alpaca", 384)[0]
-    assert tr.eval_loss(student, valid, 4, tok.pad_token_id, torch.device("cpu")) == \
-        pytest.approx(stored["eval_loss"], rel=1e-4)
-    assert json.loads((tmp_path / "run" / "student" / "tutelage.json").read_text())["run_id"] == \
-        metrics["run_id"]
+    assert tr.eval_loss(student, valid, 4, tok.pad_token_id, torch.device("cpu")) == pytest.approx(
+        stored["eval_loss"], rel=1e-4
+    )
+    assert (
+        json.loads((tmp_path / "run" / "student" / "tutelage.json").read_text())["run_id"]
+        == metrics["run_id"]
+    )
 
 
 class Killed(Exception):
@@ -164,8 +191,15 @@ class Killed(Exception):
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model):
     # Dropout and accumulation on: resuming must restore the RNG and the batch order exactly.
-    options = dict(method="lora", lora={"dropout": 0.1}, max_steps=6, batch_size=2, grad_accum=2,
-                   save_every=2, eval_every=3)
+    options = dict(
+        method="lora",
+        lora={"dropout": 0.1},
+        max_steps=6,
+        batch_size=2,
+        grad_accum=2,
+        save_every=2,
+        eval_every=3,
+    )
     store_a, config_a = make_run(tmp_path / "a", tiny_model, **options)
     tr.train(store_a, config_a, tmp_path / "a")
     assert [p.name for p in tr.checkpoints(tmp_path / "a" / "checkpoints")] == ["step-4", "step-6"]
@@ -191,7 +225,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model):
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-7), name
     logged_a, logged_b = (
         [(r["step"], r["loss"], r["eval_loss"]) for r in s.train_steps(s.latest_train_run()["id"])]
-        for s in (store_a, store_b))
+        for s in (store_a, store_b)
+    )
     assert logged_a == logged_b
 
 
@@ -206,12 +241,16 @@ def test_an_identical_rerun_is_reused_and_a_changed_one_retrains(tmp_path, tiny_
     config.training.learning_rate = 5e-3
     changed = tr.train(store, config, tmp_path / "run")
     assert changed["reused"] is False and changed["run_id"] != first["run_id"]
-    metas = [json.loads((p / "meta.json").read_text())
-             for p in tr.checkpoints(tmp_path / "run" / "checkpoints")]
+    metas = [
+        json.loads((p / "meta.json").read_text())
+        for p in tr.checkpoints(tmp_path / "run" / "checkpoints")
+    ]
     assert {m["run_id"] for m in metas} == {changed["run_id"]}
     info = json.loads((tmp_path / "run" / "student" / "tutelage.json").read_text())
-    assert info["run_id"] == changed["run_id"] and info["fingerprint"] != \
-        store.train_runs()[0]["fingerprint"]
+    assert (
+        info["run_id"] == changed["run_id"]
+        and info["fingerprint"] != store.train_runs()[0]["fingerprint"]
+    )
 
 
 def test_exported_student_loads_and_generates_without_tutelage(tmp_path, tiny_model):
@@ -221,14 +260,20 @@ def test_exported_student_loads_and_generates_without_tutelage(tmp_path, tiny_mo
     tr.train(store, config, tmp_path / "run")
     out = export_model(tmp_path / "run", tmp_path / "out")
     probe = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
-         f"p = {str(out)!r}; m = M.from_pretrained(p); t = T.from_pretrained(p); "
-         "ids = t('Name a primary colour.', return_tensors='pt'); "
-         "o = m.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=t.eos_token_id); "
-         "assert 'tutelage' not in sys.modules and 'peft' not in sys.modules; "
-         "print(o.shape[1] - ids['input_ids'].shape[1])"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-c",
+            "import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+            f"p = {str(out)!r}; m = M.from_pretrained(p); t = T.from_pretrained(p); "
+            "ids = t('Name a primary colour.', return_tensors='pt'); "
+            "o = m.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=t.eos_token_id); "
+            "assert 'tutelage' not in sys.modules and 'peft' not in sys.modules; "
+            "print(o.shape[1] - ids['input_ids'].shape[1])",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().splitlines()[-1] == "4"
 
@@ -255,12 +300,14 @@ def test_a_bad_student_is_named(tmp_path):
     (broken / "config.json").write_text('{"model_type": "no-such-model"}')
     with pytest.raises(ValueError) as e:
         tr.train(store, Config(student={"model": str(broken)}), tmp_path / "run")
-    assert str(e.value).startswith(f"student.model: {broken}: cannot load") and \
-        "\n" not in str(e.value)
+    assert str(e.value).startswith(f"student.model: {broken}: cannot load") and "\n" not in str(
+        e.value
+    )
 
 
-def test_the_student_is_also_written_as_gguf_and_only_that_reruns(tmp_path, tiny_model,
-                                                                  monkeypatch):
+def test_the_student_is_also_written_as_gguf_and_only_that_reruns(
+    tmp_path, tiny_model, monkeypatch
+):
     from gguf import GGUFReader
 
     store, config = make_run(tmp_path / "run", tiny_model, max_steps=2, gguf="f32")
@@ -298,4 +345,5 @@ def test_a_gguf_file_trains_as_a_student(tmp_path, tiny_model, monkeypatch):
     # The dequantized copy is the tiny model itself, so training starts from the same loss.
     _, reference = make_run(tmp_path / "ref", tiny_model, max_steps=2)
     assert metrics["eval_loss_first"] == pytest.approx(
-        tr.train(Store(tmp_path / "ref"), reference, tmp_path / "ref")["eval_loss_first"], rel=1e-4)
+        tr.train(Store(tmp_path / "ref"), reference, tmp_path / "ref")["eval_loss_first"], rel=1e-4
+    )

@@ -12,29 +12,49 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, GPT2Config,
-                          LlamaConfig, MistralConfig, Qwen2Config)
+from test_train import EXAMPLES, LORA_WITH_HEAD, make_run, student_weights
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
 
 from tutelage import train as tr
 from tutelage.store import Store
-
-from test_train import EXAMPLES, LORA_WITH_HEAD, make_run, student_weights
-
 
 
 def tiny(family: str, tokenizer, path: Path) -> Path:
     """A 2-layer random model of `family` with the real tokenizer, saved as an HF folder."""
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    size = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     config = {
         "llama": lambda: LlamaConfig(**common, **size),
         "qwen2": lambda: Qwen2Config(**common, **size),
         "mistral": lambda: MistralConfig(**common, **size, sliding_window=16),
-        "gemma3": lambda: Gemma3TextConfig(**common, **size, head_dim=16, sliding_window=16,
-                                           layer_types=["sliding_attention", "full_attention"]),
+        "gemma3": lambda: Gemma3TextConfig(
+            **common,
+            **size,
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
         "gpt2": lambda: GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512),
     }[family]()
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -121,8 +141,9 @@ def test_default_lora_trains_and_exports_each_family(tmp_path, tokenizer, family
     # splits newlines differently from the Llama one it was saved from).
     own = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
     valid = tr.tokenize_examples(own, store.examples(split="valid"), "alpaca", 384)[0]
-    assert tr.eval_loss(exported, valid, 4, own.pad_token_id, torch.device("cpu")) == \
-        pytest.approx(metrics["eval_loss"], rel=1e-4)
+    assert tr.eval_loss(exported, valid, 4, own.pad_token_id, torch.device("cpu")) == pytest.approx(
+        metrics["eval_loss"], rel=1e-4
+    )
     # Packing is exact for every family we ship defaults for.
     assert tr.packing_is_exact(exported, torch.device("cpu"))
 
@@ -136,11 +157,29 @@ def test_qlora_without_a_gpu_says_what_it_needs(tmp_path, tiny_model):
 
 # -- two processes --------------------------------------------------------------------------------
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node", "2"],
+    "torchrun": [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ],
     # --multi_gpu picks accelerate's torchrun launcher; with no GPU each process trains on CPU (gloo).
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "accelerate": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
 }
 
 
@@ -148,8 +187,14 @@ LAUNCHERS = {
 def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model, launcher):
     # Batches of 3 over 2 processes split 2 + 1, and the epoch's last batch of 1 leaves one
     # process without a share: both must still give one process's result.
-    options = dict(lora={"dropout": 0.0, "target_modules": LORA_WITH_HEAD}, max_steps=4,
-                   batch_size=3, grad_accum=2, save_every=2, eval_every=2)
+    options = dict(
+        lora={"dropout": 0.0, "target_modules": LORA_WITH_HEAD},
+        max_steps=4,
+        batch_size=3,
+        grad_accum=2,
+        save_every=2,
+        eval_every=2,
+    )
     store_one, config_one = make_run(tmp_path / "one", tiny_model, **options)
     one = tr.train(store_one, config_one, tmp_path / "one")
 
@@ -158,9 +203,21 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model, la
     config_file.write_text(yaml.safe_dump(config_two.model_dump(mode="json")))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
-        [*LAUNCHERS[launcher], "-m", "tutelage", "train", "-c", str(config_file),
-         "--run-dir", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            *LAUNCHERS[launcher],
+            "-m",
+            "tutelage",
+            "train",
+            "-c",
+            str(config_file),
+            "--run-dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
 
     run = store_two.latest_train_run()
@@ -169,18 +226,24 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model, la
     assert (two["processes"], two["engine"]) == (2, "MULTI_CPU")
     assert (one["processes"], one["engine"]) == (1, "NO")
     assert two["useful_tokens"] == one["useful_tokens"]
-    logged = [[(r["step"], r["loss"], r["eval_loss"]) for r in s.train_steps(s.latest_train_run()["id"])]
-              for s in (store_one, store_two)]
+    logged = [
+        [(r["step"], r["loss"], r["eval_loss"]) for r in s.train_steps(s.latest_train_run()["id"])]
+        for s in (store_one, store_two)
+    ]
     assert [r[0] for r in logged[0]] == [r[0] for r in logged[1]] == [0, 1, 2, 3, 4]
     for row_a, row_b in zip(*logged):  # (step, loss, eval loss); None where not measured
         assert [v is None for v in row_a] == [v is None for v in row_b]
-        assert [v for v in row_a if v is not None] == \
-            pytest.approx([v for v in row_b if v is not None], rel=1e-4, abs=1e-6)
+        assert [v for v in row_a if v is not None] == pytest.approx(
+            [v for v in row_b if v is not None], rel=1e-4, abs=1e-6
+        )
     a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
-    assert [p.name for p in tr.checkpoints(tmp_path / "two" / "checkpoints")] == ["step-2", "step-4"]
+    assert [p.name for p in tr.checkpoints(tmp_path / "two" / "checkpoints")] == [
+        "step-2",
+        "step-4",
+    ]
 
 
 def test_run_refuses_several_processes(tmp_path):
@@ -188,8 +251,9 @@ def test_run_refuses_several_processes(tmp_path):
 
     from tutelage.cli import app
 
-    result = CliRunner().invoke(app, ["run", "--run-dir", str(tmp_path / "run")],
-                                env={"WORLD_SIZE": "2"})
+    result = CliRunner().invoke(
+        app, ["run", "--run-dir", str(tmp_path / "run")], env={"WORLD_SIZE": "2"}
+    )
     assert result.exit_code == 2 and "launch only `tutelage train`" in result.output
     assert not (tmp_path / "run" / "tutelage.db").exists()
 
@@ -202,10 +266,15 @@ def test_shipped_launch_configurations_load_and_init_writes_them(tmp_path):
 
     result = CliRunner().invoke(app, ["init", str(tmp_path), "--launchers"])
     assert result.exit_code == 0, result.output
-    written = {p.name: load_config_from_file(str(p))
-               for p in sorted((tmp_path / "accelerate").glob("*.yaml"))}
+    written = {
+        p.name: load_config_from_file(str(p))
+        for p in sorted((tmp_path / "accelerate").glob("*.yaml"))
+    }
     assert {name: c.distributed_type.value for name, c in written.items()} == {
-        "ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed-zero3.yaml": "DEEPSPEED"}
+        "ddp.yaml": "MULTI_GPU",
+        "fsdp.yaml": "FSDP",
+        "deepspeed-zero3.yaml": "DEEPSPEED",
+    }
     assert written["fsdp.yaml"].fsdp_config["fsdp_version"] == 2
     assert written["deepspeed-zero3.yaml"].deepspeed_config["zero_stage"] == 3
     assert (tmp_path / "tutelage.yaml").exists()
@@ -219,22 +288,35 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_mod
 
     # Many steps at a high rate: over 60 steps the order of floating-point sums makes two
     # processes drift from one by ~1e-4, so the reference here is an uninterrupted 2-process run.
-    options = dict(lora={"dropout": 0.1}, max_steps=60, batch_size=2, save_every=10,
-                   eval_every=30)
+    options = dict(lora={"dropout": 0.1}, max_steps=60, batch_size=2, save_every=10, eval_every=30)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     commands = {}
     for name in ("ref", "two"):
         _, config = make_run(tmp_path / name, tiny_model, **options)
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
-        commands[name] = [*LAUNCHERS["torchrun"], "-m", "tutelage", "train", "-c",
-                          str(tmp_path / f"{name}.yaml"), "--run-dir", str(tmp_path / name)]
-    reference = subprocess.run(commands["ref"], env=env, capture_output=True, text=True,
-                               timeout=600)
+        commands[name] = [
+            *LAUNCHERS["torchrun"],
+            "-m",
+            "tutelage",
+            "train",
+            "-c",
+            str(tmp_path / f"{name}.yaml"),
+            "--run-dir",
+            str(tmp_path / name),
+        ]
+    reference = subprocess.run(
+        commands["ref"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     # Kill -9 the launcher and both workers once the first checkpoint is complete.
-    launched = subprocess.Popen(commands["two"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+    launched = subprocess.Popen(
+        commands["two"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     first = tmp_path / "two" / "checkpoints" / "step-10" / "meta.json"
     deadline = time.time() + 300
     while not first.exists() and launched.poll() is None and time.time() < deadline:
@@ -245,8 +327,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_mod
     assert first.exists() and store.latest_train_run()["status"] == "running"
     assert not (tmp_path / "two" / "student").exists()
 
-    resumed = subprocess.run(commands["two"], env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(commands["two"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["status"] for r in store.train_runs()] == ["done"]  # the same run, resumed
     # Dropout is on: each process's RNG state came back from the checkpoint.

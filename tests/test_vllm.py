@@ -62,14 +62,20 @@ class FakeLLM:
         ids = list(range(len(prompt.split())))
         limit = self.kwargs.get("max_model_len")
         if limit is not None and len(ids) > limit:
-            raise self.rejects_with(f"The decoder prompt (length {len(ids)}) is longer than the "
-                                    f"maximum model length of {limit}.")
+            raise self.rejects_with(
+                f"The decoder prompt (length {len(ids)}) is longer than the "
+                f"maximum model length of {limit}."
+            )
         max_tokens = params.kwargs["max_tokens"]
         reason = self.finish_reason
         if reason is DEFAULT:
             reason = "length" if max_tokens else "stop"
-        out = types.SimpleNamespace(text=f"answer: {prompt}", token_ids=[7] * (max_tokens or 2),
-                                    finish_reason=reason, stop_reason=None)
+        out = types.SimpleNamespace(
+            text=f"answer: {prompt}",
+            token_ids=[7] * (max_tokens or 2),
+            finish_reason=reason,
+            stop_reason=None,
+        )
         return types.SimpleNamespace(prompt=prompt, prompt_token_ids=ids, outputs=[out])
 
 
@@ -96,8 +102,10 @@ def ask(teacher: VLLMTeacher, *requests: Request):
 
 # -- without vllm ---------------------------------------------------------------------------------
 def test_importing_the_module_loads_no_model_library():
-    code = ("import sys, tutelage.teachers.vllm; "
-            "print([m for m in ('vllm', 'torch', 'transformers') if m in sys.modules])")
+    code = (
+        "import sys, tutelage.teachers.vllm; "
+        "print([m for m in ('vllm', 'torch', 'transformers') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -129,16 +137,23 @@ def test_a_vllm_that_does_not_import_is_not_mistaken_for_a_missing_one(monkeypat
 def test_the_config_makes_a_vllm_teacher_with_its_engine_args(fake_vllm):
     from tutelage.config import load_config
 
-    config = load_config(None, {"teacher.backend": "vllm", "teacher.model": "org/m",
-                                "teacher.engine_args": {"max_model_len": 4096}})
+    config = load_config(
+        None,
+        {
+            "teacher.backend": "vllm",
+            "teacher.model": "org/m",
+            "teacher.engine_args": {"max_model_len": 4096},
+        },
+    )
     teacher = tutelage.teachers.make_teacher(config.teacher)
     assert isinstance(teacher, VLLMTeacher) and teacher.llm.kwargs["max_model_len"] == 4096
 
 
 # -- the engine and its arguments -----------------------------------------------------------------
 def test_engine_args_go_to_the_engine(fake_vllm):
-    teacher = VLLMTeacher("org/big-model", seed=3,
-                          engine_args={"tensor_parallel_size": 2, "max_model_len": 8192})
+    teacher = VLLMTeacher(
+        "org/big-model", seed=3, engine_args={"tensor_parallel_size": 2, "max_model_len": 8192}
+    )
     assert (teacher.backend, teacher.model, teacher.max_batch) == ("vllm", "org/big-model", 256)
     assert teacher.llm.model == "org/big-model"
     assert teacher.llm.kwargs == {"seed": 3, "tensor_parallel_size": 2, "max_model_len": 8192}
@@ -165,18 +180,50 @@ def test_model_folders_hub_names_and_missing_models(fake_vllm, tmp_path):
 # -- requests -------------------------------------------------------------------------------------
 def test_sampling_params_get_openai_defaults_and_keep_their_own(fake_vllm):
     teacher = VLLMTeacher("org/model")
-    ask(teacher, plain("unset"), plain("set", temperature=0.2, top_p=0.9, max_tokens=5,
-                                       presence_penalty=0.5, frequency_penalty=-0.3,
-                                       stop=["\n\n", "###"], seed=7))
+    ask(
+        teacher,
+        plain("unset"),
+        plain(
+            "set",
+            temperature=0.2,
+            top_p=0.9,
+            max_tokens=5,
+            presence_penalty=0.5,
+            frequency_penalty=-0.3,
+            stop=["\n\n", "###"],
+            seed=7,
+        ),
+    )
     [(_, _, [default, own])] = teacher.llm.calls
-    assert set(default.kwargs) == {"n", "temperature", "top_p", "max_tokens", "presence_penalty",
-                                   "frequency_penalty", "stop", "seed"}
+    assert set(default.kwargs) == {
+        "n",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "stop",
+        "seed",
+    }
     assert {k: v for k, v in default.kwargs.items() if k != "seed"} == {
-        "n": 1, "temperature": 1.0, "top_p": 1.0, "max_tokens": None, "presence_penalty": 0.0,
-        "frequency_penalty": 0.0, "stop": []}
-    assert own.kwargs == {"n": 1, "temperature": 0.2, "top_p": 0.9, "max_tokens": 5,
-                          "presence_penalty": 0.5, "frequency_penalty": -0.3,
-                          "stop": ["\n\n", "###"], "seed": 7}
+        "n": 1,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_tokens": None,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "stop": [],
+    }
+    assert own.kwargs == {
+        "n": 1,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "max_tokens": 5,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.3,
+        "stop": ["\n\n", "###"],
+        "seed": 7,
+    }
 
 
 def test_each_request_gets_its_own_seed_and_the_same_one_on_a_rerun(fake_vllm):
@@ -202,16 +249,23 @@ def test_chat_and_prompts_go_to_one_engine_call_each_in_order(fake_vllm):
     teacher = VLLMTeacher("org/model")
     requests = [plain("p one"), chat("c one"), plain("p two"), chat("c two"), chat("c three")]
     answers = ask(teacher, *requests)
-    assert [a.text for a in answers] == ["answer: p one", "answer: c one", "answer: p two",
-                                         "answer: c two", "answer: c three"]
+    assert [a.text for a in answers] == [
+        "answer: p one",
+        "answer: c one",
+        "answer: p two",
+        "answer: c two",
+        "answer: c three",
+    ]
     calls = {method: (inputs, params) for method, inputs, params in teacher.llm.calls}
     assert len(teacher.llm.calls) == 2 and set(calls) == {"chat", "generate"}
     assert calls["generate"][0] == ["p one", "p two"]
-    assert calls["chat"][0] == [[{"role": "user", "content": f"c {n}"}]
-                                for n in ("one", "two", "three")]
+    assert calls["chat"][0] == [
+        [{"role": "user", "content": f"c {n}"}] for n in ("one", "two", "three")
+    ]
     # Each request's parameters travel with it.
     assert [p.kwargs["seed"] for p in calls["chat"][1]] == [
-        teacher.sampling_params(r).kwargs["seed"] for r in requests if r.is_chat]
+        teacher.sampling_params(r).kwargs["seed"] for r in requests if r.is_chat
+    ]
 
     only_chat = VLLMTeacher("org/model")
     ask(only_chat, chat("a"), chat("b"))
@@ -224,8 +278,10 @@ def test_token_counts_finish_reasons_and_raw(fake_vllm):
     assert (capped.finish_reason, capped.tokens_in, capped.tokens_out) == ("length", 3, 4)
     assert (free.finish_reason, free.tokens_in, free.tokens_out) == ("stop", 2, 2)
     assert json.loads(json.dumps(capped.raw)) == {
-        "finish_reason": "length", "stop_reason": None,
-        "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+        "finish_reason": "length",
+        "stop_reason": None,
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    }
 
     for reason, mapped in ((None, "stop"), ("stop", "stop"), ("repetition", "stop")):
         teacher.llm.finish_reason = reason
@@ -265,9 +321,12 @@ def test_the_ledger_gathers_concurrent_requests_into_one_engine_call(fake_vllm, 
         ledger = Ledger(teacher, store, concurrency=64)
         results = asyncio.run(ledger.complete_many(requests))
         assert [r.completion.text for r in results] == [
-            f"answer: {r.prompt or r.messages[0][1]}" for r in requests]
+            f"answer: {r.prompt or r.messages[0][1]}" for r in requests
+        ]
         assert sorted((m, len(inputs)) for m, inputs, _ in teacher.llm.calls) == [
-            ("chat", 12), ("generate", 20)]
+            ("chat", 12),
+            ("generate", 20),
+        ]
         # A rerun is answered from the store: the engine is not asked again.
         again = asyncio.run(Ledger(teacher, store, concurrency=64).complete_many(requests))
         assert all(r.cached for r in again) and len(teacher.llm.calls) == 2

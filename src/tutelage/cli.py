@@ -7,12 +7,17 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
@@ -32,14 +37,28 @@ console = Console(stderr=True)
 DEFAULT_CONFIG = TEMPLATES / "tutelage.yaml"
 DEBUG = False  # --debug: tracebacks instead of one-line errors
 
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "-c", "--config", help="tutelage.yaml (default: the run folder's stored configuration, "
-    "else the defaults).", dir_okay=False)]
-RunDirOpt = Annotated[Optional[Path], typer.Option(
-    "--run-dir", "-r", help="The run folder (overrides run_dir in the config).", file_okay=False)]
-TargetOpt = Annotated[Optional[int], typer.Option("--target", help="Kept tasks to stop at.")]
-BudgetOpt = Annotated[Optional[float], typer.Option("--budget-usd", help="Hard cap on teacher spending.")]
-MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Training steps (overrides epochs).")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "-c",
+        "--config",
+        help="tutelage.yaml (default: the run folder's stored configuration, else the defaults).",
+        dir_okay=False,
+    ),
+]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--run-dir", "-r", help="The run folder (overrides run_dir in the config).", file_okay=False
+    ),
+]
+TargetOpt = Annotated[int | None, typer.Option("--target", help="Kept tasks to stop at.")]
+BudgetOpt = Annotated[
+    float | None, typer.Option("--budget-usd", help="Hard cap on teacher spending.")
+]
+MaxStepsOpt = Annotated[
+    int | None, typer.Option("--max-steps", help="Training steps (overrides epochs).")
+]
 
 
 class Fail(Exception):
@@ -66,7 +85,9 @@ def one_line_errors():
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: everything finished so far is stored; rerun to resume")
+        console.print(
+            "[yellow]interrupted[/]: everything finished so far is stored; rerun to resume"
+        )
         raise typer.Exit(130) from None
     except Exception as e:  # a stage failed: one line, the details with --debug
         from .teachers.base import TeacherError
@@ -90,10 +111,18 @@ def resolve_config(config: Path | None, run_dir: Path | None, **overrides) -> Co
 
 
 def _bar() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
-                    transient=False)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
 
 
 # -- stage runners shared by the stage commands and `run` ---------------------------------------
@@ -105,13 +134,25 @@ def do_generate(store, cfg: Config) -> dict:
 
         def progress(kept: int, target: int, info: dict) -> None:
             projected = info.get("projected_usd")
-            bar.update(task, completed=min(kept, target), info=" ".join(filter(None, (
-                f"requests {info['requests']}  ${info['cost_usd']:.4f}",
-                f"(~${projected:.4f} in all)" if projected is not None else "",
-                f"cached {info['cache_hits']}", info.get("remote")))))
+            bar.update(
+                task,
+                completed=min(kept, target),
+                info=" ".join(
+                    filter(
+                        None,
+                        (
+                            f"requests {info['requests']}  ${info['cost_usd']:.4f}",
+                            f"(~${projected:.4f} in all)" if projected is not None else "",
+                            f"cached {info['cache_hits']}",
+                            info.get("remote"),
+                        ),
+                    )
+                ),
+            )
 
-        detail = staged(store, "generate", lambda: generate_stage(store, cfg, progress),
-                        generation_status)
+        detail = staged(
+            store, "generate", lambda: generate_stage(store, cfg, progress), generation_status
+        )
     colour = "green" if detail["stop_reason"] == "target" else "yellow"
     console.print(f"[{colour}]generate:[/] {detail['message']}", highlight=False)
     return detail
@@ -123,9 +164,12 @@ def do_filter(store, cfg: Config) -> dict:
     detail = staged(store, "filter", lambda: filter_stage(store, cfg))
     f, s = detail["funnel"], detail["splits"]
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(f["rejected"].items(), key=lambda x: -x[1]))
-    console.print(f"[green]filter:[/] {f['generated']} generated, {f['kept']} kept "
-                  f"(train {s['train']}, valid {s['valid']}, test {s['test']}); "
-                  f"rejected: {rejected or 'none'}", highlight=False)
+    console.print(
+        f"[green]filter:[/] {f['generated']} generated, {f['kept']} kept "
+        f"(train {s['train']}, valid {s['valid']}, test {s['test']}); "
+        f"rejected: {rejected or 'none'}",
+        highlight=False,
+    )
     return detail
 
 
@@ -136,14 +180,19 @@ def do_train(store, cfg: Config) -> dict:
         task = bar.add_task("train", total=None, info="loading the student")
 
         def progress(step: int, total: int, loss: float, tokens_per_s: float) -> None:
-            bar.update(task, completed=step, total=total,
-                       info=f"loss {loss:.3f}  {tokens_per_s:.0f} tok/s")
+            bar.update(
+                task, completed=step, total=total, info=f"loss {loss:.3f}  {tokens_per_s:.0f} tok/s"
+            )
 
         detail = staged(store, "train", lambda: train_stage(store, cfg, progress))
-    console.print(f"[green]train:[/] {_fmt(detail, 'steps', 'train_loss', 'eval_loss', 'tokens_per_s', 'seconds')}",
-                  highlight=False)
+    console.print(
+        f"[green]train:[/] {_fmt(detail, 'steps', 'train_loss', 'eval_loss', 'tokens_per_s', 'seconds')}",
+        highlight=False,
+    )
     if detail.get("gguf_error"):
-        console.print(f"[yellow]warning:[/] no student.gguf: {detail['gguf_error']}", highlight=False)
+        console.print(
+            f"[yellow]warning:[/] no student.gguf: {detail['gguf_error']}", highlight=False
+        )
     return detail
 
 
@@ -166,8 +215,10 @@ def _ci_text(ci: dict | None, percent: bool = False) -> str:
     if not ci or ci.get("mean") is None:
         return "-"
     scale, fmt = (100, "{:.0f}%") if percent else (1, "{:.3f}")
-    return (f"{fmt.format(ci['mean'] * scale)} "
-            f"[{fmt.format(ci['ci_low'] * scale)}, {fmt.format(ci['ci_high'] * scale)}]")
+    return (
+        f"{fmt.format(ci['mean'] * scale)} "
+        f"[{fmt.format(ci['ci_low'] * scale)}, {fmt.format(ci['ci_high'] * scale)}]"
+    )
 
 
 def print_evaluation(summary: dict) -> None:
@@ -236,13 +287,21 @@ def launched_rank() -> int:
 
 def run_all(cfg: Config) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise Fail("several processes: launch only `tutelage train` under accelerate or torchrun, "
-                   "and the other stages in one process", 2)
+        raise Fail(
+            "several processes: launch only `tutelage train` under accelerate or torchrun, "
+            "and the other stages in one process",
+            2,
+        )
     store = _open(cfg)
     timings = {}
     try:
-        for name, fn in (("generate", do_generate), ("filter", do_filter), ("train", do_train),
-                         ("evaluate", do_evaluate), ("report", do_report)):
+        for name, fn in (
+            ("generate", do_generate),
+            ("filter", do_filter),
+            ("train", do_train),
+            ("evaluate", do_evaluate),
+            ("report", do_report),
+        ):
             t = time.perf_counter()
             detail = fn(store, cfg)
             timings[name] = time.perf_counter() - t
@@ -252,14 +311,24 @@ def run_all(cfg: Config) -> None:
         if timings:
             console.print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
         store.close()
-    console.print(f"[bold green]done:[/] {cfg.run_dir}/report.html, the student in {cfg.run_dir}/student")
+    console.print(
+        f"[bold green]done:[/] {cfg.run_dir}/report.html, the student in {cfg.run_dir}/student"
+    )
 
 
 # -- commands ----------------------------------------------------------------------------------
 @app.command()
-def init(directory: Annotated[Path, typer.Argument(help="Where to write tutelage.yaml.")] = Path("."),
-         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
-         launchers: Annotated[bool, typer.Option("--launchers", help="Also write accelerate configurations for DDP, FSDP and DeepSpeed ZeRO-3 to DIRECTORY/accelerate/.")] = False):
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to write tutelage.yaml.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    launchers: Annotated[
+        bool,
+        typer.Option(
+            "--launchers",
+            help="Also write accelerate configurations for DDP, FSDP and DeepSpeed ZeRO-3 to DIRECTORY/accelerate/.",
+        ),
+    ] = False,
+):
     """Write a commented tutelage.yaml with working defaults.
 
     Examples: [cyan]tutelage init myproject && tutelage run -c myproject/tutelage.yaml[/];
@@ -268,8 +337,10 @@ def init(directory: Annotated[Path, typer.Argument(help="Where to write tutelage
     with one_line_errors():
         files = {directory / "tutelage.yaml": DEFAULT_CONFIG}
         if launchers:
-            files |= {directory / "accelerate" / f.name: f
-                      for f in sorted((TEMPLATES / "accelerate").glob("*.yaml"))}
+            files |= {
+                directory / "accelerate" / f.name: f
+                for f in sorted((TEMPLATES / "accelerate").glob("*.yaml"))
+            }
         for target in files:
             if target.exists() and not force:
                 raise Fail(f"{target}: already exists (use --force to overwrite)", 2)
@@ -280,37 +351,69 @@ def init(directory: Annotated[Path, typer.Argument(help="Where to write tutelage
 
 
 @app.command()
-def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, target: TargetOpt = None,
-        budget_usd: BudgetOpt = None, max_steps: MaxStepsOpt = None):
+def run(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    target: TargetOpt = None,
+    budget_usd: BudgetOpt = None,
+    max_steps: MaxStepsOpt = None,
+):
     """Run every stage: generate, filter, train, evaluate, report. On an existing run folder it
     resumes where it stopped, paying for no stored teacher answer twice.
 
     Example: [cyan]tutelage run -c tutelage.yaml --run-dir runs/first[/]
     """
     with one_line_errors():
-        run_all(resolve_config(config, run_dir, **{
-            "generation.target": target, "generation.budget_usd": budget_usd,
-            "training.max_steps": max_steps}))
+        run_all(
+            resolve_config(
+                config,
+                run_dir,
+                **{
+                    "generation.target": target,
+                    "generation.budget_usd": budget_usd,
+                    "training.max_steps": max_steps,
+                },
+            )
+        )
 
 
 @app.command()
-def demo(run_dir: Annotated[Path, typer.Option("--run-dir", "-r", file_okay=False)] = Path("runs/demo"),
-         target: TargetOpt = None, max_steps: MaxStepsOpt = None):
+def demo(
+    run_dir: Annotated[Path, typer.Option("--run-dir", "-r", file_okay=False)] = Path("runs/demo"),
+    target: TargetOpt = None,
+    max_steps: MaxStepsOpt = None,
+):
     """Run everything on the embedded default: SmolLM2-135M-Instruct teaches Gemma-3-270M.
 
     Example: [cyan]tutelage demo --run-dir runs/demo[/]
     """
     with one_line_errors():
-        run_all(resolve_config(DEFAULT_CONFIG, run_dir, **{
-            "generation.target": target, "training.max_steps": max_steps}))
+        run_all(
+            resolve_config(
+                DEFAULT_CONFIG,
+                run_dir,
+                **{"generation.target": target, "training.max_steps": max_steps},
+            )
+        )
 
 
 @app.command()
-def generate(config: ConfigOpt = None, run_dir: RunDirOpt = None, target: TargetOpt = None,
-             budget_usd: BudgetOpt = None,
-             explain: Annotated[Optional[Path], typer.Option(
-                 "--explain", help="Ask nothing: print where RUN's generated tasks went, by "
-                 "reason code, with an example of each.", metavar="RUN", file_okay=False)] = None):
+def generate(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    target: TargetOpt = None,
+    budget_usd: BudgetOpt = None,
+    explain: Annotated[
+        Path | None,
+        typer.Option(
+            "--explain",
+            help="Ask nothing: print where RUN's generated tasks went, by "
+            "reason code, with an example of each.",
+            metavar="RUN",
+            file_okay=False,
+        ),
+    ] = None,
+):
     """Ask the teacher for new tasks until enough pass the filter (or the budget ends).
 
     Examples: [cyan]tutelage generate -c tutelage.yaml --target 500[/];
@@ -320,8 +423,9 @@ def generate(config: ConfigOpt = None, run_dir: RunDirOpt = None, target: Target
         if explain is not None:
             print_explanation(explain)
             return
-        cfg = resolve_config(config, run_dir, **{"generation.target": target,
-                                                 "generation.budget_usd": budget_usd})
+        cfg = resolve_config(
+            config, run_dir, **{"generation.target": target, "generation.budget_usd": budget_usd}
+        )
         with _open(cfg) as store:
             do_generate(store, cfg)
 
@@ -338,8 +442,13 @@ def print_explanation(run: Path) -> None:
 
 
 @app.command("filter")
-def filter_cmd(config: ConfigOpt = None, run_dir: RunDirOpt = None,
-               threshold: Annotated[Optional[float], typer.Option("--threshold", help="ROUGE-L threshold.")] = None):
+def filter_cmd(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="ROUGE-L threshold.")
+    ] = None,
+):
     """Re-decide every generated task with the current filter settings and split the kept ones.
 
     Example: [cyan]tutelage filter --run-dir runs/first --threshold 0.6[/]
@@ -371,13 +480,43 @@ def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, max_steps: MaxSte
 
 
 @app.command()
-def evaluate(run: Annotated[Optional[Path], typer.Argument(help="The run folder.", file_okay=False)] = None,
-             config: ConfigOpt = None, run_dir: RunDirOpt = None,
-             sets: Annotated[Optional[list[Path]], typer.Option("--set", help="An evaluation file (repeatable): Self-Instruct JSONL, Alpaca JSON or {\"instruction\"} rows.")] = None,
-             rubric: Annotated[Optional[bool], typer.Option("--rubric/--no-rubric", help="Also grade every answer A-D (Self-Instruct's scale).")] = None,
-             teacher: Annotated[Optional[bool], typer.Option("--teacher/--no-teacher", help="Have the teacher answer too (and judge tuned vs teacher).")] = None,
-             compare: Annotated[Optional[tuple[Path, Path]], typer.Option("--compare", help="Compare two evaluated runs item by item instead.", metavar="RUN_A RUN_B")] = None,
-             output: Annotated[Optional[Path], typer.Option("-o", "--output", help="With --compare: also write the comparison as JSON.")] = None):
+def evaluate(
+    run: Annotated[Path | None, typer.Argument(help="The run folder.", file_okay=False)] = None,
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    sets: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--set",
+            help='An evaluation file (repeatable): Self-Instruct JSONL, Alpaca JSON or {"instruction"} rows.',
+        ),
+    ] = None,
+    rubric: Annotated[
+        bool | None,
+        typer.Option(
+            "--rubric/--no-rubric", help="Also grade every answer A-D (Self-Instruct's scale)."
+        ),
+    ] = None,
+    teacher: Annotated[
+        bool | None,
+        typer.Option(
+            "--teacher/--no-teacher",
+            help="Have the teacher answer too (and judge tuned vs teacher).",
+        ),
+    ] = None,
+    compare: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option(
+            "--compare",
+            help="Compare two evaluated runs item by item instead.",
+            metavar="RUN_A RUN_B",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="With --compare: also write the comparison as JSON."),
+    ] = None,
+):
     """Answer evaluation sets with the base and the tuned student (and the teacher); score ROUGE-L
     and reference NLL, judge answers in pairs (both orders), all with bootstrap 95% intervals.
 
@@ -396,8 +535,11 @@ def evaluate(run: Annotated[Optional[Path], typer.Argument(help="The run folder.
             if output:
                 output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
             return
-        cfg = resolve_config(config, run_dir or run, **{"evaluation.rubric": rubric,
-                                                        "evaluation.include_teacher": teacher})
+        cfg = resolve_config(
+            config,
+            run_dir or run,
+            **{"evaluation.rubric": rubric, "evaluation.include_teacher": teacher},
+        )
         if sets:
             cfg.evaluation.sets = [*cfg.evaluation.sets, *sets]
         with _open(cfg) as store:
@@ -405,8 +547,11 @@ def evaluate(run: Annotated[Optional[Path], typer.Argument(help="The run folder.
 
 
 @app.command()
-def report(run: Annotated[Optional[Path], typer.Argument(help="The run folder.")] = None,
-           config: ConfigOpt = None, run_dir: RunDirOpt = None):
+def report(
+    run: Annotated[Path | None, typer.Argument(help="The run folder.")] = None,
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+):
     """Write RUN/report.html (self-contained) and RUN/report.md.
 
     Example: [cyan]tutelage report runs/first[/]
@@ -418,11 +563,21 @@ def report(run: Annotated[Optional[Path], typer.Argument(help="The run folder.")
 
 
 @app.command()
-def export(run: Annotated[Path, typer.Argument(help="The run folder.", file_okay=False)],
-           output: Annotated[Path, typer.Option("-o", "--output", help="File or folder to write.")],
-           format: Annotated[str, typer.Option("--format", "-f", help="alpaca | jsonl | hf")] = "alpaca",
-           model: Annotated[bool, typer.Option("--model", help="Export the trained student instead.")] = False,
-           gguf: Annotated[Optional[str], typer.Option("--gguf", help="With --model: also write OUTPUT.gguf (f32, f16, bf16 or q8_0) for llama.cpp / Ollama.")] = None):
+def export(
+    run: Annotated[Path, typer.Argument(help="The run folder.", file_okay=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File or folder to write.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="alpaca | jsonl | hf")] = "alpaca",
+    model: Annotated[
+        bool, typer.Option("--model", help="Export the trained student instead.")
+    ] = False,
+    gguf: Annotated[
+        str | None,
+        typer.Option(
+            "--gguf",
+            help="With --model: also write OUTPUT.gguf (f32, f16, bf16 or q8_0) for llama.cpp / Ollama.",
+        ),
+    ] = None,
+):
     """Write the kept dataset (Alpaca JSON, JSONL, or a `datasets` folder) or the trained student
     (a plain HF folder, LoRA merged).
 
@@ -442,8 +597,9 @@ def export(run: Annotated[Path, typer.Argument(help="The run folder.", file_okay
             if gguf is not None and gguf not in OUTTYPES:
                 raise Fail(f"--gguf: {gguf!r} is not one of {', '.join(OUTTYPES)}", 2)
             path = export_model(run, output, gguf=gguf)
-            console.print(f"wrote the student to {path}"
-                          + (f" and {gguf_path(path)}" if gguf else ""))
+            console.print(
+                f"wrote the student to {path}" + (f" and {gguf_path(path)}" if gguf else "")
+            )
             return
         if format not in ("alpaca", "jsonl", "hf"):
             raise Fail(f"--format: {format!r} is not one of alpaca, jsonl, hf", 2)
@@ -452,13 +608,34 @@ def export(run: Annotated[Path, typer.Argument(help="The run folder.", file_okay
 
 
 @app.command()
-def dedup(input: Annotated[Path, typer.Argument(help="JSONL or JSON: Alpaca, Self-Instruct or {\"instruction\"} rows.", dir_okay=False)],
-          output: Annotated[Path, typer.Option("-o", "--output", help="The kept rows, unchanged, in input order.")],
-          threshold: Annotated[float, typer.Option("--threshold", help="Keep iff ROUGE-L <= this.")] = 0.7,
-          against: Annotated[Optional[Path], typer.Option("--against", help="Rows that fill the pool first (e.g. seeds).")] = None,
-          rejected: Annotated[Optional[Path], typer.Option("--rejected", help="Write rejected rows with their nearest kept row.")] = None,
-          unicode: Annotated[bool, typer.Option("--unicode", help="Tokenize non-English text too.")] = False,
-          workers: Annotated[int, typer.Option("--workers", min=1, help="Processes to share the work (same output).")] = 1):
+def dedup(
+    input: Annotated[
+        Path,
+        typer.Argument(
+            help='JSONL or JSON: Alpaca, Self-Instruct or {"instruction"} rows.', dir_okay=False
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="The kept rows, unchanged, in input order.")
+    ],
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Keep iff ROUGE-L <= this.")
+    ] = 0.7,
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", help="Rows that fill the pool first (e.g. seeds)."),
+    ] = None,
+    rejected: Annotated[
+        Path | None,
+        typer.Option("--rejected", help="Write rejected rows with their nearest kept row."),
+    ] = None,
+    unicode: Annotated[
+        bool, typer.Option("--unicode", help="Tokenize non-English text too.")
+    ] = False,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Processes to share the work (same output).")
+    ] = 1,
+):
     """Drop near-duplicate instructions with the exact ROUGE-L novelty filter of Self-Instruct.
 
     Example: [cyan]tutelage dedup pool.jsonl -o novel.jsonl --against seeds.jsonl --rejected dup.jsonl[/]
@@ -467,16 +644,25 @@ def dedup(input: Annotated[Path, typer.Argument(help="JSONL or JSON: Alpaca, Sel
 
     with one_line_errors():
         try:
-            s = dedup_file(input, output, threshold=threshold, against=against,
-                           rejected_path=rejected, unicode=unicode, workers=workers)
+            s = dedup_file(
+                input,
+                output,
+                threshold=threshold,
+                against=against,
+                rejected_path=rejected,
+                unicode=unicode,
+                workers=workers,
+            )
         except ValueError as e:
             raise Fail(str(e), 2) from None
         console.print(f"read {s.read}, kept {s.kept}, rejected {s.rejected} in {s.seconds:.2f}s")
 
 
 @app.callback(invoke_without_command=True)
-def main(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
-         debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False):
+def main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+):
     global DEBUG
     DEBUG = debug
     if version:

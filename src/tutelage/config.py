@@ -127,10 +127,12 @@ class GenerationConfig(Strict):
     max_instances: int = Field(5, ge=1)
     # self-instruct's follow-up steps are greedy, as in the paper (its top_p 0 is moot at
     # temperature 0). The main request uses the recipe's defaults and teacher.sampling.
-    classify_sampling: Sampling = Field(default_factory=lambda: Sampling(
-        temperature=0.0, max_tokens=3))
-    instance_sampling: Sampling = Field(default_factory=lambda: Sampling(
-        temperature=0.0, max_tokens=350, presence_penalty=1.5))
+    classify_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=3)
+    )
+    instance_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=350, presence_penalty=1.5)
+    )
     # Jinja files replacing the built-in prompts. prompt_template: the main request's (alpaca's
     # prompt, or self-instruct's bootstrap prompt); the others are self-instruct's later steps.
     prompt_template: Path | None = None
@@ -143,7 +145,11 @@ class GenerationConfig(Strict):
     language: str = "English"  # not English: the filter tokenizes Unicode (see generate.steering)
 
     TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = (
-        "prompt_template", "classify_template", "input_first_template", "output_first_template")
+        "prompt_template",
+        "classify_template",
+        "input_first_template",
+        "output_first_template",
+    )
 
     @model_validator(mode="after")
     def _demonstrations_for_self_instruct(self) -> GenerationConfig:
@@ -226,7 +232,8 @@ class EvaluationConfig(Strict):
     include_teacher: bool = True
     # Pairwise LLM-as-judge: "first:second" role pairs, each judged in both orders.
     pairs: list[Literal["tuned:base", "tuned:teacher", "base:teacher"]] = Field(
-        default_factory=lambda: ["tuned:base", "tuned:teacher"])
+        default_factory=lambda: ["tuned:base", "tuned:teacher"]
+    )
     # The judge: any teacher backend; unset = the run's teacher.
     judge: TeacherConfig | None = None
     judge_retries: int = Field(2, ge=0)  # asks again when a verdict cannot be parsed
@@ -252,8 +259,9 @@ class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the file and the field."""
 
 
-def load_config(path: Path | None, overrides: dict | None = None,
-                base: dict | None = None) -> Config:
+def load_config(
+    path: Path | None, overrides: dict | None = None, base: dict | None = None
+) -> Config:
     """Read and validate `path` (None: `base`, a stored configuration, else all defaults), then
     apply dotted-key `overrides`."""
     raw: dict = dict(base or {})
@@ -268,7 +276,9 @@ def load_config(path: Path | None, overrides: dict | None = None,
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+            raise ConfigError(
+                f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():

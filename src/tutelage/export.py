@@ -17,8 +17,9 @@ def export_data(run_dir: Path, fmt: str, out: Path) -> int:
         rows = store.examples(status="kept")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plain = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
-             for r in rows]
+    plain = [
+        {"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows
+    ]
     if fmt == "alpaca":
         out.write_text(json.dumps(plain, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     elif fmt == "jsonl":

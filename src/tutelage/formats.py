@@ -7,7 +7,7 @@ template; a path to a Jinja file is a user template with `instruction` and `inpu
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jinja2
@@ -15,7 +15,7 @@ import jinja2
 TEMPLATES = Path(__file__).parent / "templates"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _template(path: str) -> jinja2.Template:
     env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     return env.from_string(Path(path).read_text(encoding="utf-8"))

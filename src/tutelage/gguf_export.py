@@ -40,14 +40,18 @@ def find_converter() -> Path:
     root = Path(configured).expanduser() if configured else installed_converter_dir()
     where = f"{ENV_VAR}={configured}" if configured else str(root)
     if not (root / CONVERTER).is_file():
-        fix = ("point it at a llama.cpp checkout" if configured else
-               f"run `make install` (scripts/fetch_gguf_converter.py) or set {ENV_VAR} to a "
-               "llama.cpp checkout")
+        fix = (
+            "point it at a llama.cpp checkout"
+            if configured
+            else f"run `make install` (scripts/fetch_gguf_converter.py) or set {ENV_VAR} to a "
+            "llama.cpp checkout"
+        )
         raise ConverterNotFound(f"{where}: no llama.cpp {CONVERTER} there; {fix}")
     # The PyPI gguf release lags the converter (e.g. gguf 0.19.0 lacks LazyChunkedTensor).
     if not (root / "gguf-py" / "gguf" / "__init__.py").is_file():
-        raise ConverterNotFound(f"{where}: no gguf-py/ beside {CONVERTER}; the converter needs "
-                                "its own gguf package")
+        raise ConverterNotFound(
+            f"{where}: no gguf-py/ beside {CONVERTER}; the converter needs its own gguf package"
+        )
     return root / CONVERTER
 
 
@@ -70,7 +74,8 @@ def export_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
 
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH")) if p)
+        p for p in (str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH")) if p
+    )
     env["HF_HUB_OFFLINE"] = "1"  # a local folder only; never let a tokenizer load reach a hub
     env["TQDM_DISABLE"] = "1"  # progress bars would only clutter the log
 
@@ -79,20 +84,31 @@ def export_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
             source = _converter_input(hf_dir, config, Path(tmp))
             # The converter formats the output file name as a template ("{ftype}"): escape braces.
             name = partial.name.replace("{", "{{").replace("}", "}}")
-            cmd = [sys.executable, str(script), str(source), "--outfile",
-                   str(partial.with_name(name)), "--outtype", outtype]
+            cmd = [
+                sys.executable,
+                str(script),
+                str(source),
+                "--outfile",
+                str(partial.with_name(name)),
+                "--outtype",
+                outtype,
+            ]
             with log.open("w", encoding="utf-8") as f:
-                done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f,
-                                      stderr=subprocess.STDOUT, env=env)
+                done = subprocess.run(
+                    cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env
+                )
         if done.returncode != 0:
-            reason = (_last_meaningful_line(log.read_text(encoding="utf-8", errors="replace"))
-                      or f"exit status {done.returncode}")
+            reason = (
+                _last_meaningful_line(log.read_text(encoding="utf-8", errors="replace"))
+                or f"exit status {done.returncode}"
+            )
             # An architecture or tokenizer the converter does not know: the input's fault.
             kind = ValueError if re.search("not supported|not recognized", reason) else RuntimeError
             raise kind(f"{hf_dir}: GGUF conversion failed: {reason} (log: {log})")
         if not _is_gguf(partial):
-            raise RuntimeError(f"{hf_dir}: GGUF conversion failed: the converter wrote no GGUF "
-                               f"file (log: {log})")
+            raise RuntimeError(
+                f"{hf_dir}: GGUF conversion failed: the converter wrote no GGUF file (log: {log})"
+            )
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)

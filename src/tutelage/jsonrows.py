@@ -29,4 +29,6 @@ def read_rows(path: Path) -> Iterator[tuple[str, object]]:
             try:
                 yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(
+                    f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None

@@ -76,7 +76,9 @@ def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     # Only a tied output head may be absent from the file; anything else is a broken conversion.
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ModelNotFound(f"{gguf}: cannot convert (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelNotFound(
+            f"{gguf}: cannot convert (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     model.generation_config = loaded.generation_config
     tmp = out_dir.with_name(out_dir.name + ".partial")

@@ -80,9 +80,16 @@ def generate_stage(store: Store, config: Config, progress=None) -> dict:
 
     teacher = make_teacher(config.teacher)
     result = generate(store, config, teacher, progress)
-    return {"kept": result.kept, "target": result.target, "requests": result.requests,
-            "new_requests": result.new_requests, "stop_reason": result.stop_reason,
-            "message": result.message, "cost_usd": result.cost_usd, "funnel": result.funnel}
+    return {
+        "kept": result.kept,
+        "target": result.target,
+        "requests": result.requests,
+        "new_requests": result.new_requests,
+        "stop_reason": result.stop_reason,
+        "message": result.message,
+        "cost_usd": result.cost_usd,
+        "funnel": result.funnel,
+    }
 
 
 def generation_status(detail: dict) -> str:
@@ -102,8 +109,10 @@ def filter_stage(store: Store, config: Config) -> dict:
     screen = screen_for(config.filter, config.generation.language)
     seeds, records = store.seeds(), store.machine_records()
     recipes = store.batch_recipes()
-    screen.prepare([s["instruction"] for s in seeds]
-                   + [r["instruction"] for r in records if r["instance_id"] is not None])
+    screen.prepare(
+        [s["instruction"] for s in seeds]
+        + [r["instruction"] for r in records if r["instance_id"] is not None]
+    )
     for s in seeds:
         screen.add_reference(s["instruction"], ("id", s["id"]))
     decisions = []
@@ -119,12 +128,19 @@ def filter_stage(store: Store, config: Config) -> dict:
         else:
             v = screen.check(r["instruction"], r["input"], r["output"], key=("id", r["id"]))
             status, reason = instance_status, instance_reason = v.status, v.reason
-        decisions.append({
-            "id": r["id"], "status": status, "reason": reason,
-            "nearest_id": v.nearest_key[1] if v.nearest_key else None,
-            "nearest_score": v.nearest_score, "instance_id": r["instance_id"],
-            "instance_status": instance_status, "instance_reason": instance_reason, "split": None,
-        })
+        decisions.append(
+            {
+                "id": r["id"],
+                "status": status,
+                "reason": reason,
+                "nearest_id": v.nearest_key[1] if v.nearest_key else None,
+                "nearest_score": v.nearest_score,
+                "instance_id": r["instance_id"],
+                "instance_status": instance_status,
+                "instance_reason": instance_reason,
+                "split": None,
+            }
+        )
     kept = [d for d in decisions if d["status"] == "kept"]
     texts = {r["id"]: (r["instruction"], r["input"]) for r in records}
     counts = assign_splits(kept, texts, config)
@@ -136,6 +152,7 @@ def filter_stage(store: Store, config: Config) -> dict:
 def assign_splits(kept: list[dict], texts: dict, config: Config) -> dict:
     """A deterministic split: order the kept tasks by a seeded hash of their text, then take the
     test set, then the validation set, from the front. The same kept set always splits the same."""
+
     def rank(d: dict) -> str:
         instruction, task_input = texts[d["id"]]
         return hashlib.sha256(f"{config.seed}\0{instruction}\0{task_input}".encode()).hexdigest()

@@ -63,5 +63,7 @@ def _normalise(where: str, row: object) -> dict:
         "name": str(row.get("name") or row.get("id") or ""),
         "instruction": instruction.strip(),
         "is_classification": is_cls,
-        "instances": [{"input": i["input"].strip(), "output": i["output"].strip()} for i in instances],
+        "instances": [
+            {"input": i["input"].strip(), "output": i["output"].strip()} for i in instances
+        ],
     }

@@ -171,8 +171,9 @@ CREATE INDEX IF NOT EXISTS instances_instruction ON instances(instruction_id);
 
 
 # Only a done request is ever answered from the store, so its cost is what each hit saved.
-_CACHE_TOTALS = ("COALESCE(SUM(cache_hits),0) AS cache_hits,"
-                 " COALESCE(SUM(cost_usd * cache_hits),0) AS saved_usd")
+_CACHE_TOTALS = (
+    "COALESCE(SUM(cache_hits),0) AS cache_hits, COALESCE(SUM(cost_usd * cache_hits),0) AS saved_usd"
+)
 
 
 class Store:
@@ -275,8 +276,18 @@ class Store:
                 "UPDATE requests SET status='done', text=?, finish_reason=?, response_json=?,"
                 " tokens_in=?, tokens_out=?, cost_usd=?, latency_s=?, attempts=?, error=NULL,"
                 " completed_at=? WHERE key=?",
-                (text, finish_reason, json.dumps(response) if response is not None else None,
-                 tokens_in, tokens_out, cost_usd, latency_s, attempts, time.time(), key),
+                (
+                    text,
+                    finish_reason,
+                    json.dumps(response) if response is not None else None,
+                    tokens_in,
+                    tokens_out,
+                    cost_usd,
+                    latency_s,
+                    attempts,
+                    time.time(),
+                    key,
+                ),
             )
 
     def count_cache_hit(self, key: str) -> None:
@@ -301,15 +312,27 @@ class Store:
                 " submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(id) DO UPDATE SET status=excluded.status,"
                 " detail_json=excluded.detail_json, updated_at=excluded.updated_at",
-                (batch["id"], batch.get("endpoint", ""), batch.get("status", "validating"),
-                 len(keys), json.dumps(batch), now, now))
-            db.executemany("UPDATE requests SET remote_batch=? WHERE key=? AND status='pending'",
-                           [(batch["id"], k) for k in keys])
+                (
+                    batch["id"],
+                    batch.get("endpoint", ""),
+                    batch.get("status", "validating"),
+                    len(keys),
+                    json.dumps(batch),
+                    now,
+                    now,
+                ),
+            )
+            db.executemany(
+                "UPDATE requests SET remote_batch=? WHERE key=? AND status='pending'",
+                [(batch["id"], k) for k in keys],
+            )
 
     def update_remote_batch(self, batch: dict) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE remote_batches SET status=?, detail_json=?, updated_at=? WHERE id=?",
-                       (batch.get("status", ""), json.dumps(batch), time.time(), batch["id"]))
+            db.execute(
+                "UPDATE remote_batches SET status=?, detail_json=?, updated_at=? WHERE id=?",
+                (batch.get("status", ""), json.dumps(batch), time.time(), batch["id"]),
+            )
 
     def remote_batches(self) -> list[dict]:
         return self._all("SELECT * FROM remote_batches ORDER BY submitted_at")
@@ -348,8 +371,13 @@ class Store:
                 cur = db.execute(
                     "INSERT INTO instructions (text, source, is_classification, status,"
                     " request_key, position, created_at) VALUES (?, 'seed', ?, 'kept', ?, ?, ?)",
-                    (seed["instruction"], int(bool(seed.get("is_classification"))),
-                     self.SEEDS_KEY, i, now),
+                    (
+                        seed["instruction"],
+                        int(bool(seed.get("is_classification"))),
+                        self.SEEDS_KEY,
+                        i,
+                        now,
+                    ),
                 )
                 for j, inst in enumerate(seed.get("instances", [])):
                     db.execute(
@@ -367,9 +395,15 @@ class Store:
         )
         out: dict[int, dict] = {}
         for r in rows:
-            seed = out.setdefault(r["id"], {"id": r["id"], "instruction": r["instruction"],
-                                            "is_classification": bool(r["is_classification"]),
-                                            "instances": []})
+            seed = out.setdefault(
+                r["id"],
+                {
+                    "id": r["id"],
+                    "instruction": r["instruction"],
+                    "is_classification": bool(r["is_classification"]),
+                    "instances": [],
+                },
+            )
             if r["output"] is not None:
                 seed["instances"].append({"input": r["input"], "output": r["output"]})
         return list(out.values())
@@ -404,9 +438,18 @@ class Store:
                     "INSERT INTO instructions (text, source, is_classification, status, reason,"
                     " nearest_id, nearest_score, request_key, position, raw, created_at)"
                     " VALUES (?, 'machine', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rec["text"], rec.get("is_classification"), rec["status"], rec.get("reason"),
-                     rec.get("nearest_id"), rec.get("nearest_score"), request_key, pos,
-                     rec.get("raw"), now),
+                    (
+                        rec["text"],
+                        rec.get("is_classification"),
+                        rec["status"],
+                        rec.get("reason"),
+                        rec.get("nearest_id"),
+                        rec.get("nearest_score"),
+                        request_key,
+                        pos,
+                        rec.get("raw"),
+                        now,
+                    ),
                 )
                 ids.append(cur.lastrowid)
                 if rec.get("nearest_pos") is not None:  # nearest is an earlier record of this batch
@@ -418,8 +461,14 @@ class Store:
                     db.execute(
                         "INSERT INTO instances (instruction_id, position, input, output, status,"
                         " reason) VALUES (?, ?, ?, ?, ?, ?)",
-                        (cur.lastrowid, j, inst["input"], inst["output"], inst["status"],
-                         inst.get("reason")),
+                        (
+                            cur.lastrowid,
+                            j,
+                            inst["input"],
+                            inst["output"],
+                            inst["status"],
+                            inst.get("reason"),
+                        ),
                     )
             n_kept = sum(r["status"] == "kept" for r in records)
             db.execute(
@@ -467,13 +516,22 @@ class Store:
             " FROM instructions i LEFT JOIN instances n ON n.instruction_id=i.id AND n.position=0"
             " WHERE i.source='machine' GROUP BY 1, 2, 3, 4"
         )
-        return _tally((r["n"], r["status"] == "kept" and r["istatus"] in ("kept", None),
-                       r["reason"] if r["status"] == "rejected" else r["ireason"]) for r in rows)
+        return _tally(
+            (
+                r["n"],
+                r["status"] == "kept" and r["istatus"] in ("kept", None),
+                r["reason"] if r["status"] == "rejected" else r["ireason"],
+            )
+            for r in rows
+        )
 
-    def examples(self, split: str | None = None, status: str = "kept", limit: int = -1) -> list[dict]:
+    def examples(
+        self, split: str | None = None, status: str = "kept", limit: int = -1
+    ) -> list[dict]:
         """Instruction/input/output rows. status='kept' is the dataset; 'rejected' the rest."""
         where = (
-            "i.status='kept' AND n.status='kept'" if status == "kept"
+            "i.status='kept' AND n.status='kept'"
+            if status == "kept"
             else "(i.status='rejected' OR n.status='rejected')"
         )
         params: list[Any] = []
@@ -516,14 +574,28 @@ class Store:
         )
 
     # -- training -------------------------------------------------------------------------------
-    def start_train_run(self, fingerprint: str, base_model: str, method: str, config: dict,
-                        n_train: int, n_valid: int) -> int:
+    def start_train_run(
+        self,
+        fingerprint: str,
+        base_model: str,
+        method: str,
+        config: dict,
+        n_train: int,
+        n_valid: int,
+    ) -> int:
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO train_runs (fingerprint, status, base_model, method, config_json,"
                 " n_train, n_valid, started_at) VALUES (?, 'running', ?, ?, ?, ?, ?, ?)",
-                (fingerprint, base_model, method, json.dumps(config, default=str), n_train,
-                 n_valid, time.time()),
+                (
+                    fingerprint,
+                    base_model,
+                    method,
+                    json.dumps(config, default=str),
+                    n_train,
+                    n_valid,
+                    time.time(),
+                ),
             )
             return cur.lastrowid
 
@@ -536,8 +608,9 @@ class Store:
                 (run_id, step, *values.values()),
             )
 
-    def finish_train_run(self, run_id: int, status: str, output_dir: str | None,
-                         metrics: dict | None = None) -> None:
+    def finish_train_run(
+        self, run_id: int, status: str, output_dir: str | None, metrics: dict | None = None
+    ) -> None:
         with self.transaction() as db:
             db.execute(
                 "UPDATE train_runs SET status=?, output_dir=?, metrics_json=?, finished_at=?"
@@ -548,7 +621,9 @@ class Store:
     def train_runs(self) -> list[dict]:
         return self._all("SELECT * FROM train_runs ORDER BY id")
 
-    def latest_train_run(self, status: str | None = None, fingerprint: str | None = None) -> dict | None:
+    def latest_train_run(
+        self, status: str | None = None, fingerprint: str | None = None
+    ) -> dict | None:
         sql, params = "SELECT * FROM train_runs WHERE 1=1", []
         if status:
             sql, params = sql + " AND status=?", [*params, status]
@@ -569,15 +644,33 @@ class Store:
             row["scores"] = json.loads(row.pop("scores_json"))
         return row
 
-    def put_eval_item(self, set_name: str, item_key: str, model_role: str, instruction: str,
-                      input: str, reference: str | None, answer: str | None, scores: dict) -> None:
+    def put_eval_item(
+        self,
+        set_name: str,
+        item_key: str,
+        model_role: str,
+        instruction: str,
+        input: str,
+        reference: str | None,
+        answer: str | None,
+        scores: dict,
+    ) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO eval_items (set_name, item_key, model_role, instruction,"
                 " input, reference, answer, scores_json, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (set_name, item_key, model_role, instruction, input, reference, answer,
-                 json.dumps(scores), time.time()),
+                (
+                    set_name,
+                    item_key,
+                    model_role,
+                    instruction,
+                    input,
+                    reference,
+                    answer,
+                    json.dumps(scores),
+                    time.time(),
+                ),
             )
 
     def eval_items(self, set_name: str | None = None) -> list[dict]:
@@ -594,23 +687,46 @@ class Store:
         of them."""
         with self.transaction() as db:
             db.execute("DELETE FROM eval_items WHERE model_role=?", (model_role,))
-            db.execute("DELETE FROM eval_summary WHERE model_role=? OR model_role LIKE ?"
-                       " OR model_role LIKE ?", (model_role, f"{model_role}:%", f"%:{model_role}"))
-            db.execute("DELETE FROM eval_judgements WHERE subject=? OR subject LIKE ?"
-                       " OR subject LIKE ?", (model_role, f"{model_role}:%", f"%:{model_role}"))
+            db.execute(
+                "DELETE FROM eval_summary WHERE model_role=? OR model_role LIKE ?"
+                " OR model_role LIKE ?",
+                (model_role, f"{model_role}:%", f"%:{model_role}"),
+            )
+            db.execute(
+                "DELETE FROM eval_judgements WHERE subject=? OR subject LIKE ? OR subject LIKE ?",
+                (model_role, f"{model_role}:%", f"%:{model_role}"),
+            )
 
     def clear_judgements(self) -> None:
         """Forget every judgement (the judge changed)."""
         with self.transaction() as db:
             db.execute("DELETE FROM eval_judgements")
 
-    def put_judgement(self, set_name: str, item_key: str, kind: str, subject: str, status: str,
-                      score: float | None, grade: str | None, detail: dict) -> None:
+    def put_judgement(
+        self,
+        set_name: str,
+        item_key: str,
+        kind: str,
+        subject: str,
+        status: str,
+        score: float | None,
+        grade: str | None,
+        detail: dict,
+    ) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO eval_judgements VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (set_name, item_key, kind, subject, status, score, grade, json.dumps(detail),
-                 time.time()),
+                (
+                    set_name,
+                    item_key,
+                    kind,
+                    subject,
+                    status,
+                    score,
+                    grade,
+                    json.dumps(detail),
+                    time.time(),
+                ),
             )
 
     def judgements(self, set_name: str | None = None, kind: str | None = None) -> list[dict]:

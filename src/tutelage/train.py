@@ -64,8 +64,11 @@ class Example:
 def tokenize_example(tokenizer, row: dict, style: str, max_seq_len: int) -> Example | None:
     """Prompt and response tokenized apart, then joined, so the loss mask falls exactly on the
     boundary. The response is cut to fit `max_seq_len`; None when the prompt alone fills it."""
-    prompt = prompt_ids(tokenizer, student_prompt(row["instruction"], row["input"], style=style,
-                                                  tokenizer=tokenizer), style)
+    prompt = prompt_ids(
+        tokenizer,
+        student_prompt(row["instruction"], row["input"], style=style, tokenizer=tokenizer),
+        style,
+    )
     room = max_seq_len - len(prompt)
     if room <= 0:
         return None
@@ -74,8 +77,9 @@ def tokenize_example(tokenizer, row: dict, style: str, max_seq_len: int) -> Exam
     return Example(prompt + target, [IGNORE] * len(prompt) + target)
 
 
-def tokenize_examples(tokenizer, rows: list[dict], style: str,
-                      max_seq_len: int) -> tuple[list[Example], int, int]:
+def tokenize_examples(
+    tokenizer, rows: list[dict], style: str, max_seq_len: int
+) -> tuple[list[Example], int, int]:
     """(examples, dropped, truncated)."""
     examples, dropped, truncated = [], 0, 0
     for row in rows:
@@ -99,8 +103,8 @@ def batch_plan(lengths: list[int], batch_size: int, n_batches: int, seed: int) -
         epoch = list(range(len(lengths)))
         rng.shuffle(epoch)
         for start in range(0, len(epoch), MEGABATCH * batch_size):
-            mega = sorted(epoch[start:start + MEGABATCH * batch_size], key=lambda i: -lengths[i])
-            batches = [mega[i:i + batch_size] for i in range(0, len(mega), batch_size)]
+            mega = sorted(epoch[start : start + MEGABATCH * batch_size], key=lambda i: -lengths[i])
+            batches = [mega[i : i + batch_size] for i in range(0, len(mega), batch_size)]
             rng.shuffle(batches)
             plan += batches
     return plan[:n_batches]
@@ -132,11 +136,10 @@ def pack(examples: list[Example]) -> dict[str, torch.Tensor]:
     }
 
 
-
-
 # -- model and loss -----------------------------------------------------------------------------
-def load_model(config: Config, path: Path, device: torch.device, bf16: bool = False,
-               for_export: bool = False) -> torch.nn.Module:
+def load_model(
+    config: Config, path: Path, device: torch.device, bf16: bool = False, for_export: bool = False
+) -> torch.nn.Module:
     """The student ready to train on `device`: LoRA-wrapped (`lora`, `qlora`) or whole (`full`),
     its weights in bf16 when asked (pure bf16, as torchtune does), else fp32.
     `for_export`: full precision on the CPU, the shape a trained state is merged into."""
@@ -144,66 +147,95 @@ def load_model(config: Config, path: Path, device: torch.device, bf16: bool = Fa
     from transformers import AutoModelForCausalLM
 
     method, cfg = config.student.method, config.training
-    kwargs: dict = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    kwargs: dict = (
+        {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    )
     bf16 = bf16 and not for_export
     quantized = method == "qlora" and not for_export
     if quantized:
         kwargs.update(quantization_config=qlora_quantization(device), device_map={"": device})
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16 if bf16 else torch.float32, **kwargs)
+            path, dtype=torch.bfloat16 if bf16 else torch.float32, **kwargs
+        )
     except Exception as e:  # a folder with a config.json that transformers cannot load
-        raise ValueError(f"student.model: {config.student.model}: cannot load the model "
-                         f"({_first_line(e)})") from e
+        raise ValueError(
+            f"student.model: {config.student.model}: cannot load the model ({_first_line(e)})"
+        ) from e
     if quantized:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     else:
         model.to(device)
         if cfg.gradient_checkpointing and not for_export:
             model.activation_checkpointing_enable()  # non-reentrant: LoRA needs no input grads
     if method in ("lora", "qlora"):
         lora = config.student.lora
-        model = get_peft_model(model, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model
 
 
 def qlora_quantization(device: torch.device):
     """QLoRA's base model: 4-bit NormalFloat with double quantization, computing in bf16."""
     if device.type != "cuda":
-        raise ValueError("student.method: qlora needs a CUDA GPU (4-bit bitsandbytes kernels); "
-                         "use lora on this machine")
+        raise ValueError(
+            "student.method: qlora needs a CUDA GPU (4-bit bitsandbytes kernels); "
+            "use lora on this machine"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError("student.method: qlora needs bitsandbytes: pip install bitsandbytes") from None
+        raise ValueError(
+            "student.method: qlora needs bitsandbytes: pip install bitsandbytes"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+    )
 
 
 @torch.no_grad()
 def packing_is_exact(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether `model` keeps packed sequences apart: two short sequences scored packed and one
     by one must give the same logits. Cheap, and true for any architecture that passes."""
-    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") \
+    vocab = (
+        model.config.get_text_config().vocab_size
+        if hasattr(model.config, "get_text_config")
         else model.config.vocab_size
+    )
     first, second = torch.arange(7) * 13 % vocab, torch.arange(5) * 29 % vocab + 3
     was_training = model.training
     model.eval()
     try:
-        apart = torch.cat([model(input_ids=s[None].to(device), use_cache=False).logits[0]
-                           for s in (first, second)])
-        packed = model(input_ids=torch.cat([first, second])[None].to(device),
-                       position_ids=torch.cat([torch.arange(7), torch.arange(5)])[None].to(device),
-                       use_cache=False).logits[0]
+        apart = torch.cat(
+            [
+                model(input_ids=s[None].to(device), use_cache=False).logits[0]
+                for s in (first, second)
+            ]
+        )
+        packed = model(
+            input_ids=torch.cat([first, second])[None].to(device),
+            position_ids=torch.cat([torch.arange(7), torch.arange(5)])[None].to(device),
+            use_cache=False,
+        ).logits[0]
     except Exception:  # a forward without position_ids, say
         return False
     finally:
@@ -224,8 +256,10 @@ def choose_packing(setting: bool | str, model: torch.nn.Module, device: torch.de
     if packing_is_exact(model, device):
         return True
     if setting is True:
-        raise ValueError(f"training.packing: {type(model).__name__} with {implementation or 'its'} "
-                         f"attention mixes packed sequences; set packing: false")
+        raise ValueError(
+            f"training.packing: {type(model).__name__} with {implementation or 'its'} "
+            f"attention mixes packed sequences; set packing: false"
+        )
     return False
 
 
@@ -244,8 +278,14 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-              device: torch.device, accelerator=None) -> float | None:
+def eval_loss(
+    model: torch.nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    accelerator=None,
+) -> float | None:
     """Mean loss per response token over `examples` (None when there are none). Under several
     processes each scores its share of every batch, and all run the same number of forwards
     (sharded models need every process in every forward)."""
@@ -256,7 +296,7 @@ def eval_loss(model: torch.nn.Module, examples: list[Example], batch_size: int, 
     total, n = 0.0, 0
     ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
     for i in range(0, len(ordered), batch_size):
-        part = ordered[i:i + batch_size]
+        part = ordered[i : i + batch_size]
         mine = part[rank::world]
         batch = {k: v.to(device) for k, v in collate(mine or part[:1], pad_id).items()}
         loss, count = loss_sum(model, batch)
@@ -264,8 +304,9 @@ def eval_loss(model: torch.nn.Module, examples: list[Example], batch_size: int, 
             total, n = total + loss.item(), n + count
     model.train()
     if world > 1:
-        total, n = accelerator.reduce(torch.tensor([total, n], dtype=torch.float64, device=device),
-                                      "sum").tolist()
+        total, n = accelerator.reduce(
+            torch.tensor([total, n], dtype=torch.float64, device=device), "sum"
+        ).tolist()
     return total / n
 
 
@@ -289,8 +330,10 @@ def fingerprint(config: Config, train_rows: list[dict], valid_rows: list[dict]) 
         "template": fmt if fmt in ("alpaca", "chat") else Path(fmt).read_text(encoding="utf-8"),
         "student": config.student.model_dump(mode="json"),
         "seed": config.seed,
-        "data": [[[r["instance_id"], r["instruction"], r["input"], r["output"]] for r in rows]
-                 for rows in (train_rows, valid_rows)],
+        "data": [
+            [[r["instance_id"], r["instruction"], r["input"], r["output"]] for r in rows]
+            for rows in (train_rows, valid_rows)
+        ],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -337,6 +380,7 @@ def checkpoint_hooks(accelerator) -> None:
     """Checkpoints hold the trainable weights only, under their plain (unwrapped) names: a LoRA
     checkpoint of Gemma-270M is a few MB, not the whole model. Sharded engines (FSDP, DeepSpeed)
     keep their own formats: accelerate hands those hooks no weights."""
+
     def save(models, weights, output_dir):
         for model, state in zip(models, weights):
             state.clear()
@@ -348,8 +392,11 @@ def checkpoint_hooks(accelerator) -> None:
         file = Path(input_dir) / "model.safetensors"
         if models and file.exists():
             model = models.pop(0)  # loaded here, so accelerate skips it
-            unexpected = accelerator.unwrap_model(model).load_state_dict(
-                load_file(file, device=str(accelerator.device)), strict=False).unexpected_keys
+            unexpected = (
+                accelerator.unwrap_model(model)
+                .load_state_dict(load_file(file, device=str(accelerator.device)), strict=False)
+                .unexpected_keys
+            )
             if unexpected:
                 raise RuntimeError(f"{input_dir}: does not fit the model ({unexpected[0]})")
 
@@ -378,8 +425,11 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, meta: dict) -> None:
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
-    found = [p for p in ckpt_dir.glob("step-*") if (p / "meta.json").exists()
-             and p.name.removeprefix("step-").isdigit()]
+    found = [
+        p
+        for p in ckpt_dir.glob("step-*")
+        if (p / "meta.json").exists() and p.name.removeprefix("step-").isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
@@ -469,14 +519,20 @@ def make_accelerator():
     # Without a GPU, accelerate runs several processes only when told they are CPU ones (gloo).
     accelerator = Accelerator(cpu=launched > 1 and not torch.cuda.is_available())
     if accelerator.num_processes != launched:  # each process would train alone, all writing
-        raise RuntimeError(f"launched as {launched} processes, but accelerate sees "
-                           f"{accelerator.num_processes}; check the launcher's configuration")
+        raise RuntimeError(
+            f"launched as {launched} processes, but accelerate sees "
+            f"{accelerator.num_processes}; check the launcher's configuration"
+        )
     return accelerator
 
 
 # -- the recipe ---------------------------------------------------------------------------------
-def train(store: Store, config: Config, run_dir: Path,
-          progress: Callable[[int, int, float, float], None] | None = None) -> dict:
+def train(
+    store: Store,
+    config: Config,
+    run_dir: Path,
+    progress: Callable[[int, int, float, float], None] | None = None,
+) -> dict:
     """Fine-tune the student on the train split; return the run's metrics (with `run_id`,
     `output_dir`, and `reused`: True when a finished identical run was returned as it was).
 
@@ -486,8 +542,10 @@ def train(store: Store, config: Config, run_dir: Path,
     cfg = config.training
     train_rows, valid_rows = store.examples(split="train"), store.examples(split="valid")
     if not train_rows:
-        raise ValueError("nothing to train on: the store holds no kept training examples; "
-                         "`tutelage generate` (then `tutelage filter`) must keep examples first")
+        raise ValueError(
+            "nothing to train on: the store holds no kept training examples; "
+            "`tutelage generate` (then `tutelage filter`) must keep examples first"
+        )
     fp = fingerprint(config, train_rows, valid_rows)
     done = store.latest_train_run(status="done", fingerprint=fp)
     info = student_info(run_dir)
@@ -506,37 +564,70 @@ def train(store: Store, config: Config, run_dir: Path,
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"student.model: {config.student.model}: cannot load the tokenizer "
-                         f"({_first_line(e)})") from e
+        raise ValueError(
+            f"student.model: {config.student.model}: cannot load the tokenizer ({_first_line(e)})"
+        ) from e
     if tokenizer.eos_token_id is None:  # the student could never learn to stop
         raise ValueError(f"student.model: {config.student.model}: the tokenizer has no EOS token")
-    train_set, dropped, truncated = tokenize_examples(tokenizer, train_rows, cfg.prompt_format,
-                                                      cfg.max_seq_len)
+    train_set, dropped, truncated = tokenize_examples(
+        tokenizer, train_rows, cfg.prompt_format, cfg.max_seq_len
+    )
     valid_set, _, _ = tokenize_examples(tokenizer, valid_rows, cfg.prompt_format, cfg.max_seq_len)
     if not train_set:
-        raise ValueError(f"training.max_seq_len: every training prompt is longer than "
-                         f"{cfg.max_seq_len} tokens ({dropped} examples); raise it")
+        raise ValueError(
+            f"training.max_seq_len: every training prompt is longer than "
+            f"{cfg.max_seq_len} tokens ({dropped} examples); raise it"
+        )
 
     accelerator = make_accelerator()
     main = accelerator.is_main_process
     ckpt_dir = run_dir / "checkpoints"
-    decision = [_resume_or_start(store, config, fp, ckpt_dir, len(train_set), len(valid_set))
-                if main else None]
+    decision = [
+        _resume_or_start(store, config, fp, ckpt_dir, len(train_set), len(valid_set))
+        if main
+        else None
+    ]
     run_id, checkpoint = broadcast_object_list(decision)[0]
 
     try:
         with torch_threads(cfg.threads):
-            model, metrics = _fit(accelerator, store, config, run_id, fp, path, tokenizer,
-                                  train_set, valid_set, checkpoint, ckpt_dir, progress)
-        metrics.update(train_examples=len(train_set), valid_examples=len(valid_set),
-                       dropped_examples=dropped, truncated_examples=truncated,
-                       processes=accelerator.num_processes,
-                       engine=accelerator.distributed_type.value)
+            model, metrics = _fit(
+                accelerator,
+                store,
+                config,
+                run_id,
+                fp,
+                path,
+                tokenizer,
+                train_set,
+                valid_set,
+                checkpoint,
+                ckpt_dir,
+                progress,
+            )
+        metrics.update(
+            train_examples=len(train_set),
+            valid_examples=len(valid_set),
+            dropped_examples=dropped,
+            truncated_examples=truncated,
+            processes=accelerator.num_processes,
+            engine=accelerator.distributed_type.value,
+        )
         output = run_dir / "student"
         if main:
-            save_student(model, tokenizer, run_dir, {
-                "run_id": run_id, "fingerprint": fp, "base_model": config.student.model,
-                "base_path": str(path), "method": config.student.method, "metrics": metrics})
+            save_student(
+                model,
+                tokenizer,
+                run_dir,
+                {
+                    "run_id": run_id,
+                    "fingerprint": fp,
+                    "base_model": config.student.model,
+                    "base_path": str(path),
+                    "method": config.student.method,
+                    "metrics": metrics,
+                },
+            )
             metrics.update(write_gguf(run_dir, cfg.gguf))
             store.finish_train_run(run_id, "done", str(output), metrics)
         accelerator.wait_for_everyone()
@@ -547,56 +638,93 @@ def train(store: Store, config: Config, run_dir: Path,
     return {**metrics, "run_id": run_id, "output_dir": str(output), "reused": False}
 
 
-def _resume_or_start(store: Store, config: Config, fp: str, ckpt_dir: Path, n_train: int,
-                     n_valid: int) -> tuple[int, str | None]:
+def _resume_or_start(
+    store: Store, config: Config, fp: str, ckpt_dir: Path, n_train: int, n_valid: int
+) -> tuple[int, str | None]:
     """(run id, checkpoint to resume from): a checkpoint of this very training resumes it;
     anything else in the folder is stale and goes."""
     last = checkpoints(ckpt_dir)[-1:]
     meta = json.loads((last[0] / "meta.json").read_text()) if last else None
     unfinished = next((r for r in store.train_runs() if meta and r["id"] == meta["run_id"]), None)
-    if not (meta and meta["fingerprint"] == fp and meta.get("format") == CHECKPOINT_FORMAT
-            and unfinished and unfinished["status"] != "done"):
+    if not (
+        meta
+        and meta["fingerprint"] == fp
+        and meta.get("format") == CHECKPOINT_FORMAT
+        and unfinished
+        and unfinished["status"] != "done"
+    ):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         last, unfinished = [], None
     for r in store.train_runs():  # runs killed before any checkpoint can never finish
         if r["status"] == "running" and (unfinished is None or r["id"] != unfinished["id"]):
             store.finish_train_run(r["id"], "failed", None, {"error": "interrupted"})
-    run_id = unfinished["id"] if unfinished else store.start_train_run(
-        fp, config.student.model, config.student.method, config.model_dump(mode="json"),
-        n_train, n_valid)
+    run_id = (
+        unfinished["id"]
+        if unfinished
+        else store.start_train_run(
+            fp,
+            config.student.model,
+            config.student.method,
+            config.model_dump(mode="json"),
+            n_train,
+            n_valid,
+        )
+    )
     return run_id, str(last[0]) if last else None
 
 
-def _fit(accelerator, store: Store, config: Config, run_id: int, fp: str, path: Path, tokenizer,
-         train_set: list[Example], valid_set: list[Example], checkpoint: str | None,
-         ckpt_dir: Path, progress) -> tuple[torch.nn.Module | None, dict]:
+def _fit(
+    accelerator,
+    store: Store,
+    config: Config,
+    run_id: int,
+    fp: str,
+    path: Path,
+    tokenizer,
+    train_set: list[Example],
+    valid_set: list[Example],
+    checkpoint: str | None,
+    ckpt_dir: Path,
+    progress,
+) -> tuple[torch.nn.Module | None, dict]:
     """The training loop proper, from scratch or from `checkpoint`: the trained model (a plain
     module on the main process, None elsewhere), and the metrics of the loop."""
     from accelerate.utils import DistributedType
 
     cfg = config.training
-    main, rank, world = (accelerator.is_main_process, accelerator.process_index,
-                         accelerator.num_processes)
+    main, rank, world = (
+        accelerator.is_main_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
     torch.manual_seed(config.seed)  # the same initial LoRA weights in every process
     random.seed(config.seed)
     device = accelerator.device
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
     # bf16 weights where the GPU has them; DeepSpeed keeps fp32 masters and casts itself.
-    bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()
-            and accelerator.distributed_type != DistributedType.DEEPSPEED)
+    bf16 = (
+        device.type == "cuda"
+        and torch.cuda.is_bf16_supported()
+        and accelerator.distributed_type != DistributedType.DEEPSPEED
+    )
     model = load_model(config, path, device, bf16=bf16)
     packed = choose_packing(cfg.packing, model, device)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+    )
     total_steps = cfg.max_steps or math.ceil(
-        cfg.epochs * len(train_set) / (cfg.batch_size * cfg.grad_accum))
+        cfg.epochs * len(train_set) / (cfg.batch_size * cfg.grad_accum)
+    )
     warmup = int(cfg.warmup_ratio * total_steps)
     # Our own scheduler, stepped once per optimizer step: accelerate's wrapper would step it once
     # per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total_steps))
+        optimizer, lambda s: lr_factor(s, warmup, total_steps)
+    )
     _configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     loop = LoopState()
@@ -606,10 +734,20 @@ def _fit(accelerator, store: Store, config: Config, run_id: int, fp: str, path: 
     if checkpoint is not None:
         accelerator.load_state(checkpoint)
     else:
-        plan = batch_plan([len(e.input_ids) for e in train_set], cfg.batch_size,
-                          total_steps * cfg.grad_accum, config.seed)
-        loop.values = {"step": 0, "plan": plan, "seen": 0, "tokens": 0, "train_s": 0.0,
-                       "elapsed_s": 0.0}
+        plan = batch_plan(
+            [len(e.input_ids) for e in train_set],
+            cfg.batch_size,
+            total_steps * cfg.grad_accum,
+            config.seed,
+        )
+        loop.values = {
+            "step": 0,
+            "plan": plan,
+            "seen": 0,
+            "tokens": 0,
+            "train_s": 0.0,
+            "elapsed_s": 0.0,
+        }
         first = eval_loss(model, valid_set, cfg.batch_size, pad_id, device, accelerator)
         if main:
             store.log_train_step(run_id, 0, epoch=0.0, eval_loss=first, tokens=0, elapsed_s=0.0)
@@ -619,8 +757,10 @@ def _fit(accelerator, store: Store, config: Config, run_id: int, fp: str, path: 
 
     for step in range(state["step"] + 1, total_steps + 1):
         t0 = time.perf_counter()
-        micro_batches = [[train_set[i] for i in ids]
-                         for ids in plan[(step - 1) * cfg.grad_accum: step * cfg.grad_accum]]
+        micro_batches = [
+            [train_set[i] for i in ids]
+            for ids in plan[(step - 1) * cfg.grad_accum : step * cfg.grad_accum]
+        ]
         # Normalise by the response tokens of the whole step (all micro-batches, all processes),
         # so accumulation and N processes give the gradient of one big batch. DDP averages the
         # processes' gradients, hence the factor `world`.
@@ -650,24 +790,46 @@ def _fit(accelerator, store: Store, config: Config, run_id: int, fp: str, path: 
 
         loss_value, tokens_per_s = step_loss / n_targets, tokens / train_s
         evaluated = step % cfg.eval_every == 0 or step == total_steps
-        valid_loss = (eval_loss(model, valid_set, cfg.batch_size, pad_id, device, accelerator)
-                      if evaluated else None)
+        valid_loss = (
+            eval_loss(model, valid_set, cfg.batch_size, pad_id, device, accelerator)
+            if evaluated
+            else None
+        )
         elapsed = elapsed_before + time.perf_counter() - loop_start
         if main:
-            store.log_train_step(run_id, step, epoch=seen / len(train_set), loss=loss_value,
-                                 eval_loss=valid_loss, lr=lr, tokens=tokens,
-                                 tokens_per_s=tokens_per_s, elapsed_s=elapsed)
+            store.log_train_step(
+                run_id,
+                step,
+                epoch=seen / len(train_set),
+                loss=loss_value,
+                eval_loss=valid_loss,
+                lr=lr,
+                tokens=tokens,
+                tokens_per_s=tokens_per_s,
+                elapsed_s=elapsed,
+            )
         if step % cfg.save_every == 0:
-            loop.values = {"step": step, "plan": plan, "seen": seen, "tokens": tokens,
-                           "train_s": train_s, "elapsed_s": elapsed}
-            save_checkpoint(accelerator, ckpt_dir, step, {"fingerprint": fp, "run_id": run_id,
-                                                          "format": CHECKPOINT_FORMAT})
+            loop.values = {
+                "step": step,
+                "plan": plan,
+                "seen": seen,
+                "tokens": tokens,
+                "train_s": train_s,
+                "elapsed_s": elapsed,
+            }
+            save_checkpoint(
+                accelerator,
+                ckpt_dir,
+                step,
+                {"fingerprint": fp, "run_id": run_id, "format": CHECKPOINT_FORMAT},
+            )
         if progress and main:
             progress(step, total_steps, loss_value, tokens_per_s)
 
     trained = plain_model(accelerator, model, config, path)
     metrics = {
-        "steps": total_steps, "useful_tokens": tokens,
+        "steps": total_steps,
+        "useful_tokens": tokens,
         "tokens_per_s": tokens / train_s if train_s else None,
         "seconds": elapsed_before + time.perf_counter() - loop_start,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -679,9 +841,12 @@ def _fit(accelerator, store: Store, config: Config, run_id: int, fp: str, path: 
         rows = store.train_steps(run_id)
         losses = [r["loss"] for r in rows if r["loss"] is not None]
         evals = [r["eval_loss"] for r in rows if r["eval_loss"] is not None]
-        metrics.update(train_loss=losses[-1], train_loss_avg=sum(losses) / len(losses),
-                       eval_loss=evals[-1] if evals else None,
-                       eval_loss_first=evals[0] if evals else None)
+        metrics.update(
+            train_loss=losses[-1],
+            train_loss_avg=sum(losses) / len(losses),
+            eval_loss=evals[-1] if evals else None,
+            eval_loss_first=evals[0] if evals else None,
+        )
     return trained, metrics
 
 
@@ -693,8 +858,10 @@ def _configure_deepspeed(accelerator, cfg) -> None:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     if cfg.grad_accum != 1:
-        raise ValueError("training.grad_accum: must be 1 under DeepSpeed; raise "
-                         "training.batch_size instead (it is split across the processes)")
+        raise ValueError(
+            "training.grad_accum: must be 1 under DeepSpeed; raise "
+            "training.batch_size instead (it is split across the processes)"
+        )
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = math.ceil(cfg.batch_size / accelerator.num_processes)
     ds["gradient_accumulation_steps"] = 1

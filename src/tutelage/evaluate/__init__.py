@@ -88,8 +88,12 @@ def _row_items(where: str, row: object) -> list[EvalItem]:
 
 def eval_sets(store: Store, config: Config) -> dict[str, list[EvalItem]]:
     """Every set to evaluate, by name, each without duplicate tasks."""
-    sets = {"held_out": [EvalItem(e["instruction"], e["input"], e["output"])
-                         for e in store.examples(split="test")]}
+    sets = {
+        "held_out": [
+            EvalItem(e["instruction"], e["input"], e["output"])
+            for e in store.examples(split="test")
+        ]
+    }
     if config.evaluation.builtin_set:
         sets["builtin"] = load_eval_file(BUILTIN_SET)[: config.evaluation.builtin_limit]
     for path in config.evaluation.sets:
@@ -123,21 +127,25 @@ def cut_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], style: str,
-                     max_new_tokens: int) -> list[str]:
+def generate_answers(
+    model, tokenizer, prompts: list[str], style: str, max_new_tokens: int
+) -> list[str]:
     """Greedy answers for a batch of prompts (left-padded), each stopped at EOS and cut."""
     ids = [prompt_ids(tokenizer, p, style) for p in prompts]
     batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     eos = model.generation_config.eos_token_id  # None, an id or a list of ids
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=False,
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
         eos_token_id=sorted({tokenizer.eos_token_id, *eos}),
         pad_token_id=tokenizer.pad_token_id,
         # A row that has opened a new section is finished (see cut_answer): stop spending on it.
-        stop_strings=["\n" + m for m in SECTION_MARKERS], tokenizer=tokenizer,
+        stop_strings=["\n" + m for m in SECTION_MARKERS],
+        tokenizer=tokenizer,
     )
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return [cut_answer(t) for t in texts]
 
 
@@ -159,14 +167,20 @@ def model_fingerprint(path: Path, config: Config) -> str:
     how it was asked. Any change makes those answers stale."""
     files = sorted(p for p in path.rglob("*") if p.is_file())
     parts = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    parts.append([str(path.resolve()), config.training.prompt_format,
-                  config.evaluation.max_new_tokens])
+    parts.append(
+        [str(path.resolve()), config.training.prompt_format, config.evaluation.max_new_tokens]
+    )
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 # -- statistics ---------------------------------------------------------------------------------
-def summarise(store: Store, sets: dict[str, list[EvalItem]], roles: list[str], pairs: list[str],
-              config: Config) -> dict:
+def summarise(
+    store: Store,
+    sets: dict[str, list[EvalItem]],
+    roles: list[str],
+    pairs: list[str],
+    config: Config,
+) -> dict:
     """{set: {"n_items", "metrics": {metric: {role: {"mean", "ci_low", "ci_high", "n", ...}}}}}.
     Answer metrics per role, where role "delta" is tuned minus base over the items both have a
     value for; `win_rate` and `lc_win_rate` per judged pair ("tuned:base": how often the first
@@ -178,27 +192,40 @@ def summarise(store: Store, sets: dict[str, list[EvalItem]], roles: list[str], p
         metrics = {}
         for metric in METRICS:
             # One value (or None) per item, in item order, so tuned and base pair up by position.
-            values = {role: [_metric(stored.get((i.key, role)), metric) for i in items]
-                      for role in roles}
+            values = {
+                role: [_metric(stored.get((i.key, role)), metric) for i in items] for role in roles
+            }
             if "tuned" in values:
-                values["delta"] = [t - b if t is not None and b is not None else None
-                                   for t, b in zip(values["tuned"], values["base"])]
+                values["delta"] = [
+                    t - b if t is not None and b is not None else None
+                    for t, b in zip(values["tuned"], values["base"])
+                ]
             values = {role: [v for v in vals if v is not None] for role, vals in values.items()}
             if any(values.values()):  # e.g. no rouge_l or nll for a set without references
                 metrics[metric] = {role: _ci(vals, config) for role, vals in values.items() if vals}
         judged = {(r["item_key"], r["kind"], r["subject"]): r for r in store.judgements(name)}
         for pair in pairs:
             first, second = pair.split(":")
-            rows = [(judged.get((i.key, "pairwise", pair)), stored.get((i.key, first)),
-                     stored.get((i.key, second))) for i in items]
-            rows = [(j["score"], len(a["answer"].split()), len(b["answer"].split()))
-                    for j, a, b in rows if j is not None]
+            rows = [
+                (
+                    judged.get((i.key, "pairwise", pair)),
+                    stored.get((i.key, first)),
+                    stored.get((i.key, second)),
+                )
+                for i in items
+            ]
+            rows = [
+                (j["score"], len(a["answer"].split()), len(b["answer"].split()))
+                for j, a, b in rows
+                if j is not None
+            ]
             if not rows:
                 continue
             scores, len_first, len_second = (list(col) for col in zip(*rows))
             metrics.setdefault("win_rate", {})[pair] = win_rate(scores, n, seed)
             metrics.setdefault("lc_win_rate", {})[pair] = length_controlled_win_rate(
-                scores, len_first, len_second, n, seed)
+                scores, len_first, len_second, n, seed
+            )
         for role in roles:
             grades = [j["grade"] for key, j in judged.items() if key[1:] == ("rubric", role)]
             if grades:
@@ -219,9 +246,15 @@ def _ci(values: list[float], config: Config) -> dict:
 
 
 # -- the stage ----------------------------------------------------------------------------------
-def evaluate(store: Store, config: Config, run_dir: Path, tuned_model: Path | None = None,
-             progress: Callable | None = None, teacher: Teacher | None = None,
-             judge: Teacher | None = None) -> dict:
+def evaluate(
+    store: Store,
+    config: Config,
+    run_dir: Path,
+    tuned_model: Path | None = None,
+    progress: Callable | None = None,
+    teacher: Teacher | None = None,
+    judge: Teacher | None = None,
+) -> dict:
     """Answer every set with the base and the tuned student (and the teacher), score the
     answers, judge them in pairs (and grade them), then write the summary to the store and to
     `run_dir/evaluation.json`; returns that summary. Everything stored is reused.
@@ -266,19 +299,35 @@ def evaluate(store: Store, config: Config, run_dir: Path, tuned_model: Path | No
     if ev.include_teacher:
         asyncio.run(answer_with_teacher(store, config, sets, progress, teacher))
     if pairs or ev.rubric:
-        asyncio.run(judge_answers(store, config, sets, pairs, roles if ev.rubric else [],
-                                  progress, judge))
+        asyncio.run(
+            judge_answers(store, config, sets, pairs, roles if ev.rubric else [], progress, judge)
+        )
 
     table = summarise(store, sets, roles, pairs, config)
-    store.put_eval_summary([
-        {"set_name": name, "model_role": role, "metric": metric, "value": ci["mean"],
-         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "n": ci["n"]}
-        for name, s in table.items() for metric, by_role in s["metrics"].items()
-        for role, ci in by_role.items() if ci.get("mean") is not None
-    ])
-    summary = {"models": {role: str(path) for role, path in models.items()}, "notes": notes,
-               "judge": judge_label(config) if pairs or ev.rubric else None, "pairs": pairs,
-               "sets": table}
+    store.put_eval_summary(
+        [
+            {
+                "set_name": name,
+                "model_role": role,
+                "metric": metric,
+                "value": ci["mean"],
+                "ci_low": ci["ci_low"],
+                "ci_high": ci["ci_high"],
+                "n": ci["n"],
+            }
+            for name, s in table.items()
+            for metric, by_role in s["metrics"].items()
+            for role, ci in by_role.items()
+            if ci.get("mean") is not None
+        ]
+    )
+    summary = {
+        "models": {role: str(path) for role, path in models.items()},
+        "notes": notes,
+        "judge": judge_label(config) if pairs or ev.rubric else None,
+        "pairs": pairs,
+        "sets": table,
+    }
     if ev.include_teacher:
         summary["models"]["teacher"] = f"{config.teacher.backend}:{config.teacher.model}"
     (run_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -287,20 +336,28 @@ def evaluate(store: Store, config: Config, run_dir: Path, tuned_model: Path | No
 
 def _todo(store: Store, sets: dict[str, list[EvalItem]], role: str) -> list[tuple[str, EvalItem]]:
     done = {(r["set_name"], r["item_key"]) for r in store.eval_items() if r["model_role"] == role}
-    return [(name, item) for name, items in sets.items() for item in items
-            if (name, item.key) not in done]
+    return [
+        (name, item)
+        for name, items in sets.items()
+        for item in items
+        if (name, item.key) not in done
+    ]
 
 
 def _reference_scores(item: EvalItem, answer: str, config: Config) -> dict:
     if item.reference is None:
         return {"rouge_l": None}
     # The filter's tokenizer choice: unicode=False drops non-ASCII words.
-    return {"rouge_l": rouge_l_f1(tokenize(item.reference, config.filter.unicode),
-                                  tokenize(answer, config.filter.unicode))}
+    return {
+        "rouge_l": rouge_l_f1(
+            tokenize(item.reference, config.filter.unicode), tokenize(answer, config.filter.unicode)
+        )
+    }
 
 
-def answer_with_students(store: Store, config: Config, sets: dict[str, list[EvalItem]],
-                         models: dict[str, Path], progress) -> None:
+def answer_with_students(
+    store: Store, config: Config, sets: dict[str, list[EvalItem]], models: dict[str, Path], progress
+) -> None:
     """Greedy answers, ROUGE-L and the teacher's reference NLL for each student model."""
     style = config.training.prompt_format
     todo = {role: _todo(store, sets, role) for role in models}
@@ -312,19 +369,33 @@ def answer_with_students(store: Store, config: Config, sets: dict[str, list[Eval
         # Similar lengths share a batch: less padding to compute.
         work.sort(key=lambda w: len(w[1].instruction) + len(w[1].input))
         for start in range(0, len(work), BATCH_SIZE):
-            batch = work[start:start + BATCH_SIZE]
-            prompts = [student_prompt(item.instruction, item.input, style, tokenizer)
-                       for _, item in batch]
-            answers = generate_answers(model, tokenizer, prompts, style,
-                                       config.evaluation.max_new_tokens)
+            batch = work[start : start + BATCH_SIZE]
+            prompts = [
+                student_prompt(item.instruction, item.input, style, tokenizer) for _, item in batch
+            ]
+            answers = generate_answers(
+                model, tokenizer, prompts, style, config.evaluation.max_new_tokens
+            )
             for (name, item), prompt, answer in zip(batch, prompts, answers):
-                scores = {**_reference_scores(item, answer, config), "nll": None,
-                          "n_ref_tokens": None}
+                scores = {
+                    **_reference_scores(item, answer, config),
+                    "nll": None,
+                    "n_ref_tokens": None,
+                }
                 if item.reference is not None:
                     scores["nll"], scores["n_ref_tokens"] = reference_nll(
-                        model, tokenizer, prompt, item.reference, style)
-                store.put_eval_item(name, item.key, role, item.instruction, item.input,
-                                    item.reference, answer, scores)
+                        model, tokenizer, prompt, item.reference, style
+                    )
+                store.put_eval_item(
+                    name,
+                    item.key,
+                    role,
+                    item.instruction,
+                    item.input,
+                    item.reference,
+                    answer,
+                    scores,
+                )
             done += len(batch)
             if progress:
                 progress(done, total, role)
@@ -334,11 +405,17 @@ def answer_with_students(store: Store, config: Config, sets: dict[str, list[Eval
 
 # -- the teacher and the judge --------------------------------------------------------------------
 def _ledger(store: Store, config: Config, teacher_config: TeacherConfig, teacher) -> Ledger:
-    price = price_for(teacher_config.backend, teacher.model, teacher_config.price,
-                      batch=teacher_config.batch)
+    price = price_for(
+        teacher_config.backend, teacher.model, teacher_config.price, batch=teacher_config.batch
+    )
     # The run's budget covers evaluation too: the ledger's totals are the run's.
-    return Ledger(teacher, store, price=price, budget_usd=config.generation.budget_usd,
-                  concurrency=teacher_config.concurrency)
+    return Ledger(
+        teacher,
+        store,
+        price=price,
+        budget_usd=config.generation.budget_usd,
+        concurrency=teacher_config.concurrency,
+    )
 
 
 def answer_request(config: Config, item: EvalItem) -> Request:
@@ -348,12 +425,19 @@ def answer_request(config: Config, item: EvalItem) -> Request:
     if speaks_chat(config.teacher):
         content = f"{item.instruction}\n\n{item.input}" if item.input else item.instruction
         return Request.make(messages=[{"role": "user", "content": content}], sampling=sampling)
-    return Request.make(prompt=student_prompt(item.instruction, item.input, "alpaca"),
-                        sampling={**sampling, "stop": ["\n" + m for m in SECTION_MARKERS]})
+    return Request.make(
+        prompt=student_prompt(item.instruction, item.input, "alpaca"),
+        sampling={**sampling, "stop": ["\n" + m for m in SECTION_MARKERS]},
+    )
 
 
-async def answer_with_teacher(store: Store, config: Config, sets: dict[str, list[EvalItem]],
-                              progress, teacher: Teacher | None = None) -> None:
+async def answer_with_teacher(
+    store: Store,
+    config: Config,
+    sets: dict[str, list[EvalItem]],
+    progress,
+    teacher: Teacher | None = None,
+) -> None:
     work = _todo(store, sets, "teacher")
     if not work:
         return
@@ -367,10 +451,16 @@ async def answer_with_teacher(store: Store, config: Config, sets: dict[str, list
             nonlocal done
             result = await ledger.complete(answer_request(config, item), purpose="evaluate")
             text = cut_answer(result.completion.text)
-            store.put_eval_item(name, item.key, "teacher", item.instruction, item.input,
-                                item.reference, text,
-                                {**_reference_scores(item, text, config), "nll": None,
-                                 "request_key": result.key})
+            store.put_eval_item(
+                name,
+                item.key,
+                "teacher",
+                item.instruction,
+                item.input,
+                item.reference,
+                text,
+                {**_reference_scores(item, text, config), "nll": None, "request_key": result.key},
+            )
             done += 1
             if progress:
                 progress(done, len(work), "teacher")
@@ -381,9 +471,15 @@ async def answer_with_teacher(store: Store, config: Config, sets: dict[str, list
             await teacher.aclose()
 
 
-async def judge_answers(store: Store, config: Config, sets: dict[str, list[EvalItem]],
-                        pairs: list[str], graded_roles: list[str], progress,
-                        teacher: Teacher | None = None) -> None:
+async def judge_answers(
+    store: Store,
+    config: Config,
+    sets: dict[str, list[EvalItem]],
+    pairs: list[str],
+    graded_roles: list[str],
+    progress,
+    teacher: Teacher | None = None,
+) -> None:
     """Every pair judged in both orders, and every graded role's answer graded, per item; each
     decision stored as soon as it is made."""
     ev = config.evaluation
@@ -411,21 +507,40 @@ async def judge_answers(store: Store, config: Config, sets: dict[str, list[EvalI
 
         async def decide(name: str, item: EvalItem, kind: str, subject: str) -> None:
             nonlocal done
-            task = {"instruction": item.instruction, "input": item.input,
-                    "reference": item.reference}
+            task = {
+                "instruction": item.instruction,
+                "input": item.input,
+                "reference": item.reference,
+            }
             if kind == "pairwise":
-                first, second = (answers[name, item.key, role]["answer"]
-                                 for role in subject.split(":"))
+                first, second = (
+                    answers[name, item.key, role]["answer"] for role in subject.split(":")
+                )
                 verdict = await judge_pair(ledger, first=first, second=second, **task, **common)
-                store.put_judgement(name, item.key, kind, subject,
-                                    "failed" if verdict.score is None else "done", verdict.score,
-                                    None, verdict.to_dict())
+                store.put_judgement(
+                    name,
+                    item.key,
+                    kind,
+                    subject,
+                    "failed" if verdict.score is None else "done",
+                    verdict.score,
+                    None,
+                    verdict.to_dict(),
+                )
             else:
-                grade = await grade_answer(ledger, answer=answers[name, item.key, subject]["answer"],
-                                           **task, **common)
-                store.put_judgement(name, item.key, kind, subject,
-                                    "failed" if grade.grade is None else "done", None, grade.grade,
-                                    grade.to_dict())
+                grade = await grade_answer(
+                    ledger, answer=answers[name, item.key, subject]["answer"], **task, **common
+                )
+                store.put_judgement(
+                    name,
+                    item.key,
+                    kind,
+                    subject,
+                    "failed" if grade.grade is None else "done",
+                    None,
+                    grade.grade,
+                    grade.to_dict(),
+                )
             done += 1
             if progress:
                 progress(done, len(work), "judge")
@@ -448,18 +563,27 @@ async def _all(coroutines) -> None:
 def teacher_fingerprint(config: Config) -> str:
     """What the teacher's stored answers depend on."""
     t = config.teacher
-    return hashlib.sha256(json.dumps([t.backend, t.model, speaks_chat(t),
-                                      config.evaluation.max_new_tokens]).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([t.backend, t.model, speaks_chat(t), config.evaluation.max_new_tokens]).encode()
+    ).hexdigest()
 
 
 def judge_fingerprint(config: Config) -> str:
     """What stored judgements depend on: the judge, how it is asked, and the prompt texts."""
     ev = config.evaluation
-    judge = (ev.judge or config.teacher)
-    templates = [(TEMPLATES / "evaluate" / f"{name}.jinja").read_text(encoding="utf-8")
-                 for name in ("pairwise", "rubric")]
-    blob = [judge.backend, judge.model, speaks_chat(judge), ev.judge_retries,
-            ev.judge_max_tokens, templates]
+    judge = ev.judge or config.teacher
+    templates = [
+        (TEMPLATES / "evaluate" / f"{name}.jinja").read_text(encoding="utf-8")
+        for name in ("pairwise", "rubric")
+    ]
+    blob = [
+        judge.backend,
+        judge.model,
+        speaks_chat(judge),
+        ev.judge_retries,
+        ev.judge_max_tokens,
+        templates,
+    ]
     return hashlib.sha256(json.dumps(blob).encode()).hexdigest()
 
 

@@ -21,18 +21,36 @@ def _store(run: Path) -> Store:
     return Store(run)
 
 
-def compare_runs(run_a: Path, run_b: Path, role: str = "tuned", n_resamples: int = 1000,
-                 seed: int = 0, examples: int = 3) -> dict:
+def compare_runs(
+    run_a: Path,
+    run_b: Path,
+    role: str = "tuned",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    examples: int = 3,
+) -> dict:
     """{"runs", "role", "sets": {set: {"n_items", "metrics": {metric: {"a", "b", "delta"}},
     "win_rates": {pair: {"a", "b"}}, "largest_changes": [...]}}}."""
     with _store(run_a) as a, _store(run_b) as b:
-        rows_a = {(r["set_name"], r["item_key"]): r for r in a.eval_items() if r["model_role"] == role}
-        rows_b = {(r["set_name"], r["item_key"]): r for r in b.eval_items() if r["model_role"] == role}
-        wins = [{(r["set_name"], r["model_role"]): r for r in s.eval_summary()
-                 if r["metric"] == "win_rate"} for s in (a, b)]
+        rows_a = {
+            (r["set_name"], r["item_key"]): r for r in a.eval_items() if r["model_role"] == role
+        }
+        rows_b = {
+            (r["set_name"], r["item_key"]): r for r in b.eval_items() if r["model_role"] == role
+        }
+        wins = [
+            {
+                (r["set_name"], r["model_role"]): r
+                for r in s.eval_summary()
+                if r["metric"] == "win_rate"
+            }
+            for s in (a, b)
+        ]
     if not rows_a or not rows_b:
         missing = run_a if not rows_a else run_b
-        raise ValueError(f"{missing}: no {role} answers stored; run `tutelage evaluate` on it first")
+        raise ValueError(
+            f"{missing}: no {role} answers stored; run `tutelage evaluate` on it first"
+        )
     common = sorted(rows_a.keys() & rows_b.keys())
     if not common:
         raise ValueError(f"{run_a} and {run_b}: no evaluation item in common")
@@ -47,22 +65,42 @@ def compare_runs(run_a: Path, run_b: Path, role: str = "tuned", n_resamples: int
                 continue
             xs, ys = zip(*pairs)
             metrics[metric] = {
-                "a": _ci(xs, n_resamples, seed), "b": _ci(ys, n_resamples, seed),
-                "delta": _ci([y - x for x, y in pairs], n_resamples, seed)}
-        judged = sorted({pair for (s, pair) in wins[0] if s == set_name}
-                        | {pair for (s, pair) in wins[1] if s == set_name})
-        win_rates = {pair: {side: _row(w.get((set_name, pair))) for side, w in zip("ab", wins)}
-                     for pair in judged}
+                "a": _ci(xs, n_resamples, seed),
+                "b": _ci(ys, n_resamples, seed),
+                "delta": _ci([y - x for x, y in pairs], n_resamples, seed),
+            }
+        judged = sorted(
+            {pair for (s, pair) in wins[0] if s == set_name}
+            | {pair for (s, pair) in wins[1] if s == set_name}
+        )
+        win_rates = {
+            pair: {side: _row(w.get((set_name, pair))) for side, w in zip("ab", wins)}
+            for pair in judged
+        }
         # The items whose ROUGE-L moved most, to read side by side.
-        scored = [k for k in keys if _value(rows_a[k], "rouge_l") is not None
-                  and _value(rows_b[k], "rouge_l") is not None]
+        scored = [
+            k
+            for k in keys
+            if _value(rows_a[k], "rouge_l") is not None and _value(rows_b[k], "rouge_l") is not None
+        ]
         scored.sort(key=lambda k: -abs(_value(rows_b[k], "rouge_l") - _value(rows_a[k], "rouge_l")))
-        changes = [{"instruction": rows_a[k]["instruction"], "input": rows_a[k]["input"],
-                    "answer_a": rows_a[k]["answer"], "answer_b": rows_b[k]["answer"],
-                    "rouge_l_a": _value(rows_a[k], "rouge_l"),
-                    "rouge_l_b": _value(rows_b[k], "rouge_l")} for k in scored[:examples]]
-        out[set_name] = {"n_items": len(keys), "metrics": metrics, "win_rates": win_rates,
-                         "largest_changes": changes}
+        changes = [
+            {
+                "instruction": rows_a[k]["instruction"],
+                "input": rows_a[k]["input"],
+                "answer_a": rows_a[k]["answer"],
+                "answer_b": rows_b[k]["answer"],
+                "rouge_l_a": _value(rows_a[k], "rouge_l"),
+                "rouge_l_b": _value(rows_b[k], "rouge_l"),
+            }
+            for k in scored[:examples]
+        ]
+        out[set_name] = {
+            "n_items": len(keys),
+            "metrics": metrics,
+            "win_rates": win_rates,
+            "largest_changes": changes,
+        }
     return {"runs": [str(run_a), str(run_b)], "role": role, "sets": out}
 
 
@@ -72,5 +110,13 @@ def _ci(values, n_resamples: int, seed: int) -> dict:
 
 
 def _row(row: dict | None) -> dict | None:
-    return None if row is None else {"mean": row["value"], "ci_low": row["ci_low"],
-                                     "ci_high": row["ci_high"], "n": row["n"]}
+    return (
+        None
+        if row is None
+        else {
+            "mean": row["value"],
+            "ci_low": row["ci_low"],
+            "ci_high": row["ci_high"],
+            "n": row["n"],
+        }
+    )

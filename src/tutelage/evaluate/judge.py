@@ -42,18 +42,20 @@ _GRADE_LABELS = {g.lower(): g for g in GRADES}
 # Words that may stand before the label: "Verdict: Answer B", "Verdict: Assistant A".
 _LEADING = re.compile(r"^(?:answer|response|assistant|output|option|grade)\s+")
 # "A or B", "A/B", "B, C.": two labels at once is no decision ("B, a clearer answer" is one).
-_SECOND_LABEL = re.compile(r"^\s*(?:(?:/|\||&|\bor\b|\band\b|\bvs\b\.?)\s*(?:answer\s+)?(\w+)\b"
-                           r"|,\s*(\w+)\s*(?:$|[.,;:!?]))")
+_SECOND_LABEL = re.compile(
+    r"^\s*(?:(?:/|\||&|\bor\b|\band\b|\bvs\b\.?)\s*(?:answer\s+)?(\w+)\b"
+    r"|,\s*(\w+)\s*(?:$|[.,;:!?]))"
+)
 
 
 def parse_verdict(text: str) -> str | None:
-    """"A", "B" or "tie" from the judge's last verdict line ("Verdict: A", "**Verdict:** [[B]]",
+    """ "A", "B" or "tie" from the judge's last verdict line ("Verdict: A", "**Verdict:** [[B]]",
     "verdict: Tie."), or None when there is no verdict line or the last one is ambiguous."""
     return _parse_label(text, "verdict", _VERDICT_LABELS)
 
 
 def parse_grade(text: str) -> str | None:
-    """"A" to "D" from the judge's last grade line ("Grade: B", "**Grade:** C."), else None."""
+    """ "A" to "D" from the judge's last grade line ("Grade: B", "**Grade:** C."), else None."""
     return _parse_label(text, "grade", _GRADE_LABELS)
 
 
@@ -71,7 +73,7 @@ def _parse_label(text: str, keyword: str, labels: dict[str, str]) -> str | None:
                 return None
             rest = m.group(1)
             if not _clean(rest):  # "**Verdict:**" then the label on the next non-empty line
-                rest = next((nxt for nxt in lines[i + 1:] if _clean(nxt)), "")
+                rest = next((nxt for nxt in lines[i + 1 :] if _clean(nxt)), "")
             return _label(rest, labels)
         if (m := bare_re.match(line)) is not None and m.group(1).lower() in labels:
             return labels[m.group(1).lower()]
@@ -105,13 +107,17 @@ def _fence(text: str | None) -> str:
     return re.sub(rf"<(\s*/?\s*(?:{tags})\s*)>", r"‹\1›", text or "", flags=re.IGNORECASE)
 
 
-def _request(prompt: str, chat: bool, attempt: int, temperature: float,
-             max_tokens: int | None) -> Request:
-    sampling = {"temperature": temperature if attempt == 0 else max(temperature, RETRY_TEMPERATURE),
-                "max_tokens": max_tokens or MAX_TOKENS}
+def _request(
+    prompt: str, chat: bool, attempt: int, temperature: float, max_tokens: int | None
+) -> Request:
+    sampling = {
+        "temperature": temperature if attempt == 0 else max(temperature, RETRY_TEMPERATURE),
+        "max_tokens": max_tokens or MAX_TOKENS,
+    }
     if chat:
-        return Request.make(messages=[{"role": "user", "content": prompt}], sampling=sampling,
-                            sample_index=attempt)
+        return Request.make(
+            messages=[{"role": "user", "content": prompt}], sampling=sampling, sample_index=attempt
+        )
     # A completion model that is done judging goes on to invent the next task: stop it there.
     sampling["stop"] = ["\n<task>"]
     return Request.make(prompt=prompt, sampling=sampling, sample_index=attempt)
@@ -130,12 +136,22 @@ class Asked:
         return len(self.keys)
 
 
-async def _ask(ledger: Ledger, prompt: str, parse: Callable[[str], str | None], *, chat: bool,
-               retries: int, temperature: float, max_tokens: int | None, purpose: str) -> Asked:
+async def _ask(
+    ledger: Ledger,
+    prompt: str,
+    parse: Callable[[str], str | None],
+    *,
+    chat: bool,
+    retries: int,
+    temperature: float,
+    max_tokens: int | None,
+    purpose: str,
+) -> Asked:
     asked = Asked(None, "")
     for attempt in range(1 + max(0, retries)):
-        result = await ledger.complete(_request(prompt, chat, attempt, temperature, max_tokens),
-                                       purpose=purpose)
+        result = await ledger.complete(
+            _request(prompt, chat, attempt, temperature, max_tokens), purpose=purpose
+        )
         asked.keys.append(result.key)
         asked.rationale = result.completion.text
         asked.label = parse(asked.rationale)
@@ -191,25 +207,59 @@ class PairJudgement:
         return a is not None and a == b
 
     def to_dict(self) -> dict:
-        return {"score": self.score, "consistent": self.consistent,
-                "orders": [asdict(o) | {"score": o.score} for o in self.orders]}
+        return {
+            "score": self.score,
+            "consistent": self.consistent,
+            "orders": [asdict(o) | {"score": o.score} for o in self.orders],
+        }
 
 
-async def judge_pair(ledger: Ledger, *, chat: bool, instruction: str, input: str = "",
-                     first: str, second: str, reference: str | None = None, retries: int = 2,
-                     temperature: float = 0.0,
-                     max_tokens: int | None = MAX_TOKENS) -> PairJudgement:
+async def judge_pair(
+    ledger: Ledger,
+    *,
+    chat: bool,
+    instruction: str,
+    input: str = "",
+    first: str,
+    second: str,
+    reference: str | None = None,
+    retries: int = 2,
+    temperature: float = 0.0,
+    max_tokens: int | None = MAX_TOKENS,
+) -> PairJudgement:
     """Judge `first` against `second` in both orders (first shown as A, then as B)."""
-    task = {"instruction": _fence(instruction), "input": _fence(input),
-            "reference": _fence(reference) if reference else None, "chat": chat}
+    task = {
+        "instruction": _fence(instruction),
+        "input": _fence(input),
+        "reference": _fence(reference) if reference else None,
+        "chat": chat,
+    }
     first, second = _fence(first), _fence(second)
-    prompts = [render_template(PAIRWISE_TEMPLATE, answer_a=a, answer_b=b, **task).rstrip()
-               for a, b in ((first, second), (second, first))]
-    asked = await _gather(*(_ask(ledger, p, parse_verdict, chat=chat, retries=retries,
-                                 temperature=temperature, max_tokens=max_tokens, purpose="judge")
-                            for p in prompts))
-    return PairJudgement(tuple(OrderVerdict(position, a.label, a.rationale, a.keys, a.attempts)
-                               for position, a in zip(("A", "B"), asked)))
+    prompts = [
+        render_template(PAIRWISE_TEMPLATE, answer_a=a, answer_b=b, **task).rstrip()
+        for a, b in ((first, second), (second, first))
+    ]
+    asked = await _gather(
+        *(
+            _ask(
+                ledger,
+                p,
+                parse_verdict,
+                chat=chat,
+                retries=retries,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                purpose="judge",
+            )
+            for p in prompts
+        )
+    )
+    return PairJudgement(
+        tuple(
+            OrderVerdict(position, a.label, a.rationale, a.keys, a.attempts)
+            for position, a in zip(("A", "B"), asked)
+        )
+    )
 
 
 # -- rubric -------------------------------------------------------------------------------------
@@ -229,13 +279,35 @@ class Grade:
         return asdict(self) | {"acceptable": self.acceptable}
 
 
-async def grade_answer(ledger: Ledger, *, chat: bool, instruction: str, input: str = "",
-                       answer: str, reference: str | None = None, retries: int = 2,
-                       temperature: float = 0.0, max_tokens: int | None = MAX_TOKENS) -> Grade:
+async def grade_answer(
+    ledger: Ledger,
+    *,
+    chat: bool,
+    instruction: str,
+    input: str = "",
+    answer: str,
+    reference: str | None = None,
+    retries: int = 2,
+    temperature: float = 0.0,
+    max_tokens: int | None = MAX_TOKENS,
+) -> Grade:
     """Grade `answer` A-D, retried like a verdict."""
-    prompt = render_template(RUBRIC_TEMPLATE, instruction=_fence(instruction), input=_fence(input),
-                             answer=_fence(answer), chat=chat,
-                             reference=_fence(reference) if reference else None).rstrip()
-    a = await _ask(ledger, prompt, parse_grade, chat=chat, retries=retries,
-                   temperature=temperature, max_tokens=max_tokens, purpose="grade")
+    prompt = render_template(
+        RUBRIC_TEMPLATE,
+        instruction=_fence(instruction),
+        input=_fence(input),
+        answer=_fence(answer),
+        chat=chat,
+        reference=_fence(reference) if reference else None,
+    ).rstrip()
+    a = await _ask(
+        ledger,
+        prompt,
+        parse_grade,
+        chat=chat,
+        retries=retries,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        purpose="grade",
+    )
     return Grade(a.label, a.rationale, a.keys, a.attempts)

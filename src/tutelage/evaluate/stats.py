@@ -33,10 +33,16 @@ def win_rate(scores: Sequence[float | None], n_resamples: int, seed: int) -> dic
     as a win or a loss. wins/ties/losses count items scored above, at, or below one half.
     """
     valid = [float(s) for s in scores if s is not None]
-    out = {"mean": None, "ci_low": None, "ci_high": None, "n": len(valid),
-           "n_failed": len(scores) - len(valid),
-           "wins": sum(s > 0.5 for s in valid), "ties": sum(s == 0.5 for s in valid),
-           "losses": sum(s < 0.5 for s in valid)}
+    out = {
+        "mean": None,
+        "ci_low": None,
+        "ci_high": None,
+        "n": len(valid),
+        "n_failed": len(scores) - len(valid),
+        "wins": sum(s > 0.5 for s in valid),
+        "ties": sum(s == 0.5 for s in valid),
+        "losses": sum(s < 0.5 for s in valid),
+    }
     if valid:
         out["mean"], out["ci_low"], out["ci_high"] = bootstrap_ci(valid, n_resamples, seed)
     return out
@@ -47,8 +53,13 @@ def _sigmoid(z):
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow warnings for large |z|
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: tuple[float, float] = (1e-4, 0.1),
-                 max_iter: int = 100, tol: float = 1e-8) -> np.ndarray:
+def fit_logistic(
+    x: np.ndarray,
+    y: np.ndarray,
+    l2: tuple[float, float] = (1e-4, 0.1),
+    max_iter: int = 100,
+    tol: float = 1e-8,
+) -> np.ndarray:
     """Penalised logistic regression of fractional targets `y` in [0, 1] on the columns of `x`,
     by Newton's method (IRLS) with step halving. Minimises the summed cross-entropy plus
     `l2[j] / 2 * w[j]**2`. Returns the weights.
@@ -80,8 +91,13 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: tuple[float, float] = (1e-4, 
     return w
 
 
-def length_controlled_win_rate(scores: Sequence[float | None], len_first: Sequence[float],
-                               len_second: Sequence[float], n_resamples: int, seed: int) -> dict:
+def length_controlled_win_rate(
+    scores: Sequence[float | None],
+    len_first: Sequence[float],
+    len_second: Sequence[float],
+    n_resamples: int,
+    seed: int,
+) -> dict:
     """The win rate of the first model had both answers been equally long, with its interval.
 
     In the spirit of AlpacaEval 2.0's length-controlled win rate (Dubois et al., 2024): a logistic
@@ -133,9 +149,14 @@ def grade_summary(grades: Sequence[str | None], n_resamples: int, seed: int) -> 
     if unknown:
         raise ValueError(f"grade_summary: unknown grades {sorted(unknown)}")
     n = len(valid)
-    out = {"shares": {g: (valid.count(g) / n if n else None) for g in GRADES},
-           "mean": None, "ci_low": None, "ci_high": None, "n": n,
-           "n_failed": len(grades) - n}
+    out = {
+        "shares": {g: (valid.count(g) / n if n else None) for g in GRADES},
+        "mean": None,
+        "ci_low": None,
+        "ci_high": None,
+        "n": n,
+        "n_failed": len(grades) - n,
+    }
     if valid:
         acceptable = [float(g in ("A", "B")) for g in valid]
         out["mean"], out["ci_low"], out["ci_high"] = bootstrap_ci(acceptable, n_resamples, seed)

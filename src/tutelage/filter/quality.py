@@ -34,7 +34,8 @@ DEFAULT_BLACKLIST = (
 # The teacher continues its numbered prompt ("18. Instruction: ...") or repeats its field labels:
 # a bare label at the start of a line, or a numbered one anywhere (parsers split only at line starts).
 _LIST_MARKER = re.compile(
-    r"^\s*(?:instruction|input|output)\s*:|\b\d+\s*[.)]\s*(?:instruction|input|output)\s*:", re.I | re.M
+    r"^\s*(?:instruction|input|output)\s*:|\b\d+\s*[.)]\s*(?:instruction|input|output)\s*:",
+    re.IGNORECASE | re.MULTILINE,
 )
 # C0/C1 control characters; newline and tab are ordinary in instructions and outputs
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -48,7 +49,7 @@ def _blacklist_pattern(blacklist: tuple[str, ...]) -> re.Pattern[str] | None:
     if not blacklist:
         return None
     phrases = (r"\s+".join(map(re.escape, word.split())) for word in blacklist)
-    return re.compile(r"\b(?:" + "|".join(phrases) + r")\b", re.I)
+    return re.compile(r"\b(?:" + "|".join(phrases) + r")\b", re.IGNORECASE)
 
 
 def word_count(text: str, unicode: bool = False) -> int:

@@ -157,8 +157,9 @@ def _features(codes: Sequence[str]) -> _Features:
     shallow = level < _LEVELS
     if not shallow.all():
         d = ~shallow
-        deep = [(o, (t, k)) for o, t, k in
-                zip(owner[d].tolist(), tokens[d].tolist(), level[d].tolist())]
+        deep = [
+            (o, (t, k)) for o, t, k in zip(owner[d].tolist(), tokens[d].tolist(), level[d].tolist())
+        ]
         owner, tokens, level = owner[shallow], tokens[shallow], level[shallow]
     return owner, tokens * _LEVELS + level, deep
 
@@ -190,13 +191,20 @@ def _inner_lcs(codes: list[str]) -> np.ndarray:
     cuts = [count * k // 4 for k in range(5)]
     for a, b in zip(cuts, cuts[1:]):
         if a < b:
-            lcs[a:b, :b] = process.cdist(codes[a:b], codes[:b], scorer=LCSseq.similarity,
-                                         dtype=np.int32)
+            lcs[a:b, :b] = process.cdist(
+                codes[a:b], codes[:b], scorer=LCSseq.similarity, dtype=np.int32
+            )
     return lcs
 
 
-def _best_per_row(r: np.ndarray, p: np.ndarray, f1: np.ndarray, scores: np.ndarray,
-                  ids: np.ndarray, where: np.ndarray) -> None:
+def _best_per_row(
+    r: np.ndarray,
+    p: np.ndarray,
+    f1: np.ndarray,
+    scores: np.ndarray,
+    ids: np.ndarray,
+    where: np.ndarray,
+) -> None:
     """From scored (row, pool id, F1): each row's highest F1 and the earliest pool id among
     equal ones, into scores[where[row]], ids[where[row]] (no nearest text for a 0.0)."""
     order = np.lexsort((p, -f1, r))
@@ -241,16 +249,19 @@ class _Pool:
         if fid >= self.dense_of.size:
             extra = max(fid + 1, 2 * self.dense_of.size) - self.dense_of.size
             self.dense_of = np.concatenate([self.dense_of, np.full(extra, -1, np.int32)])
-            self.start, self.count, self.room = (np.concatenate([a, np.zeros(extra, np.int64)])
-                                                 for a in (self.start, self.count, self.room))
+            self.start, self.count, self.room = (
+                np.concatenate([a, np.zeros(extra, np.int64)])
+                for a in (self.start, self.count, self.room)
+            )
 
     def insert(self, codes: Sequence[str], feats: _Features) -> None:
         base, k = len(self.codes), len(codes)
         size = base + k
         if size > self.lengths.size:
             cap = max(size, 2 * self.lengths.size)
-            self.lengths = np.concatenate([self.lengths,
-                                           np.zeros(cap - self.lengths.size, np.int32)])
+            self.lengths = np.concatenate(
+                [self.lengths, np.zeros(cap - self.lengths.size, np.int32)]
+            )
             grown = np.zeros((self.dense.shape[0], cap), np.uint8)
             grown[:, :base] = self.dense[:, :base]
             self.dense = grown
@@ -280,8 +291,9 @@ class _Pool:
             starts = self.slab_end + np.cumsum(room) - room
             end = self.slab_end + int(room.sum())
             if end > self.slab.size:
-                self.slab = np.concatenate([self.slab, np.zeros(max(end, 2 * self.slab.size)
-                                                                - self.slab.size, np.int32)])
+                self.slab = np.concatenate(
+                    [self.slab, np.zeros(max(end, 2 * self.slab.size) - self.slab.size, np.int32)]
+                )
             counts = self.count[moved]
             self.slab[_ragged(starts, counts)] = self.slab[_ragged(self.start[moved], counts)]
             self.start[moved], self.room[moved] = starts, room
@@ -299,7 +311,7 @@ class _Pool:
         if row == self.dense.shape[0]:
             self.dense = np.concatenate([self.dense, np.zeros_like(self.dense)], axis=0)
         start = self.start[f]
-        self.dense[row, self.slab[start:start + self.count[f]]] = 1
+        self.dense[row, self.slab[start : start + self.count[f]]] = 1
         self.dense_of[f] = row
         self.count[f] = self.room[f] = 0  # its block is abandoned
         self.n_dense += 1
@@ -326,11 +338,12 @@ class _Pool:
         rows = np.flatnonzero(active)
         step = max(_MIN_CHUNK, _CELLS // size)
         for at in range(0, rows.size, step):
-            part = rows[at:at + step]
+            part = rows[at : at + step]
             mask = np.zeros(count, bool)
             mask[part] = True
-            part_scores, part_ids = self._best_block([codes[j] for j in part.tolist()],
-                                                     _subset(feats, mask))
+            part_scores, part_ids = self._best_block(
+                [codes[j] for j in part.tolist()], _subset(feats, mask)
+            )
             scores[part], ids[part] = part_scores, part_ids
         return scores, ids
 
@@ -366,9 +379,9 @@ class _Pool:
             d_rows = d_rows[order]
             bounds = np.cumsum(np.bincount(rank)).tolist()
             dense = self.dense
-            overlap[:bounds[0]] = dense[d_rows[:bounds[0]], :size]
+            overlap[: bounds[0]] = dense[d_rows[: bounds[0]], :size]
             for a, b in zip(bounds, bounds[1:]):
-                overlap[:b - a] += dense[d_rows[a:b], :size]
+                overlap[: b - a] += dense[d_rows[a:b], :size]
         # Sparse features: their postings, one fancy increment per rank (no repeated index).
         sparse = ~is_dense
         s_owner, s_fid = owner[sparse], fid[sparse]
@@ -422,8 +435,16 @@ class _Pool:
         _best_per_row(r, p, f1, scores, ids, perm)
         return scores, ids
 
-    def _score(self, codes: list[str], rows: np.ndarray, pool_ids: np.ndarray, n: np.ndarray,
-               m: np.ndarray, best: np.ndarray | None, *scored: list) -> None:
+    def _score(
+        self,
+        codes: list[str],
+        rows: np.ndarray,
+        pool_ids: np.ndarray,
+        n: np.ndarray,
+        m: np.ndarray,
+        best: np.ndarray | None,
+        *scored: list,
+    ) -> None:
         """Exact F1 of the (row, pool text) pairs: record them, raise best."""
         if not rows.size:
             for store, values in zip(scored, (rows, pool_ids, np.zeros(0))):
@@ -482,8 +503,7 @@ class RougeNoveltyIndex:
         """Put a text (a seed, an earlier run's output) into the pool unconditionally."""
         self.add_references([text], None if key is None else [key])
 
-    def add_references(self, texts: Iterable[str],
-                       keys: Iterable[Hashable] | None = None) -> None:
+    def add_references(self, texts: Iterable[str], keys: Iterable[Hashable] | None = None) -> None:
         """add_reference() for each text in order."""
         texts, keys = self._keyed(texts, keys)
         codes = self._encode(texts)
@@ -500,8 +520,9 @@ class RougeNoveltyIndex:
         """Score text against the pool; keep it (and pool it) iff the best score <= threshold."""
         return self.add_many([text], None if key is None else [key])[0]
 
-    def add_many(self, texts: Iterable[str], keys: Iterable[Hashable] | None = None,
-                 workers: int = 1) -> list[Decision]:
+    def add_many(
+        self, texts: Iterable[str], keys: Iterable[Hashable] | None = None, workers: int = 1
+    ) -> list[Decision]:
         """add() for each text in order (keys default to the running index).
 
         workers > 1 shares the bound and LCS work of long inputs among that many processes (this
@@ -524,8 +545,9 @@ class RougeNoveltyIndex:
                 if helpers and size >= _PARALLEL_MIN_POOL:
                     ways += helpers.ready()
                 # a chunk's bound matrix has chunk x pool cells; each process takes a part
-                end = min(len(texts), start + max(_MIN_CHUNK * ways,
-                                                  min(_CHUNK, _CELLS // max(size, 1))))
+                end = min(
+                    len(texts), start + max(_MIN_CHUNK * ways, min(_CHUNK, _CELLS // max(size, 1)))
+                )
                 chunk = codes[start:end]
                 feats = _features(chunk)
                 lcs = None
@@ -533,8 +555,9 @@ class RougeNoveltyIndex:
                     scores, ids, lcs = helpers.best(self._pool, chunk, feats, ways)
                 else:
                     scores, ids = self._pool.best(chunk, feats)
-                decisions += self._decide(texts[start:end], chunk, keys[start:end], feats,
-                                          scores, ids, lcs)
+                decisions += self._decide(
+                    texts[start:end], chunk, keys[start:end], feats, scores, ids, lcs
+                )
                 start = end
         finally:
             if helpers:
@@ -543,8 +566,9 @@ class RougeNoveltyIndex:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _keyed(self, texts: Iterable[str],
-               keys: Iterable[Hashable] | None) -> tuple[list[str], list[Hashable]]:
+    def _keyed(
+        self, texts: Iterable[str], keys: Iterable[Hashable] | None
+    ) -> tuple[list[str], list[Hashable]]:
         texts = list(texts)
         if keys is None:
             keys = list(range(self._offered, self._offered + len(texts)))
@@ -558,16 +582,24 @@ class RougeNoveltyIndex:
         """Each text as a string of one private character per token, growing the vocabulary."""
         return _encode_into(self._chars, [tokenize(text, self.unicode) for text in texts])
 
-    def _insert(self, texts: list[str], codes: list[str], keys: list[Hashable],
-                feats: _Features) -> None:
+    def _insert(
+        self, texts: list[str], codes: list[str], keys: list[Hashable], feats: _Features
+    ) -> None:
         self._offered += len(texts)
         self._keys += keys
         self._texts += texts
         self._pool.insert(codes, feats)
 
-    def _decide(self, texts: list[str], codes: list[str], keys: list[Hashable],
-                feats: _Features, scores: np.ndarray, ids: np.ndarray,
-                lcs: np.ndarray | None = None) -> list[Decision]:
+    def _decide(
+        self,
+        texts: list[str],
+        codes: list[str],
+        keys: list[Hashable],
+        feats: _Features,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        lcs: np.ndarray | None = None,
+    ) -> list[Decision]:
         """Decide a chunk in order, given each text's best match in the pool as it was at the
         chunk's start: only the texts kept earlier in the chunk remain to be compared (lcs:
         _inner_lcs(codes) when already computed)."""
@@ -602,23 +634,29 @@ class RougeNoveltyIndex:
                 kept_rank[j] = len(kept)
                 kept.append(j)
                 if j + 1 < count:
-                    column = inner[j + 1:, j]
-                    later = in_best[j + 1:]
+                    column = inner[j + 1 :, j]
+                    later = in_best[j + 1 :]
                     better = column > later
                     later[better] = column[better]
-                    in_arg[j + 1:][better] = j
+                    in_arg[j + 1 :][better] = j
                 results.append((True, score, nearest))
             else:
                 results.append((False, score, nearest))
         keep = np.zeros(count, bool)
         keep[kept] = True
         offered = self._offered + count
-        self._insert([texts[j] for j in kept], [codes[j] for j in kept],
-                     [keys[j] for j in kept], _subset(feats, keep))
+        self._insert(
+            [texts[j] for j in kept],
+            [codes[j] for j in kept],
+            [keys[j] for j in kept],
+            _subset(feats, keep),
+        )
         self._offered = offered
         pool_keys, pool_texts = self._keys, self._texts
-        return [Decision(k, s, None, None) if i < 0 else Decision(k, s, pool_keys[i], pool_texts[i])
-                for k, s, i in results]
+        return [
+            Decision(k, s, None, None) if i < 0 else Decision(k, s, pool_keys[i], pool_texts[i])
+            for k, s, i in results
+        ]
 
 
 # -- worker processes ------------------------------------------------------------------------
@@ -686,8 +724,9 @@ class _Helpers:
                     self.state[w] = "failed"
         return self.state.count("ready")
 
-    def best(self, pool: _Pool, codes: list[str], feats: _Features,
-             ways: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def best(
+        self, pool: _Pool, codes: list[str], feats: _Features, ways: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Split the chunk in ways contiguous parts: this process takes the first one, sized so
         that it finishes with the workers although it also decides and pools between chunks.
         Also returns _inner_lcs of the chunk, which the first worker computes (None if lost)."""
@@ -709,7 +748,7 @@ class _Helpers:
         for w, (a, b) in zip([w for w, state in enumerate(self.state) if state == "ready"], parts):
             chunk = None if busy else codes  # the first worker also compares the chunk's texts
             try:
-                self.conns[w].send((pool.codes[self.synced[w]:], codes[a:b], chunk))
+                self.conns[w].send((pool.codes[self.synced[w] :], codes[a:b], chunk))
             except OSError:
                 self.state[w] = "failed"
                 continue
@@ -738,8 +777,11 @@ class _Helpers:
                 pieces[a, b] = pool.best(codes[a:b], _subset(feats, keep))
         self.last_end = time.perf_counter()
         results = [pieces[k] for k in sorted(pieces)]
-        return (np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]),
-                lcs)
+        return (
+            np.concatenate([r[0] for r in results]),
+            np.concatenate([r[1] for r in results]),
+            lcs,
+        )
 
     def close(self) -> None:
         for conn in self.conns:
@@ -759,9 +801,15 @@ class _Helpers:
 # -- all-pairs nearest scores (the report) -----------------------------------------------------
 
 
-def nearest_scores(queries: Sequence[str], pool: Sequence[str], *, exclude_self: bool = False,
-                   self_index: Sequence[int] | None = None, unicode: bool = False,
-                   chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def nearest_scores(
+    queries: Sequence[str],
+    pool: Sequence[str],
+    *,
+    exclude_self: bool = False,
+    self_index: Sequence[int] | None = None,
+    unicode: bool = False,
+    chunk: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
     """For each query, its best ROUGE-L F1 against the pool and the index of that pool text.
 
     Scores are rouge_l_f1(tokenize(query), tokenize(pool text)) exactly (0.0 when either has no
@@ -790,8 +838,9 @@ def nearest_scores(queries: Sequence[str], pool: Sequence[str], *, exclude_self:
     rows = max(1, min(chunk, _CELLS // size))
     for start in range(0, count, rows):
         end = min(count, start + rows)
-        lcs = process.cdist(query_codes[start:end], pool_codes, scorer=LCSseq.similarity,
-                            dtype=np.int32, workers=-1)
+        lcs = process.cdist(
+            query_codes[start:end], pool_codes, scorer=LCSseq.similarity, dtype=np.int32, workers=-1
+        )
         # the file's own F1 (same float operations as rouge_score), not 2*lcs/(n+m)
         f1 = _f1_array(lcs, n[start:end, None], m[None, :])
         if skip is not None:

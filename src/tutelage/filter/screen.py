@@ -23,8 +23,12 @@ class Verdict:
 
 
 class Screen:
-    def __init__(self, rules: QualityRules, index: RougeNoveltyIndex,
-                 extra: list[tuple[str, object]] | None = None):
+    def __init__(
+        self,
+        rules: QualityRules,
+        index: RougeNoveltyIndex,
+        extra: list[tuple[str, object]] | None = None,
+    ):
         self.rules = rules
         self.index = index
         # (reason code, index) of the optional near-duplicate filters, in the order they run
@@ -40,14 +44,19 @@ class Screen:
         if getattr(cfg, "minhash_threshold", None) is not None:
             from .semantic import MinHashNoveltyIndex
 
-            extra.append(("minhash_duplicate",
-                          MinHashNoveltyIndex(cfg.minhash_threshold, unicode=cfg.unicode)))
+            extra.append(
+                (
+                    "minhash_duplicate",
+                    MinHashNoveltyIndex(cfg.minhash_threshold, unicode=cfg.unicode),
+                )
+            )
         if getattr(cfg, "embedding_threshold", None) is not None:
             from .semantic import EmbeddingNoveltyIndex
 
             extra.append(("embedding_duplicate", EmbeddingNoveltyIndex(cfg.embedding_threshold)))
-        return cls(rules, RougeNoveltyIndex(threshold=cfg.rouge_threshold, unicode=cfg.unicode),
-                   extra)
+        return cls(
+            rules, RougeNoveltyIndex(threshold=cfg.rouge_threshold, unicode=cfg.unicode), extra
+        )
 
     def prepare(self, texts: list[str]) -> None:
         """Embed texts about to be checked in batches (much faster than one at a time)."""

@@ -36,15 +36,17 @@ RECIPES = {alpaca.NAME: alpaca, self_instruct.NAME: self_instruct}
 # What to change when a run stalls, by the commonest reason of the stalled stretch.
 STALL_ADVICE = {
     "parse_error": "the teacher's answers do not follow the list format: try a stronger teacher, "
-                   "teacher.chat true/false, or your own generation.prompt_template",
+    "teacher.chat true/false, or your own generation.prompt_template",
     "length_truncated": "answers hit the token limit: raise teacher.sampling.max_tokens",
     "rouge_duplicate": "new tasks repeat kept ones: raise the temperature, add seeds or "
-                       "generation.topics, or loosen filter.rouge_threshold",
+    "generation.topics, or loosen filter.rouge_threshold",
     "no_valid_instances": "no instance survives the instance filters: try a stronger teacher or "
-                          "your own instance templates (generation.input_first_template, ...)",
+    "your own instance templates (generation.input_first_template, ...)",
 }
-DEFAULT_ADVICE = ("try a stronger teacher, a higher temperature, other seeds or topics, or a "
-                  "looser filter.rouge_threshold")
+DEFAULT_ADVICE = (
+    "try a stronger teacher, a higher temperature, other seeds or topics, or a "
+    "looser filter.rouge_threshold"
+)
 
 
 @dataclass
@@ -59,8 +61,12 @@ class GenerationResult:
     funnel: dict = field(default_factory=dict)
 
 
-def generate(store: Store, config: Config, teacher: Teacher,
-             progress: Callable[[int, int, dict], None] | None = None) -> GenerationResult:
+def generate(
+    store: Store,
+    config: Config,
+    teacher: Teacher,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> GenerationResult:
     return asyncio.run(_generate(store, config, teacher, progress))
 
 
@@ -75,8 +81,13 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
     # when this one is stored, so the filter sees the wave's tasks before asking for more.
     remote = getattr(teacher, "remote", False)
     window = config.teacher.batch_size if remote else gen.concurrency
-    ctx = Context(config, speaks_chat(config.teacher), seeds, screen_for(config.filter, gen.language),
-                  window=window)
+    ctx = Context(
+        config,
+        speaks_chat(config.teacher),
+        seeds,
+        screen_for(config.filter, gen.language),
+        window=window,
+    )
     screen = ctx.screen
 
     # Rebuild the novelty pool as it stood: seeds, then the pooled machine tasks in order.
@@ -95,10 +106,16 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
             break
         idle += 1
 
-    price = price_for(config.teacher.backend, teacher.model, config.teacher.price,
-                      batch=config.teacher.batch)
-    ledger = Ledger(teacher, store, price=price, budget_usd=gen.budget_usd,
-                    concurrency=config.teacher.concurrency)
+    price = price_for(
+        config.teacher.backend, teacher.model, config.teacher.price, batch=config.teacher.batch
+    )
+    ledger = Ledger(
+        teacher,
+        store,
+        price=price,
+        budget_usd=gen.budget_usd,
+        concurrency=config.teacher.concurrency,
+    )
     ctx.ledger = ledger
     launched: dict[int, asyncio.Task] = {}  # main requests not screened yet
     finishing: dict[int, asyncio.Task] = {}  # screened answers: the recipe's further steps
@@ -112,15 +129,24 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
         if progress:
             # The cost of reaching the target, if the rest keeps tasks at the rate so far.
             projected = ledger.projection(kept / gen.target) if kept else None
-            progress(kept, gen.target, {"requests": committed, "cost_usd": ledger.spent_usd,
-                                        "projected_usd": projected,
-                                        "cache_hits": ledger.cache_hits, "remote": remote_status})
+            progress(
+                kept,
+                gen.target,
+                {
+                    "requests": committed,
+                    "cost_usd": ledger.spent_usd,
+                    "projected_usd": projected,
+                    "cache_hits": ledger.cache_hits,
+                    "remote": remote_status,
+                },
+            )
 
     def on_remote(batch: dict) -> None:
         nonlocal remote_status
         counts = batch.get("request_counts") or {}
-        remote_status = (f"batch {batch.get('status')} {counts.get('completed', 0)}/"
-                         f"{counts.get('total', '?')}")
+        remote_status = (
+            f"batch {batch.get('status')} {counts.get('completed', 0)}/{counts.get('total', '?')}"
+        )
         report()
 
     ledger.on_remote_update = on_remote
@@ -159,7 +185,8 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
                 while next_launch < min(committed + window, gen.max_requests):
                     request = recipe.build_request(next_launch, ctx)
                     launched[next_launch] = asyncio.create_task(
-                        ledger.complete(request, purpose="generate"))
+                        ledger.complete(request, purpose="generate")
+                    )
                     next_launch += 1
             can_screen = not out_of_budget and screened < next_launch
             waits = [launched[screened]] if can_screen else []
@@ -209,14 +236,22 @@ async def _generate(store: Store, config: Config, teacher: Teacher, progress) ->
     messages = {
         "target": f"reached the target of {gen.target} kept tasks",
         "max_requests": f"stopped at generation.max_requests={gen.max_requests} with {kept} of "
-                        f"{gen.target} kept; raise it to go on",
+        f"{gen.target} kept; raise it to go on",
         "stalled": f"stalled: {gen.stall_requests} requests in a row added no kept task "
-                   f"({kept} of {gen.target} kept). {_stall_advice(store, gen.stall_requests)}",
+        f"({kept} of {gen.target} kept). {_stall_advice(store, gen.stall_requests)}",
         "budget": f"stopped before passing generation.budget_usd={gen.budget_usd} "
-                  f"(spent ${ledger.spent_usd:.4f}); raise it and rerun to go on",
+        f"(spent ${ledger.spent_usd:.4f}); raise it and rerun to go on",
     }
-    return GenerationResult(kept, gen.target, committed, committed - start, stop_reason,
-                            messages[stop_reason], ledger.spent_usd, funnel)
+    return GenerationResult(
+        kept,
+        gen.target,
+        committed,
+        committed - start,
+        stop_reason,
+        messages[stop_reason],
+        ledger.spent_usd,
+        funnel,
+    )
 
 
 async def _finished(recipe, screened, ctx: Context) -> tuple[str, list[dict]]:

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from ..teachers.base import Request
 from .recipe import (
-    Context, Screened, check_templates, main_sampling, make_request, new_key, record_from, render,
+    Context,
+    Screened,
+    check_templates,
+    main_sampling,
+    make_request,
+    new_key,
+    record_from,
+    render,
     unparsed_record,
 )
 from .steering import topic_for
@@ -28,10 +35,10 @@ NO_INPUT = "<noinput>"
 FIELD = re.compile(
     r"^[ \t]*(?:#+[ \t]*)?\**[ \t]*(?:\d+[ \t]*[.)][ \t]*)?\**[ \t]*(instruction|input|output)"
     r"[ \t]*\**[ \t]*:[ \t]*\**[ \t]*",
-    re.I | re.M,
+    re.IGNORECASE | re.MULTILINE,
 )
 LIST_NUMBER = re.compile(r"^\d+[.)]\s+")
-SEPARATOR = re.compile(r"^[ \t]*#{2,}[ \t]*$", re.M)
+SEPARATOR = re.compile(r"^[ \t]*#{2,}[ \t]*$", re.MULTILINE)
 
 
 @dataclass
@@ -59,15 +66,26 @@ def build_request(idx: int, ctx: Context) -> Request:
     gen = config.generation
     rng = random.Random(f"{config.seed}:{NAME}:{idx}")
     demos = [
-        {"instruction": s["instruction"], "input": s["instances"][0]["input"],
-         "output": s["instances"][0]["output"]}
+        {
+            "instruction": s["instruction"],
+            "input": s["instances"][0]["input"],
+            "output": s["instances"][0]["output"],
+        }
         for s in rng.sample(ctx.seeds, min(gen.demonstrations, len(ctx.seeds)))
     ]
-    prompt = render(config, "prompt_template", TEMPLATES["prompt_template"],
-                    n_tasks=tasks_per_request(gen), demonstrations=demos,
-                    topics=topic_for(gen, idx), language=gen.language, chat=ctx.chat)
-    return make_request(prompt, ctx.chat, main_sampling(DEFAULT_SAMPLING, config.teacher.sampling),
-                        sample_index=idx)
+    prompt = render(
+        config,
+        "prompt_template",
+        TEMPLATES["prompt_template"],
+        n_tasks=tasks_per_request(gen),
+        demonstrations=demos,
+        topics=topic_for(gen, idx),
+        language=gen.language,
+        chat=ctx.chat,
+    )
+    return make_request(
+        prompt, ctx.chat, main_sampling(DEFAULT_SAMPLING, config.teacher.sampling), sample_index=idx
+    )
 
 
 def tasks_per_request(gen) -> int:
@@ -77,19 +95,33 @@ def tasks_per_request(gen) -> int:
 def screen(idx: int, result, ctx: Context) -> Screened:
     """Parse one answer and judge every task in it, in order: a kept task joins the pool."""
     completion = result.completion
-    tasks = parse(completion.text, completion.finish_reason, continued=not ctx.chat,
-                  first_number=ctx.config.generation.demonstrations + 1)
+    tasks = parse(
+        completion.text,
+        completion.finish_reason,
+        continued=not ctx.chat,
+        first_number=ctx.config.generation.demonstrations + 1,
+    )
     ctx.screen.prepare([t.instruction for t in tasks if not t.error])  # embeds at once, if used
     records = []
     for pos, task in enumerate(tasks):
         if task.error:
             records.append(unparsed_record(task.instruction, task.error, task.raw))
             continue
-        verdict = ctx.screen.check(task.instruction, task.input, task.output,
-                                   key=new_key(idx, pos))
-        records.append(record_from(task.instruction, verdict, instances=[
-            {"input": task.input, "output": task.output, "status": verdict.status,
-             "reason": verdict.reason}]))
+        verdict = ctx.screen.check(task.instruction, task.input, task.output, key=new_key(idx, pos))
+        records.append(
+            record_from(
+                task.instruction,
+                verdict,
+                instances=[
+                    {
+                        "input": task.input,
+                        "output": task.output,
+                        "status": verdict.status,
+                        "reason": verdict.reason,
+                    }
+                ],
+            )
+        )
         if verdict.status == "kept":
             ctx.pool.append((idx, task.instruction))
     return Screened(idx, result.key, records)
@@ -122,8 +154,9 @@ def parse(text: str, finish_reason: str | None, continued: bool, first_number: i
     if tasks and finish_reason == "length":
         # The teacher stopped mid-task: its last block may be cut anywhere.
         last = tasks[-1]
-        tasks[-1] = Parsed(last.instruction, last.input, last.output, "length_truncated",
-                           chunks[-1].strip())
+        tasks[-1] = Parsed(
+            last.instruction, last.input, last.output, "length_truncated", chunks[-1].strip()
+        )
     return tasks
 
 
@@ -132,7 +165,7 @@ def _parse_chunk(chunk: str) -> Parsed:
     marks = list(FIELD.finditer(chunk))
     for m, nxt in zip(marks, [*marks[1:], None]):
         name = m.group(1).lower()
-        value = chunk[m.end(): nxt.start() if nxt else len(chunk)].strip()
+        value = chunk[m.end() : nxt.start() if nxt else len(chunk)].strip()
         if name in fields:  # a field twice in one task: the block is garbled
             return Parsed("", error="parse_error", raw=chunk.strip())
         fields[name] = value

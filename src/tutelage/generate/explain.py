@@ -11,8 +11,11 @@ from ..store import Store
 
 WIDTH = 70  # characters of an example shown
 # What a duplicate's nearest_score measures, by the filter that rejected it.
-SCORE_NAMES = {"rouge_duplicate": "ROUGE-L", "minhash_duplicate": "Jaccard",
-               "embedding_duplicate": "cosine"}
+SCORE_NAMES = {
+    "rouge_duplicate": "ROUGE-L",
+    "minhash_duplicate": "Jaccard",
+    "embedding_duplicate": "cosine",
+}
 
 
 def explain(store: Store) -> list[str]:
@@ -20,23 +23,31 @@ def explain(store: Store) -> list[str]:
     if not recipes:
         return ["no generation request has been stored in this run yet"]
     totals = store.request_totals()
-    by_purpose = ", ".join(f"{r['purpose']} {r['requests']}"
-                           for r in store.request_totals_by_purpose())
-    lines = [f"recipe {', '.join(recipes)}; teacher requests: {by_purpose or 'none'}; "
-             f"{totals['tokens_in']:,} tokens in, {totals['tokens_out']:,} out, "
-             f"${totals['cost_usd']:.4f}", ""]
+    by_purpose = ", ".join(
+        f"{r['purpose']} {r['requests']}" for r in store.request_totals_by_purpose()
+    )
+    lines = [
+        f"recipe {', '.join(recipes)}; teacher requests: {by_purpose or 'none'}; "
+        f"{totals['tokens_in']:,} tokens in, {totals['tokens_out']:,} out, "
+        f"${totals['cost_usd']:.4f}",
+        "",
+    ]
 
     funnel = store.funnel()
     samples = {r["reason"]: r for r in store.rejected_samples(per_reason=1)}
-    lines.append(f"instructions: {funnel['generated']} parsed or unparseable pieces -> "
-                 f"{funnel['kept']} kept")
+    lines.append(
+        f"instructions: {funnel['generated']} parsed or unparseable pieces -> {funnel['kept']} kept"
+    )
     lines += _reasons(funnel, {k: _instruction_example(r) for k, r in samples.items()})
 
     if "self-instruct" in recipes:
         inst = store.instance_funnel()
         isamples = {r["reason"]: r for r in store.rejected_instance_samples(per_reason=1)}
-        lines += ["", f"instances of the instructions that passed the instruction filter: "
-                      f"{inst['generated']} -> {inst['kept']} kept"]
+        lines += [
+            "",
+            f"instances of the instructions that passed the instruction filter: "
+            f"{inst['generated']} -> {inst['kept']} kept",
+        ]
         lines += _reasons(inst, {k: _instance_example(r) for k, r in isamples.items()})
     return lines
 
@@ -47,8 +58,10 @@ def _reasons(funnel: dict, examples: dict[str, str]) -> list[str]:
     if not rows:
         return ["  nothing rejected"]
     width = max(len(reason) for reason, _ in rows)
-    return [f"  {reason:<{width}} {n:>6} {n / total:>4.0%}  {examples.get(reason, '')}"
-            for reason, n in rows]
+    return [
+        f"  {reason:<{width}} {n:>6} {n / total:>4.0%}  {examples.get(reason, '')}"
+        for reason, n in rows
+    ]
 
 
 def _clip(text: str | None) -> str:
@@ -67,5 +80,7 @@ def _instruction_example(row: dict) -> str:
 
 
 def _instance_example(row: dict) -> str:
-    return (f"e.g. {_clip(row['instruction'])}: input {_clip(row['input'])}, "
-            f"output {_clip(row['output'])}")
+    return (
+        f"e.g. {_clip(row['instruction'])}: input {_clip(row['input'])}, "
+        f"output {_clip(row['output'])}"
+    )

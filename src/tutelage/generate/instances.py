@@ -21,14 +21,19 @@ from dataclasses import dataclass
 from ..filter.quality import QualityRules, output_ends_with_colon
 
 # Reason codes the instance step adds to the shared vocabulary.
-INSTANCE_CODES = ("input_ends_with_colon", "conflicting_outputs", "duplicate_instance",
-                  "over_instance_limit", "no_valid_instances")
+INSTANCE_CODES = (
+    "input_ends_with_colon",
+    "conflicting_outputs",
+    "duplicate_instance",
+    "over_instance_limit",
+    "no_valid_instances",
+)
 
-_EXAMPLE = re.compile(r"^[ \t*#]*example[ \t]*\d*[ \t]*[.:)]?[ \t*]*", re.I | re.M)
-_OUTPUT = re.compile(r"^[ \t*#]*output[ \t]*\d*[ \t]*\**[ \t]*:[ \t*]*", re.I | re.M)
-_INPUT_LABEL = re.compile(r"^[ \t*#]*input[ \t]*\d*[ \t]*\**[ \t]*:[ \t*]*", re.I)
-_CLASS_LABEL = re.compile(r"^[ \t*#]*class[ \t]*label[ \t]*\**[ \t]*:[ \t*]*", re.I | re.M)
-_NEXT_TASK = re.compile(r"^[ \t*#]*task[ \t]*:", re.I | re.M)
+_EXAMPLE = re.compile(r"^[ \t*#]*example[ \t]*\d*[ \t]*[.:)]?[ \t*]*", re.IGNORECASE | re.MULTILINE)
+_OUTPUT = re.compile(r"^[ \t*#]*output[ \t]*\d*[ \t]*\**[ \t]*:[ \t*]*", re.IGNORECASE | re.MULTILINE)
+_INPUT_LABEL = re.compile(r"^[ \t*#]*input[ \t]*\d*[ \t]*\**[ \t]*:[ \t*]*", re.IGNORECASE)
+_CLASS_LABEL = re.compile(r"^[ \t*#]*class[ \t]*label[ \t]*\**[ \t]*:[ \t*]*", re.IGNORECASE | re.MULTILINE)
+_NEXT_TASK = re.compile(r"^[ \t*#]*task[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass
@@ -42,8 +47,12 @@ class Instance:
         self.status, self.reason = "rejected", reason
 
     def as_record(self) -> dict:
-        return {"input": self.input, "output": self.output, "status": self.status,
-                "reason": self.reason}
+        return {
+            "input": self.input,
+            "output": self.output,
+            "status": self.status,
+            "reason": self.reason,
+        }
 
 
 def _own_part(text: str) -> str:
@@ -71,10 +80,11 @@ def parse_input_first(text: str, finish_reason: str | None) -> list[Instance]:
             out.append(Instance("", chunk.strip(), "rejected", "parse_error"))
             continue
         task_input = _INPUT_LABEL.sub("", chunk[: marker.start()].strip(), count=1).strip()
-        task_output = chunk[marker.end():]
+        task_output = chunk[marker.end() :]
         # A second input inside the output: the teacher ran two examples together.
-        task_output = re.split(r"^[ \t*#]*input[ \t]*\d*[ \t]*:", task_output, maxsplit=1,
-                               flags=re.I | re.M)[0]
+        task_output = re.split(
+            r"^[ \t*#]*input[ \t]*\d*[ \t]*:", task_output, maxsplit=1, flags=re.IGNORECASE | re.MULTILINE
+        )[0]
         out.append(Instance(task_input, task_output.strip()))
     return _truncated(out, finish_reason)
 
@@ -86,7 +96,7 @@ def parse_output_first(text: str, finish_reason: str | None) -> list[Instance]:
         return [Instance("", body.strip(), "rejected", "parse_error")]
     out = []
     for m, nxt in zip(marks, [*marks[1:], None]):
-        chunk = body[m.end(): nxt.start() if nxt else len(body)].strip()
+        chunk = body[m.end() : nxt.start() if nxt else len(body)].strip()
         label, _, rest = chunk.partition("\n")
         task_input = _INPUT_LABEL.sub("", rest.strip(), count=1).strip()
         out.append(Instance(task_input, label.strip()))
@@ -99,16 +109,19 @@ def _truncated(instances: list[Instance], finish_reason: str | None) -> list[Ins
     return instances
 
 
-def filter_instances(instruction: str, instances: list[Instance], rules: QualityRules,
-                     max_instances: int) -> list[Instance]:
+def filter_instances(
+    instruction: str, instances: list[Instance], rules: QualityRules, max_instances: int
+) -> list[Instance]:
     """Judge every parsed instance in place, then order them kept first (each group in answer
     order): the store's first instance of a kept task is then always a kept one."""
     for inst in instances:
         if inst.status != "kept":
             continue
-        reason = (rules.check_instance(instruction, inst.input, inst.output)
-                  or output_ends_with_colon(inst.output)
-                  or ("input_ends_with_colon" if inst.input.rstrip().endswith(":") else None))
+        reason = (
+            rules.check_instance(instruction, inst.input, inst.output)
+            or output_ends_with_colon(inst.output)
+            or ("input_ends_with_colon" if inst.input.rstrip().endswith(":") else None)
+        )
         if reason:
             inst.reject(reason)
     valid = [i for i in instances if i.status == "kept"]

@@ -50,8 +50,13 @@ class Screened:
 
 
 def record_from(text: str, verdict: Verdict, **extra) -> dict:
-    rec = {"text": text, "status": verdict.status, "reason": verdict.reason,
-           "nearest_key": verdict.nearest_key, "nearest_score": verdict.nearest_score}
+    rec = {
+        "text": text,
+        "status": verdict.status,
+        "reason": verdict.reason,
+        "nearest_key": verdict.nearest_key,
+        "nearest_score": verdict.nearest_score,
+    }
     return {**rec, **extra}
 
 
@@ -103,8 +108,11 @@ def step_sampling(sampling: Sampling, stop: list[str]) -> dict:
 
 def make_request(prompt: str, chat: bool, sampling: dict, sample_index: int = 0) -> Request:
     if chat:
-        return Request.make(messages=[{"role": "user", "content": prompt}], sampling=sampling,
-                            sample_index=sample_index)
+        return Request.make(
+            messages=[{"role": "user", "content": prompt}],
+            sampling=sampling,
+            sample_index=sample_index,
+        )
     return Request.make(prompt=prompt, sampling=sampling, sample_index=sample_index)
 
 

@@ -31,14 +31,27 @@ from dataclasses import dataclass
 from ..teachers.base import Request
 from .instances import filter_instances, parse_input_first, parse_output_first
 from .recipe import (
-    Context, Screened, check_templates, main_sampling, make_request, new_key, record_from, render,
-    step_sampling, unparsed_record,
+    Context,
+    Screened,
+    check_templates,
+    main_sampling,
+    make_request,
+    new_key,
+    record_from,
+    render,
+    step_sampling,
+    unparsed_record,
 )
 from .steering import topic_for
 
 NAME = "self-instruct"
-DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.5, "presence_penalty": 2.0,
-                    "frequency_penalty": 0.0, "max_tokens": 1024}
+DEFAULT_SAMPLING = {
+    "temperature": 0.7,
+    "top_p": 0.5,
+    "presence_penalty": 2.0,
+    "frequency_penalty": 0.0,
+    "max_tokens": 1024,
+}
 DEFAULT_TASKS = 7  # items 9 to 15 after 8 demonstrations: the paper stops before "16."
 TEMPLATES = {
     "prompt_template": "self_instruct/bootstrap.jinja",
@@ -48,8 +61,8 @@ TEMPLATES = {
 }
 
 # "12. text" (or "12) text", "Task 12: text") at the start of a line
-_ITEM = re.compile(r"^[ \t*#]*(?:task[ \t]*)?(\d+)[ \t]*[.):][ \t*]*", re.I | re.M)
-_YES_NO = re.compile(r"[\s*\"'`]*(yes|no)\b", re.I)
+_ITEM = re.compile(r"^[ \t*#]*(?:task[ \t]*)?(\d+)[ \t]*[.):][ \t*]*", re.IGNORECASE | re.MULTILINE)
+_YES_NO = re.compile(r"[\s*\"'`]*(yes|no)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -78,9 +91,17 @@ def build_request(idx: int, ctx: Context) -> Request:
     demos = [one_line(d).rstrip(":") for d in demos]
     first_new = len(demos) + 1
     last = len(demos) + tasks_per_request(gen)
-    prompt = render(config, "prompt_template", TEMPLATES["prompt_template"],
-                    demonstrations=demos, first_new=first_new, last=last,
-                    topics=topic_for(gen, idx), language=gen.language, chat=ctx.chat)
+    prompt = render(
+        config,
+        "prompt_template",
+        TEMPLATES["prompt_template"],
+        demonstrations=demos,
+        first_new=first_new,
+        last=last,
+        topics=topic_for(gen, idx),
+        language=gen.language,
+        chat=ctx.chat,
+    )
     sampling = main_sampling(DEFAULT_SAMPLING, config.teacher.sampling)
     stops = [f"\n{last + 1}.", f"\n{last + 1} ."]
     if not ctx.chat:
@@ -98,8 +119,9 @@ def _n_demos(idx: int, ctx: Context) -> int:
     """Demonstrations in request idx: seeds make up for missing machine instructions."""
     gen = ctx.config.generation
     machine = min(gen.machine_demonstrations, len(_machine_candidates(idx, ctx)))
-    return machine + min(gen.seed_demonstrations + gen.machine_demonstrations - machine,
-                         len(ctx.seeds))
+    return machine + min(
+        gen.seed_demonstrations + gen.machine_demonstrations - machine, len(ctx.seeds)
+    )
 
 
 def parse(text: str, finish_reason: str | None, continued: bool, first_number: int) -> list[Parsed]:
@@ -113,7 +135,7 @@ def parse(text: str, finish_reason: str | None, continued: bool, first_number: i
         return [Parsed("", "parse_error", text.strip())] if text.strip() else []
     items = []
     for m, nxt in zip(marks, [*marks[1:], None]):
-        body = text[m.end(): nxt.start() if nxt else len(text)]
+        body = text[m.end() : nxt.start() if nxt else len(text)]
         body = re.split(r"\n[ \t]*\n", body.strip(), maxsplit=1)[0]  # an item is one paragraph
         items.append(body)
     parsed = []
@@ -135,8 +157,12 @@ def one_line(text: str) -> str:
 def screen(idx: int, result, ctx: Context) -> Screened:
     """Judge each new instruction alone (rules, then novelty); those that pass wait for `finish`."""
     completion = result.completion
-    items = parse(completion.text, completion.finish_reason, continued=not ctx.chat,
-                  first_number=_n_demos(idx, ctx) + 1)
+    items = parse(
+        completion.text,
+        completion.finish_reason,
+        continued=not ctx.chat,
+        first_number=_n_demos(idx, ctx) + 1,
+    )
     ctx.screen.prepare([p.instruction for p in items if not p.error])
     records, pending = [], []
     for pos, item in enumerate(items):
@@ -155,7 +181,8 @@ async def finish(screened: Screened, ctx: Context) -> list[dict]:
     """Classify every instruction that passed and ask for its instances, all at once."""
     outcomes = await asyncio.gather(
         *(_instances_for(screened.records[pos]["text"], ctx) for pos in screened.pending),
-        return_exceptions=True)
+        return_exceptions=True,
+    )
     for outcome in outcomes:  # each request sent was stored: a rerun will not pay for it
         if isinstance(outcome, BaseException):
             raise outcome
@@ -172,20 +199,38 @@ async def finish(screened: Screened, ctx: Context) -> list[dict]:
 
 async def _instances_for(instruction: str, ctx: Context):
     config, gen, ledger = ctx.config, ctx.config.generation, ctx.ledger
-    prompt = render(config, "classify_template", TEMPLATES["classify_template"],
-                    instruction=instruction, language=gen.language, chat=ctx.chat)
+    prompt = render(
+        config,
+        "classify_template",
+        TEMPLATES["classify_template"],
+        instruction=instruction,
+        language=gen.language,
+        chat=ctx.chat,
+    )
     answer = await ledger.complete(
         make_request(prompt, ctx.chat, step_sampling(gen.classify_sampling, ["\n", "Task"])),
-        purpose="classify")
+        purpose="classify",
+    )
     is_classification = is_yes(answer.completion.text)
-    field, parse_answer = (("output_first_template", parse_output_first) if is_classification
-                           else ("input_first_template", parse_input_first))
-    prompt = render(config, field, TEMPLATES[field], instruction=instruction,
-                    max_instances=gen.max_instances, language=gen.language, chat=ctx.chat)
+    field, parse_answer = (
+        ("output_first_template", parse_output_first)
+        if is_classification
+        else ("input_first_template", parse_input_first)
+    )
+    prompt = render(
+        config,
+        field,
+        TEMPLATES[field],
+        instruction=instruction,
+        max_instances=gen.max_instances,
+        language=gen.language,
+        chat=ctx.chat,
+    )
     stops = [f"Example {gen.max_instances + 1}"] + ([] if ctx.chat else ["Task:"])
     answer = await ledger.complete(
         make_request(prompt, ctx.chat, step_sampling(gen.instance_sampling, stops)),
-        purpose="instances")
+        purpose="instances",
+    )
     completion = answer.completion
     return is_classification, parse_answer(completion.text, completion.finish_reason)
 

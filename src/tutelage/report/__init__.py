@@ -10,19 +10,18 @@ escapes table cells and puts generated text in code fences longer than any backt
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
 import shlex
+import statistics
 import time
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import base64
-import hashlib
-import statistics
 
 import jinja2
 from markupsafe import Markup
@@ -31,8 +30,7 @@ from .. import __version__
 from ..config import is_english
 from ..formats import TEMPLATES
 from ..store import Store
-from .analysis import (ParserMissing, empty_inputs, novelty, top_pairs, verb_objects,
-                       word_lengths)
+from .analysis import ParserMissing, empty_inputs, novelty, top_pairs, verb_objects, word_lengths
 
 STAGES = ("generate", "filter", "train", "evaluate")  # the report stage is this very page
 N_KEPT_SAMPLES = 10
@@ -55,7 +53,7 @@ METRICS = {
 # The judge's metrics: over pairs of roles ("tuned:base") or, for the rubric, over one role.
 JUDGE_METRICS = {
     "win_rate": "share of items the judge preferred the first answer (ties count half), both "
-                "orders averaged",
+    "orders averaged",
     "lc_win_rate": "win rate with the answers' length difference regressed out",
 }
 RUBRIC_METRIC = "rubric_acceptable"
@@ -73,9 +71,13 @@ def write_report(store: Store, run_dir: Path) -> tuple[Path, Path]:
     charts = {
         "funnel": draw.funnel_chart(context["funnel"]) if context["funnel"]["generated"] else None,
         "lengths": draw.length_histograms(data["lengths"]) if data["lengths"] else None,
-        "novelty": (draw.novelty_histograms(data["novelty"]["to_seed"], data["novelty"]["to_kept"],
-                                            data["novelty"]["threshold"])
-                    if data["novelty"] else None),
+        "novelty": (
+            draw.novelty_histograms(
+                data["novelty"]["to_seed"], data["novelty"]["to_kept"], data["novelty"]["threshold"]
+            )
+            if data["novelty"]
+            else None
+        ),
         "verbs": draw.sunburst_chart(data["verbs"]["top"]) if data["verbs"]["top"] else None,
         "loss": draw.loss_chart(training["steps"]) if training else None,
     }
@@ -83,9 +85,16 @@ def write_report(store: Store, run_dir: Path) -> tuple[Path, Path]:
     script = (TEMPLATES / "report" / "report.js").read_text(encoding="utf-8")
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     _write(md_path, env.get_template("report.md.jinja").render(**context))
-    _write(html_path, env.get_template("report.html.jinja").render(
-        **context, charts=charts, script=Markup(script), script_hash=_csp_hash(script),
-        browse_json=_script_json(context["browse"])))
+    _write(
+        html_path,
+        env.get_template("report.html.jinja").render(
+            **context,
+            charts=charts,
+            script=Markup(script),
+            script_hash=_csp_hash(script),
+            browse_json=_script_json(context["browse"]),
+        ),
+    )
     return md_path, html_path
 
 
@@ -110,13 +119,18 @@ def report_context(store: Store, run_dir: Path) -> dict[str, Any]:
         "data": data,
         "kept_samples": [_clip_all(r) for r in kept_rows[:N_KEPT_SAMPLES]],
         "rejected_samples": [_clip_all(r) for r in _first_per(rejected_rows, "reason", 1)],
-        "browse": _browse(kept_rows, rejected_rows, data["novelty"],
-                          _answers(eval_items, judgements, BROWSE_CHARS)),
+        "browse": _browse(
+            kept_rows,
+            rejected_rows,
+            data["novelty"],
+            _answers(eval_items, judgements, BROWSE_CHARS),
+        ),
         "cost": _cost(store.request_totals(), store.request_totals_by_purpose(), funnel["kept"]),
         "training": training,
         "evaluation": evaluation,
-        "eval_samples": _first_per(_answers(eval_items, [], MAX_SAMPLE_CHARS), "set",
-                                   N_EVAL_SAMPLES),
+        "eval_samples": _first_per(
+            _answers(eval_items, [], MAX_SAMPLE_CHARS), "set", N_EVAL_SAMPLES
+        ),
     }
     context["missing"] = _missing(context, run)
     context["glance"] = _glance(context)
@@ -136,8 +150,14 @@ def _stage_rows(stages: dict[str, dict]) -> list[dict]:
         note = detail.get("error") or detail.get("message") or ""
         if s["status"] == "running":
             note = "still running, or interrupted"
-        rows.append({"name": name, "status": s["status"], "duration": end - s["started_at"],
-                     "note": str(note)})
+        rows.append(
+            {
+                "name": name,
+                "status": s["status"],
+                "duration": end - s["started_at"],
+                "note": str(note),
+            }
+        )
     return rows
 
 
@@ -156,32 +176,56 @@ def _config_rows(config: dict | None) -> list[tuple[str, str]]:
         return node
 
     def joined(*pairs: tuple[str, str]) -> str:
-        return ", ".join(f"{label} {get(key)}".strip() for label, key in pairs
-                         if get(key) is not None)
+        return ", ".join(
+            f"{label} {get(key)}".strip() for label, key in pairs if get(key) is not None
+        )
 
     def slashed(*keys: str) -> str:
         return " / ".join(str(get(key)) for key in keys if get(key))
 
     rows = [
         ("teacher", slashed("teacher.backend", "teacher.model")),
-        ("teacher sampling", joined(*((k, f"teacher.sampling.{k}")
-                                      for k in ("temperature", "top_p", "max_tokens")))),
-        ("recipe", joined(("", "generation.recipe"),
-                          ("tasks per request", "generation.tasks_per_request"),
-                          *((("seed demonstrations", "generation.seed_demonstrations"),
-                             ("machine demonstrations", "generation.machine_demonstrations"))
-                            if get("generation.recipe") == "self-instruct" else
-                            (("demonstrations", "generation.demonstrations"),)),
-                          ("target", "generation.target"))),
+        (
+            "teacher sampling",
+            joined(*((k, f"teacher.sampling.{k}") for k in ("temperature", "top_p", "max_tokens"))),
+        ),
+        (
+            "recipe",
+            joined(
+                ("", "generation.recipe"),
+                ("tasks per request", "generation.tasks_per_request"),
+                *(
+                    (
+                        ("seed demonstrations", "generation.seed_demonstrations"),
+                        ("machine demonstrations", "generation.machine_demonstrations"),
+                    )
+                    if get("generation.recipe") == "self-instruct"
+                    else (("demonstrations", "generation.demonstrations"),)
+                ),
+                ("target", "generation.target"),
+            ),
+        ),
         ("topics", get("generation.topics")),
         ("language", get("generation.language")),
-        ("filter", joined(("ROUGE-L threshold", "filter.rouge_threshold"),
-                          ("min words", "filter.min_words"), ("max words", "filter.max_words"))),
+        (
+            "filter",
+            joined(
+                ("ROUGE-L threshold", "filter.rouge_threshold"),
+                ("min words", "filter.min_words"),
+                ("max words", "filter.max_words"),
+            ),
+        ),
         ("student", slashed("student.model", "student.method")),
-        ("training", joined(("epochs", "training.epochs"), ("max steps", "training.max_steps"),
-                            ("learning rate", "training.learning_rate"),
-                            ("batch size", "training.batch_size"),
-                            ("prompt format", "training.prompt_format"))),
+        (
+            "training",
+            joined(
+                ("epochs", "training.epochs"),
+                ("max steps", "training.max_steps"),
+                ("learning rate", "training.learning_rate"),
+                ("batch size", "training.batch_size"),
+                ("prompt format", "training.prompt_format"),
+            ),
+        ),
         ("seed", get("seed")),
     ]
     return [(label, str(value)) for label, value in rows if value not in (None, "")]
@@ -196,14 +240,21 @@ def _funnel(funnel: dict, kept_rows: list[dict], batches: dict) -> dict:
     for row in rows:
         row["share"] = row["n"] / generated if generated else None
     splits = Counter(r["split"] for r in kept_rows)
-    return {**funnel, "rows": rows, "requests": batches["batches"],
-            "splits": {s: splits.get(s, 0) for s in ("train", "valid", "test")},
-            "unsplit": splits.get(None, 0)}
+    return {
+        **funnel,
+        "rows": rows,
+        "requests": batches["batches"],
+        "splits": {s: splits.get(s, 0) for s in ("train", "valid", "test")},
+        "unsplit": splits.get(None, 0),
+    }
 
 
 def _cost(totals: dict, by_purpose: list[dict], kept: int) -> dict:
-    return {**totals, "by_purpose": by_purpose,
-            "per_kept": totals["cost_usd"] / kept if kept else None}
+    return {
+        **totals,
+        "by_purpose": by_purpose,
+        "per_kept": totals["cost_usd"] / kept if kept else None,
+    }
 
 
 def _training(store: Store) -> dict | None:
@@ -235,15 +286,20 @@ def _training(store: Store) -> dict | None:
             "train examples": run["n_train"],
             "valid examples": run["n_valid"],
             "epochs": first(metrics.get("epochs"), config.get("epochs")),
-            "useful tokens/s": first(metrics.get("useful_tokens_per_s"),
-                                     metrics.get("tokens_per_s"), speeds[-1] if speeds else None),
+            "useful tokens/s": first(
+                metrics.get("useful_tokens_per_s"),
+                metrics.get("tokens_per_s"),
+                speeds[-1] if speeds else None,
+            ),
             "time": first(metrics.get("seconds"), wall, steps[-1]["elapsed_s"] if steps else None),
             "first train loss": train_losses[0] if train_losses else None,
-            "final train loss": first(train_losses[-1] if train_losses else None,
-                                      metrics.get("train_loss")),
+            "final train loss": first(
+                train_losses[-1] if train_losses else None, metrics.get("train_loss")
+            ),
             "first eval loss": eval_losses[0] if eval_losses else None,
-            "final eval loss": first(eval_losses[-1] if eval_losses else None,
-                                     metrics.get("eval_loss")),
+            "final eval loss": first(
+                eval_losses[-1] if eval_losses else None, metrics.get("eval_loss")
+            ),
         },
     }
 
@@ -259,31 +315,58 @@ def _evaluation(summary: list[dict]) -> list[dict]:
     out = []
     for set_name, metrics in sets.items():
         judged = {m: metrics.pop(m) for m in [*JUDGE_METRICS, RUBRIC_METRIC] if m in metrics}
-        roles = sorted({r for by_role in metrics.values() for r in by_role if r != "delta"},
-                       key=_role_order)
+        roles = sorted(
+            {r for by_role in metrics.values() for r in by_role if r != "delta"}, key=_role_order
+        )
         rows = []
         for metric in sorted(metrics, key=lambda m: (known.index(m) if m in known else 99, m)):
             by_role = metrics[metric]
             about, better = METRICS.get(metric, ("", None))
             delta = by_role.get("delta")
-            rows.append({"metric": metric, "about": about, "better": better,
-                         "cells": [by_role.get(role) for role in roles], "delta": delta,
-                         "verdict": _verdict(delta, better),
-                         "n": max(r["n"] for r in by_role.values())})
-        pairs = sorted({p for m in JUDGE_METRICS for p in judged.get(m, {})},
-                       key=lambda p: [_role_order(r) for r in p.split(":")])
-        judge = [{"pair": pair, "first": pair.split(":")[0], "second": pair.split(":")[-1],
-                  **{m: judged.get(m, {}).get(pair) for m in JUDGE_METRICS},
-                  "verdict": _win_verdict(judged.get("win_rate", {}).get(pair)),
-                  "n": max(r["n"] for m in JUDGE_METRICS
-                           if (r := judged.get(m, {}).get(pair)) is not None)}
-                 for pair in pairs]
-        rubric = [{"role": role, "acceptable": row, "n": row["n"]}
-                  for role, row in sorted(judged.get(RUBRIC_METRIC, {}).items(),
-                                          key=lambda kv: _role_order(kv[0]))]
-        out.append({"set_name": set_name, "roles": roles, "rows": rows,
-                    "has_delta": any(r["delta"] for r in rows), "judge": judge,
-                    "rubric": rubric})
+            rows.append(
+                {
+                    "metric": metric,
+                    "about": about,
+                    "better": better,
+                    "cells": [by_role.get(role) for role in roles],
+                    "delta": delta,
+                    "verdict": _verdict(delta, better),
+                    "n": max(r["n"] for r in by_role.values()),
+                }
+            )
+        pairs = sorted(
+            {p for m in JUDGE_METRICS for p in judged.get(m, {})},
+            key=lambda p: [_role_order(r) for r in p.split(":")],
+        )
+        judge = [
+            {
+                "pair": pair,
+                "first": pair.split(":")[0],
+                "second": pair.split(":")[-1],
+                **{m: judged.get(m, {}).get(pair) for m in JUDGE_METRICS},
+                "verdict": _win_verdict(judged.get("win_rate", {}).get(pair)),
+                "n": max(
+                    r["n"] for m in JUDGE_METRICS if (r := judged.get(m, {}).get(pair)) is not None
+                ),
+            }
+            for pair in pairs
+        ]
+        rubric = [
+            {"role": role, "acceptable": row, "n": row["n"]}
+            for role, row in sorted(
+                judged.get(RUBRIC_METRIC, {}).items(), key=lambda kv: _role_order(kv[0])
+            )
+        ]
+        out.append(
+            {
+                "set_name": set_name,
+                "roles": roles,
+                "rows": rows,
+                "has_delta": any(r["delta"] for r in rows),
+                "judge": judge,
+                "rubric": rubric,
+            }
+        )
     return out
 
 
@@ -316,8 +399,13 @@ def _data(kept_rows: list[dict], seeds: list[str], config: dict | None) -> dict:
     """The kept data described: word lengths, ROUGE-L novelty and the root verbs with their
     objects (the Self-Instruct paper's Figures 2 and 3)."""
     if not kept_rows:
-        return {"lengths": None, "length_stats": [], "empty_inputs": 0, "novelty": None,
-                "verbs": {"top": [], "missing": None}}
+        return {
+            "lengths": None,
+            "length_stats": [],
+            "empty_inputs": 0,
+            "novelty": None,
+            "verbs": {"top": [], "missing": None},
+        }
     filter_cfg = (config or {}).get("filter") or {}
     language = ((config or {}).get("generation") or {}).get("language") or "English"
     unicode = bool(filter_cfg.get("unicode")) or not is_english(language)
@@ -326,30 +414,51 @@ def _data(kept_rows: list[dict], seeds: list[str], config: dict | None) -> dict:
     # One instruction may carry several kept instances (Self-Instruct): describe each once.
     instructions = list(dict.fromkeys(r["instruction"] for r in kept_rows))
     near = novelty(instructions, seeds, limit=NOVELTY_LIMIT, seed=seed, unicode=unicode)
-    parsed = (verb_objects(instructions, limit=VERB_LIMIT, seed=seed)
-              if is_english(language) else
-              ParserMissing(f"the verb analysis parses English; this run's tasks are in {language}"))
+    parsed = (
+        verb_objects(instructions, limit=VERB_LIMIT, seed=seed)
+        if is_english(language)
+        else ParserMissing(f"the verb analysis parses English; this run's tasks are in {language}")
+    )
     if isinstance(parsed, ParserMissing):
         verbs = {"top": [], "missing": parsed.message}
     else:
-        verbs = {"top": top_pairs(parsed.pairs), "n_total": parsed.n_total,
-                 "n_parsed": parsed.n_parsed, "n_with_verb": parsed.n_with_verb,
-                 "n_with_object": parsed.n_with_object, "model": parsed.model,
-                 "spacy": parsed.spacy_version, "missing": None}
+        verbs = {
+            "top": top_pairs(parsed.pairs),
+            "n_total": parsed.n_total,
+            "n_parsed": parsed.n_parsed,
+            "n_with_verb": parsed.n_with_verb,
+            "n_with_object": parsed.n_with_object,
+            "model": parsed.model,
+            "spacy": parsed.spacy_version,
+            "missing": None,
+        }
     return {
         "lengths": lengths,
         "empty_inputs": empty_inputs(lengths),
-        "length_stats": [{"field": field, **_describe(values)}
-                         for field, values in lengths.items() if isinstance(values, list)],
-        "novelty": {"to_seed": list(near.to_seed), "to_kept": list(near.to_kept),
-                    "n_kept": near.n_kept, "n_sampled": near.n_sampled, "n_seeds": near.n_seeds,
-                    "threshold": filter_cfg.get("rouge_threshold"),
-                    "stats": [{"against": "nearest seed", **_describe(near.to_seed)},
-                              {"against": "nearest other kept", **_describe(near.to_kept)}],
-                    "bins": _bins(near.to_seed, near.to_kept),
-                    # each instruction's two scores, for the browser, when none was left out
-                    "by_instruction": (dict(zip(instructions, zip(near.to_seed, near.to_kept)))
-                                       if near.n_sampled == near.n_kept else {})},
+        "length_stats": [
+            {"field": field, **_describe(values)}
+            for field, values in lengths.items()
+            if isinstance(values, list)
+        ],
+        "novelty": {
+            "to_seed": list(near.to_seed),
+            "to_kept": list(near.to_kept),
+            "n_kept": near.n_kept,
+            "n_sampled": near.n_sampled,
+            "n_seeds": near.n_seeds,
+            "threshold": filter_cfg.get("rouge_threshold"),
+            "stats": [
+                {"against": "nearest seed", **_describe(near.to_seed)},
+                {"against": "nearest other kept", **_describe(near.to_kept)},
+            ],
+            "bins": _bins(near.to_seed, near.to_kept),
+            # each instruction's two scores, for the browser, when none was left out
+            "by_instruction": (
+                dict(zip(instructions, zip(near.to_seed, near.to_kept)))
+                if near.n_sampled == near.n_kept
+                else {}
+            ),
+        },
         "verbs": verbs,
     }
 
@@ -358,40 +467,67 @@ def _describe(values: list[float] | list[int]) -> dict:
     if not values:
         return {"n": 0, "median": None, "mean": None, "p90": None, "max": None}
     # inclusive: the percentile stays within the data (the default extrapolates past the maximum)
-    p90 = statistics.quantiles(values, n=10, method="inclusive")[-1] if len(values) > 1 else values[0]
+    p90 = (
+        statistics.quantiles(values, n=10, method="inclusive")[-1] if len(values) > 1 else values[0]
+    )
     if all(isinstance(v, int) for v in values):  # word counts: a whole number of words
         p90 = round(p90)
-    return {"n": len(values), "median": statistics.median(values),
-            "mean": statistics.fmean(values), "p90": p90, "max": max(values)}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "mean": statistics.fmean(values),
+        "p90": p90,
+        "max": max(values),
+    }
 
 
 def _bins(to_seed: list[float], to_kept: list[float]) -> list[dict]:
     """Counts of both ROUGE-L distributions in tenths, for the Markdown table."""
+
     def tenth(v: float) -> int:
         return min(int(v * 10), 9)
+
     seed_n, kept_n = Counter(map(tenth, to_seed)), Counter(map(tenth, to_kept))
-    return [{"range": f"{k / 10:.1f}–{(k + 1) / 10:.1f}", "to_seed": seed_n[k],
-             "to_kept": kept_n[k]} for k in range(10)]
+    return [
+        {"range": f"{k / 10:.1f}–{(k + 1) / 10:.1f}", "to_seed": seed_n[k], "to_kept": kept_n[k]}
+        for k in range(10)
+    ]
 
 
-def _browse(kept_rows: list[dict], rejected_rows: list[dict], near: dict | None,
-            answers: list[dict]) -> dict:
+def _browse(
+    kept_rows: list[dict], rejected_rows: list[dict], near: dict | None, answers: list[dict]
+) -> dict:
     """What the page's browsers show, as JSON-ready rows (the page's script renders them)."""
     index = near["by_instruction"] if near else {}
     kept = []
     for r in kept_rows[:BROWSE_LIMIT]:
         to_seed, to_kept = index.get(r["instruction"], (None, None))
-        kept.append({"instruction": _clip(r["instruction"], BROWSE_CHARS),
-                     "input": _clip(r["input"], BROWSE_CHARS),
-                     "output": _clip(r["output"], BROWSE_CHARS), "split": r["split"],
-                     "to_seed": to_seed, "to_kept": to_kept})
-    rejected = [{k: _clip(r[k], BROWSE_CHARS) if isinstance(r[k], str) else r[k]
-                 for k in ("reason", "instruction", "input", "output", "raw", "nearest",
-                           "nearest_score")} for r in rejected_rows]
+        kept.append(
+            {
+                "instruction": _clip(r["instruction"], BROWSE_CHARS),
+                "input": _clip(r["input"], BROWSE_CHARS),
+                "output": _clip(r["output"], BROWSE_CHARS),
+                "split": r["split"],
+                "to_seed": to_seed,
+                "to_kept": to_kept,
+            }
+        )
+    rejected = [
+        {
+            k: _clip(r[k], BROWSE_CHARS) if isinstance(r[k], str) else r[k]
+            for k in ("reason", "instruction", "input", "output", "raw", "nearest", "nearest_score")
+        }
+        for r in rejected_rows
+    ]
     reasons = Counter(r["reason"] for r in rejected)
-    return {"kept": kept, "kept_total": len(kept_rows), "rejected": rejected,
-            "reasons": sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
-            "answers": answers, "limit": BROWSE_LIMIT}
+    return {
+        "kept": kept,
+        "kept_total": len(kept_rows),
+        "rejected": rejected,
+        "reasons": sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])),
+        "answers": answers,
+        "limit": BROWSE_LIMIT,
+    }
 
 
 def _answers(items: list[dict], judgements: list[dict], chars: int) -> list[dict]:
@@ -402,26 +538,54 @@ def _answers(items: list[dict], judgements: list[dict], chars: int) -> list[dict
         judged.setdefault((j["set_name"], j["item_key"]), []).append(j)
     grouped: dict[tuple[str, str], dict] = {}
     for item in items:
-        entry = grouped.setdefault((item["set_name"], item["item_key"]), {
-            "set": item["set_name"], "instruction": _clip(item["instruction"], chars),
-            "input": _clip(item["input"], chars),
-            "reference": _clip(item["reference"], chars), "answers": []})
-        entry["answers"].append({"role": item["model_role"],
-                                 "answer": _clip(item["answer"], chars),
-                                 "rouge_l": item["scores"].get("rouge_l")})
+        entry = grouped.setdefault(
+            (item["set_name"], item["item_key"]),
+            {
+                "set": item["set_name"],
+                "instruction": _clip(item["instruction"], chars),
+                "input": _clip(item["input"], chars),
+                "reference": _clip(item["reference"], chars),
+                "answers": [],
+            },
+        )
+        entry["answers"].append(
+            {
+                "role": item["model_role"],
+                "answer": _clip(item["answer"], chars),
+                "rouge_l": item["scores"].get("rouge_l"),
+            }
+        )
     out = []
     for key, entry in grouped.items():
         entry["answers"].sort(key=lambda a: _role_order(a["role"]))
         decisions = judged.get(key, [])
         entry["pairs"] = [
-            {"pair": j["subject"], "status": j["status"], "score": j["score"],
-             "orders": [{"first_as": o.get("first_as"), "verdict": o.get("verdict"),
-                         "rationale": _clip(o.get("rationale") or "", chars)}
-                        for o in j["detail"].get("orders", [])]}
-            for j in decisions if j["kind"] == "pairwise"]
-        entry["grades"] = [{"role": j["subject"], "status": j["status"], "grade": j["grade"],
-                            "rationale": _clip(j["detail"].get("rationale") or "", chars)}
-                           for j in decisions if j["kind"] == "rubric"]
+            {
+                "pair": j["subject"],
+                "status": j["status"],
+                "score": j["score"],
+                "orders": [
+                    {
+                        "first_as": o.get("first_as"),
+                        "verdict": o.get("verdict"),
+                        "rationale": _clip(o.get("rationale") or "", chars),
+                    }
+                    for o in j["detail"].get("orders", [])
+                ],
+            }
+            for j in decisions
+            if j["kind"] == "pairwise"
+        ]
+        entry["grades"] = [
+            {
+                "role": j["subject"],
+                "status": j["status"],
+                "grade": j["grade"],
+                "rationale": _clip(j["detail"].get("rationale") or "", chars),
+            }
+            for j in decisions
+            if j["kind"] == "rubric"
+        ]
         out.append(entry)
     return out
 
@@ -451,28 +615,36 @@ def _missing(context: dict, run: str) -> list[dict]:
     elif not funnel["kept"]:
         lack("no task was kept: nothing to train on (see the rejection reasons below)", None)
     elif funnel["unsplit"]:
-        lack("the kept tasks are not split into train / valid / test yet",
-             f"tutelage filter --run-dir {run}")
+        lack(
+            "the kept tasks are not split into train / valid / test yet",
+            f"tutelage filter --run-dir {run}",
+        )
     if training is None:
         lack("no training yet", f"tutelage train --run-dir {run}")
     elif training["status"] == "running":
-        lack("the latest training run has not finished (still running, or interrupted)",
-             f"tutelage train --run-dir {run}")
+        lack(
+            "the latest training run has not finished (still running, or interrupted)",
+            f"tutelage train --run-dir {run}",
+        )
     elif training["status"] != "done":
         lack(f"the latest training run {training['status']}", f"tutelage train --run-dir {run}")
     if not evaluation:
         lack("no evaluation yet", f"tutelage evaluate --run-dir {run}")
     elif not any("tuned" in s["roles"] for s in evaluation):
-        lack("only the base model is evaluated (no tuned student yet)",
-             f"tutelage train --run-dir {run} && tutelage evaluate --run-dir {run}")
+        lack(
+            "only the base model is evaluated (no tuned student yet)",
+            f"tutelage train --run-dir {run} && tutelage evaluate --run-dir {run}",
+        )
     return missing
 
 
 def _glance(context: dict) -> list[tuple[str, str]]:
     """The run's headline numbers, for the top of the page."""
     f, cost, training = context["funnel"], context["cost"], context["training"]
-    glance = [("kept tasks", f"{f['kept']:,} of {f['generated']:,}"),
-              ("teacher cost", usd(cost["cost_usd"]))]
+    glance = [
+        ("kept tasks", f"{f['kept']:,} of {f['generated']:,}"),
+        ("teacher cost", usd(cost["cost_usd"])),
+    ]
     if training:
         figures = training["figures"]
         glance.append(("training steps", num(figures["steps"])))
@@ -481,17 +653,22 @@ def _glance(context: dict) -> list[tuple[str, str]]:
     for s in context["evaluation"]:
         row = next((r for r in s["rows"] if r["metric"] == "rouge_l" and r["delta"]), None)
         if row:
-            glance.append((f"{s['set_name']} ROUGE-L, tuned − base",
-                           num(row["delta"]["value"], sign=True)))
+            glance.append(
+                (f"{s['set_name']} ROUGE-L, tuned − base", num(row["delta"]["value"], sign=True))
+            )
         for j in s["judge"]:
             if j["first"] == "tuned" and j["win_rate"]:
-                glance.append((f"{s['set_name']} win rate, tuned vs {j['second']}",
-                               pct(j["win_rate"]["value"])))
+                glance.append(
+                    (
+                        f"{s['set_name']} win rate, tuned vs {j['second']}",
+                        pct(j["win_rate"]["value"]),
+                    )
+                )
     return glance
 
 
 # -- formatting (shared by both templates) ------------------------------------------------------
-def num(value: float | int | None, sign: bool = False) -> str:
+def num(value: float | None, sign: bool = False) -> str:
     """A number as a person reads it: integers with separators, floats to 3 decimals (fewer once
     they are large)."""
     if value is None:
@@ -585,8 +762,16 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(num=num, ci=ci, usd=usd, pct=pct, duration=duration, md=md_inline,
-                       code=md_code, fence=md_fence)
+    env.filters.update(
+        num=num,
+        ci=ci,
+        usd=usd,
+        pct=pct,
+        duration=duration,
+        md=md_inline,
+        code=md_code,
+        fence=md_fence,
+    )
     return env
 
 

@@ -60,8 +60,9 @@ class Novelty:
     n_seeds: int
 
 
-def novelty(kept: list[str], seeds: list[str], *, limit: int = 20000, seed: int = 0,
-            unicode: bool = False) -> Novelty:
+def novelty(
+    kept: list[str], seeds: list[str], *, limit: int = 20000, seed: int = 0, unicode: bool = False
+) -> Novelty:
     """The paper's Figure 3 and its within-data counterpart, for at most limit kept instructions
     (a fixed random sample: every pair is compared, so the cost is sample x pool)."""
     sample = _sample(len(kept), limit, seed)
@@ -73,8 +74,13 @@ def novelty(kept: list[str], seeds: list[str], *, limit: int = 20000, seed: int 
     if len(kept) > 1:
         # the sample is part of the pool: each query skips its own position, not its duplicates
         to_kept = nearest_scores(queries, kept, self_index=sample, unicode=unicode)[0].tolist()
-    return Novelty(to_seed=to_seed, to_kept=to_kept, n_kept=len(kept), n_sampled=len(sample),
-                   n_seeds=len(seeds))
+    return Novelty(
+        to_seed=to_seed,
+        to_kept=to_kept,
+        n_kept=len(kept),
+        n_sampled=len(sample),
+        n_seeds=len(seeds),
+    )
 
 
 @dataclass(frozen=True)
@@ -118,15 +124,36 @@ def _root_verb_object(doc) -> tuple[str, str | None] | None:
     root = sentence.root
     if root.pos_ != "VERB":
         return None
-    noun = next((child.lemma_.lower() for child in root.children
-                 if child.dep_ in ("dobj", "obj") and child.pos_ == "NOUN"), None)
+    noun = next(
+        (
+            child.lemma_.lower()
+            for child in root.children
+            if child.dep_ in ("dobj", "obj") and child.pos_ == "NOUN"
+        ),
+        None,
+    )
     return root.lemma_.lower(), noun
 
 
 # A sentence ends at ., ! or ? and a space, unless the word before is a title or an initial.
 _SENTENCE_END = re.compile(r"[.!?]+\s+")
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e",
-                  "no", "fig", "approx"}
+_ABBREVIATIONS = {
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "st",
+    "jr",
+    "sr",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "no",
+    "fig",
+    "approx",
+}
 
 
 def first_sentence(text: str) -> str:
@@ -134,15 +161,16 @@ def first_sentence(text: str) -> str:
     costs per word: cutting first makes it 3 to 5 times faster (on real instructions the parse of
     the cut text agreed with the whole text's first sentence 99% of the time)."""
     for end in _SENTENCE_END.finditer(text):
-        before = text[:end.start()].split()
+        before = text[: end.start()].split()
         word = before[-1].lower().lstrip("(\"'") if before else ""
         if word not in _ABBREVIATIONS and not (len(word) == 1 and word.isalpha()):
-            return text[:end.end()].strip()
+            return text[: end.end()].strip()
     return text.strip()
 
 
-def verb_objects(texts: list[str], *, limit: int = 20000, seed: int = 0,
-                 model: str = PARSER_MODEL) -> VerbObjects | ParserMissing:
+def verb_objects(
+    texts: list[str], *, limit: int = 20000, seed: int = 0, model: str = PARSER_MODEL
+) -> VerbObjects | ParserMissing:
     """The paper's Figure 2 analysis on at most limit texts (a fixed random sample): parse each,
     take its first sentence's root verb and that verb's first direct-object noun."""
     try:
@@ -160,13 +188,20 @@ def verb_objects(texts: list[str], *, limit: int = 20000, seed: int = 0,
             pairs[pair] += 1
     with_verb = sum(pairs.values())
     without_object = sum(n for (_, noun), n in pairs.items() if noun is None)
-    return VerbObjects(pairs=pairs, n_parsed=len(sample), n_with_verb=with_verb,
-                       n_with_object=with_verb - without_object, n_total=len(texts), model=model,
-                       spacy_version=spacy.__version__)
+    return VerbObjects(
+        pairs=pairs,
+        n_parsed=len(sample),
+        n_with_verb=with_verb,
+        n_with_object=with_verb - without_object,
+        n_total=len(texts),
+        model=model,
+        spacy_version=spacy.__version__,
+    )
 
 
-def top_pairs(pairs: Counter, n_verbs: int = 20,
-              n_objects: int = 4) -> list[tuple[str, int, list[tuple[str, int]]]]:
+def top_pairs(
+    pairs: Counter, n_verbs: int = 20, n_objects: int = 4
+) -> list[tuple[str, int, list[tuple[str, int]]]]:
     """The most common verbs (by all their uses, ties alphabetical) each with its most common
     direct objects (verbs used without one count for the verb only): what Figure 2 plots."""
     verbs: Counter = Counter()
@@ -176,7 +211,13 @@ def top_pairs(pairs: Counter, n_verbs: int = 20,
         if noun is not None:
             objects.setdefault(verb, Counter())[noun] += count
     ranked = sorted(verbs.items(), key=lambda kv: (-kv[1], kv[0]))[:n_verbs]
-    return [(verb, count,
-             sorted(objects.get(verb, Counter()).items(), key=lambda kv: (-kv[1], kv[0]))
-             [:n_objects])
-            for verb, count in ranked]
+    return [
+        (
+            verb,
+            count,
+            sorted(objects.get(verb, Counter()).items(), key=lambda kv: (-kv[1], kv[0]))[
+                :n_objects
+            ],
+        )
+        for verb, count in ranked
+    ]

@@ -54,8 +54,8 @@ def _to_svg(fig) -> Markup:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None})
     svg = buf.getvalue()
-    svg = svg[svg.index("<svg"):]
-    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+    svg = svg[svg.index("<svg") :]
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.DOTALL)
     svg = re.sub(r'\s+xmlns(?::\w+)?="[^"]*"', "", svg)
     # The one place the report marks text as safe: markup we drew ourselves from numbers and codes.
     return Markup(svg)
@@ -93,8 +93,9 @@ def loss_chart(steps: list[dict]) -> Markup | None:
         if train:
             ax.plot(*zip(*train), color=BLUE, linewidth=1.4, label="train loss")
         if evals:
-            ax.plot(*zip(*evals), color=ORANGE, linewidth=1, marker="o", markersize=5,
-                    label="eval loss")
+            ax.plot(
+                *zip(*evals), color=ORANGE, linewidth=1, marker="o", markersize=5, label="eval loss"
+            )
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.grid(axis="y", color="#e2e8f0", linewidth=0.8)
@@ -125,8 +126,7 @@ def _integer_bins(values: list[int]) -> tuple[np.ndarray, np.ndarray, int | None
 
 
 def _empty_panel(ax, note: str) -> None:
-    ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", color=GREY,
-            **_PLAIN)
+    ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", color=GREY, **_PLAIN)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -146,27 +146,38 @@ def length_histograms(lengths: dict[str, list[int]]) -> Markup | None:
                 continue
             counts, edges, overflow = _integer_bins(values)
             ax.stairs(counts, edges, fill=True, color=colour, linewidth=0)
-            ax.set_title(f"{name} (n={len(values):,}, median {np.median(values):g})",
-                         fontsize=10)
+            ax.set_title(f"{name} (n={len(values):,}, median {np.median(values):g})", fontsize=10)
             ax.set_xlabel("words")
             ax.grid(axis="y", color=_GRID, linewidth=0.8)
             ax.set_axisbelow(True)
             if overflow is not None:
-                ax.text(1, 1, f"last bin: ≥ {overflow:,}", transform=ax.transAxes, ha="right",
-                        va="top", fontsize=8, color=_INK, **_PLAIN)
+                ax.text(
+                    1,
+                    1,
+                    f"last bin: ≥ {overflow:,}",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="top",
+                    fontsize=8,
+                    color=_INK,
+                    **_PLAIN,
+                )
         fig.axes[0].set_ylabel("tasks")
         return _to_svg(fig)
 
 
-def novelty_histograms(to_seed: list[float], to_kept: list[float],
-                       threshold: float | None) -> Markup | None:
+def novelty_histograms(
+    to_seed: list[float], to_kept: list[float], threshold: float | None
+) -> Markup | None:
     """Two panels of ROUGE-L F1 (the paper's Figure 3 and its within-data counterpart), 0.05
     bins, with the filter's threshold dashed. None when both are empty."""
     if not to_seed and not to_kept:
         return None
     edges = np.linspace(0.0, 1.0, 21)
-    panels = [("to the nearest seed", to_seed, BLUE),
-              ("to the nearest other kept instruction", to_kept, GREEN)]
+    panels = [
+        ("to the nearest seed", to_seed, BLUE),
+        ("to the nearest other kept instruction", to_kept, GREEN),
+    ]
     with _figure("novelty", 7.5, 2.9) as fig:
         for ax, (title, scores, colour) in zip(fig.subplots(1, 2, sharey=True), panels):
             ax.set_title(title, fontsize=10)
@@ -181,9 +192,17 @@ def novelty_histograms(to_seed: list[float], to_kept: list[float],
             ax.set_axisbelow(True)
             if threshold is not None:
                 ax.axvline(threshold, color=RED, linestyle="--", linewidth=1.2)
-                ax.text(threshold, 0.98, f" threshold {threshold:g}",
-                        transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8,
-                        color=RED, **_PLAIN)
+                ax.text(
+                    threshold,
+                    0.98,
+                    f" threshold {threshold:g}",
+                    transform=ax.get_xaxis_transform(),
+                    ha="left",
+                    va="top",
+                    fontsize=8,
+                    color=RED,
+                    **_PLAIN,
+                )
         fig.axes[0].set_ylabel("instructions")
         return _to_svg(fig)
 
@@ -209,11 +228,19 @@ def _ink_on(colour) -> str:
 
 
 def _shorten(label: str) -> str:
-    return label if len(label) <= _MAX_LABEL else label[:_MAX_LABEL - 1] + "…"
+    return label if len(label) <= _MAX_LABEL else label[: _MAX_LABEL - 1] + "…"
 
 
-def _ring_label(ax, text: str, start: float, end: float, inner: float, outer: float,
-                fontsize: float, colour: str) -> None:
+def _ring_label(
+    ax,
+    text: str,
+    start: float,
+    end: float,
+    inner: float,
+    outer: float,
+    fontsize: float,
+    colour: str,
+) -> None:
     """text along the radius of the wedge between angles start and end (degrees), left out where
     the wedge is thinner than the text is high."""
     middle = (inner + outer) / 2
@@ -225,8 +252,18 @@ def _ring_label(ax, text: str, start: float, end: float, inner: float, outer: fl
     # keep text upright: on the left half it reads from the outside in
     angle = (angle + 180) % 360 - 180
     rotation = angle if -90 <= angle <= 90 else angle - 180
-    ax.text(x, y, _shorten(text), rotation=rotation, rotation_mode="anchor", ha="center",
-            va="center", fontsize=fontsize, color=colour, **_PLAIN)
+    ax.text(
+        x,
+        y,
+        _shorten(text),
+        rotation=rotation,
+        rotation_mode="anchor",
+        ha="center",
+        va="center",
+        fontsize=fontsize,
+        color=colour,
+        **_PLAIN,
+    )
 
 
 def sunburst_chart(top: list[tuple[str, int, list[tuple[str, int]]]]) -> Markup | None:
@@ -250,8 +287,18 @@ def sunburst_chart(top: list[tuple[str, int, list[tuple[str, int]]]]) -> Markup 
         ax.axis("off")
 
         def wedge(start: float, end: float, inner: float, outer: float, colour) -> None:
-            ax.add_patch(Wedge((0, 0), outer, start, end, width=outer - inner, facecolor=colour,
-                               edgecolor="white", linewidth=0.8))
+            ax.add_patch(
+                Wedge(
+                    (0, 0),
+                    outer,
+                    start,
+                    end,
+                    width=outer - inner,
+                    facecolor=colour,
+                    edgecolor="white",
+                    linewidth=0.8,
+                )
+            )
 
         # clockwise from 12 o'clock: a share s of the total spans 360*s degrees
         done = 0

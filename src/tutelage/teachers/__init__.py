@@ -15,8 +15,17 @@ from .ledger import BudgetExceeded, Ledger, LedgerResult
 from .prices import PriceQuote, price_for
 
 __all__ = [
-    "BudgetExceeded", "Completion", "Ledger", "LedgerResult", "PriceQuote", "Request", "Teacher",
-    "TeacherError", "make_teacher", "price_for", "speaks_chat",
+    "BudgetExceeded",
+    "Completion",
+    "Ledger",
+    "LedgerResult",
+    "PriceQuote",
+    "Request",
+    "Teacher",
+    "TeacherError",
+    "make_teacher",
+    "price_for",
+    "speaks_chat",
 ]
 
 
@@ -33,35 +42,47 @@ def make_teacher(config: TeacherConfig) -> Teacher:
     backend = config.backend
     if backend == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
         if config.model != EMBEDDED:
-            raise TeacherError("teacher.backend: llamacpp needs llama-cpp-python "
-                               "(pip install 'tutelage[llamacpp]'), or use backend: transformers")
+            raise TeacherError(
+                "teacher.backend: llamacpp needs llama-cpp-python "
+                "(pip install 'tutelage[llamacpp]'), or use backend: transformers"
+            )
         # The embedded teacher also runs on transformers, only slower (about 20 tokens/s here).
-        warnings.warn("llama-cpp-python is not installed: the embedded teacher runs on transformers")
+        warnings.warn(
+            "llama-cpp-python is not installed: the embedded teacher runs on transformers"
+        )
         backend = "transformers"
     if backend == "llamacpp":
         from ..models import embedded_teacher_gguf
         from .llamacpp import LlamaCppTeacher
 
-        path = (embedded_teacher_gguf() if config.model == EMBEDDED
-                else Path(config.model).expanduser())
+        path = (
+            embedded_teacher_gguf() if config.model == EMBEDDED else Path(config.model).expanduser()
+        )
         return LlamaCppTeacher(path, n_ctx=config.n_ctx, threads=config.threads)
     if backend == "transformers":
         from .hf import TransformersTeacher
 
         # A batch can hold at most what the ledger keeps in flight.
-        return TransformersTeacher(config.model, max_batch=config.concurrency,
-                                   threads=config.threads)
+        return TransformersTeacher(
+            config.model, max_batch=config.concurrency, threads=config.threads
+        )
     if backend == "openai":
         from .openai import DEFAULT_BASE_URL, OpenAITeacher
         from .openai_batch import OpenAIBatchTeacher
 
-        online = {"base_url": config.base_url or DEFAULT_BASE_URL,
-                  "api_key_env": config.api_key_env, "concurrency": config.concurrency,
-                  "rpm": config.rpm, "tpm": config.tpm, "timeout_s": config.timeout_s,
-                  "max_retries": config.max_retries}
+        online = {
+            "base_url": config.base_url or DEFAULT_BASE_URL,
+            "api_key_env": config.api_key_env,
+            "concurrency": config.concurrency,
+            "rpm": config.rpm,
+            "tpm": config.tpm,
+            "timeout_s": config.timeout_s,
+            "max_retries": config.max_retries,
+        }
         if config.batch:
-            return OpenAIBatchTeacher(config.model, batch_size=config.batch_size,
-                                      poll_s=config.batch_poll_s, **online)
+            return OpenAIBatchTeacher(
+                config.model, batch_size=config.batch_size, poll_s=config.batch_poll_s, **online
+            )
         return OpenAITeacher(config.model, **online)
     if backend == "vllm":
         from .vllm import VLLMTeacher

@@ -33,8 +33,9 @@ def resolve_teacher_folder(model: str | Path) -> Path:
         return gguf_to_hf(path, cache_dir() / "hf" / f"{path.stem}-{path.stat().st_size}")
     if (path / "config.json").is_file():
         return path
-    raise ModelNotFound(f"teacher.model: {model}: not an HF model folder (with config.json) "
-                        "or a .gguf file")
+    raise ModelNotFound(
+        f"teacher.model: {model}: not an HF model folder (with config.json) or a .gguf file"
+    )
 
 
 class OpenAIPenalties(hf.LogitsProcessor):
@@ -45,17 +46,19 @@ class OpenAIPenalties(hf.LogitsProcessor):
         self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_len:]
+        generated = input_ids[:, self.prompt_len :]
         counts = torch.zeros_like(scores).scatter_add_(
-            1, generated, torch.ones_like(generated, dtype=scores.dtype))
+            1, generated, torch.ones_like(generated, dtype=scores.dtype)
+        )
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
 class TransformersTeacher:
     backend = "transformers"
 
-    def __init__(self, model: str | Path, *, max_batch: int = 8, seed: int = 0,
-                 threads: int | None = None):
+    def __init__(
+        self, model: str | Path, *, max_batch: int = 8, seed: int = 0, threads: int | None = None
+    ):
         if threads:  # torch's threads are per process: teacher.threads sets them for the run
             torch.set_num_threads(threads)
         folder = resolve_teacher_folder(model)
@@ -72,8 +75,11 @@ class TransformersTeacher:
         self.lm = hf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         self.lm.to(self.device).eval()
         eos = self.lm.generation_config.eos_token_id
-        self.end_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                        *(eos if isinstance(eos, list) else [eos] if eos is not None else [])}
+        self.end_ids = {
+            self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id,
+            *(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+        }
         self._lock = threading.Lock()  # one generate() at a time: they would only compete
 
     async def complete(self, requests: Sequence[Request]) -> list[Completion]:
@@ -84,7 +90,7 @@ class TransformersTeacher:
         out: list[Completion | None] = [None] * len(requests)
         for indices in groups.values():
             for start in range(0, len(indices), self.max_batch):
-                chunk = indices[start:start + self.max_batch]
+                chunk = indices[start : start + self.max_batch]
                 answers = await asyncio.to_thread(self._generate, [requests[i] for i in chunk])
                 for i, answer in zip(chunk, answers, strict=True):
                     out[i] = answer
@@ -93,7 +99,8 @@ class TransformersTeacher:
     def _token_ids(self, request: Request) -> list[int]:
         if request.is_chat:
             text = self.tokenizer.apply_chat_template(
-                request.message_dicts(), add_generation_prompt=True, tokenize=False)
+                request.message_dicts(), add_generation_prompt=True, tokenize=False
+            )
             return self.tokenizer(text, add_special_tokens=False).input_ids
         return self.tokenizer(request.prompt).input_ids
 
@@ -106,8 +113,11 @@ class TransformersTeacher:
         temperature = params.get("temperature", 1.0)
         stop = params.get("stop") or []
         room = self.lm.config.max_position_embeddings - prompt_len  # no max_tokens: to the end
-        kwargs = dict(max_new_tokens=params.get("max_tokens") or room,
-                      do_sample=temperature > 0, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(
+            max_new_tokens=params.get("max_tokens") or room,
+            do_sample=temperature > 0,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=params.get("top_p", 1.0))
         if stop:
@@ -116,12 +126,15 @@ class TransformersTeacher:
         frequency = params.get("frequency_penalty", 0.0)
         if presence or frequency:
             kwargs["logits_processor"] = hf.LogitsProcessorList(
-                [OpenAIPenalties(prompt_len, presence, frequency)])
+                [OpenAIPenalties(prompt_len, presence, frequency)]
+            )
         with self._lock, torch.inference_mode():
             torch.manual_seed(params.get("seed", self._batch_seed(requests)))
             sequences = self.lm.generate(**batch, **kwargs)
-        return [self._completion(row[prompt_len:].tolist(), len(prompt), stop)
-                for row, prompt in zip(sequences, ids, strict=True)]
+        return [
+            self._completion(row[prompt_len:].tolist(), len(prompt), stop)
+            for row, prompt in zip(sequences, ids, strict=True)
+        ]
 
     def _batch_seed(self, requests: list[Request]) -> int:
         keys = "".join(r.key(self.backend, self.model) for r in requests)
@@ -133,7 +146,7 @@ class TransformersTeacher:
         text = self.tokenizer.decode(generated[:n], skip_special_tokens=True)
         cuts = [text.find(s) for s in stop if s in text]
         if cuts:  # stopped at a stop string, which (as in OpenAI's API) is not part of the answer
-            return Completion(text[:min(cuts)], "stop", tokens_in, n)
+            return Completion(text[: min(cuts)], "stop", tokens_in, n)
         if n < len(generated):  # the end-of-sequence token, counted as generated
             return Completion(text, "stop", tokens_in, n + 1)
         return Completion(text, "length", tokens_in, n)

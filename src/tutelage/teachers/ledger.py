@@ -41,9 +41,16 @@ class Ledger:
     store counts every hit of the run: `store.request_totals()["cache_hits"]`).
     """
 
-    def __init__(self, teacher: Teacher, store: Store, *, price: Price | None = None,
-                 budget_usd: float | None = None, concurrency: int = 8,
-                 batch_window_s: float = 0.005):
+    def __init__(
+        self,
+        teacher: Teacher,
+        store: Store,
+        *,
+        price: Price | None = None,
+        budget_usd: float | None = None,
+        concurrency: int = 8,
+        batch_window_s: float = 0.005,
+    ):
         self.teacher = teacher
         self.store = store
         self.price = price or Price()
@@ -88,12 +95,14 @@ class Ledger:
             async with self._slots:
                 return await self._send(key, request, purpose, remote)
 
-    async def complete_many(self, requests: Sequence[Request],
-                            purpose: str = "generate") -> list[LedgerResult]:
+    async def complete_many(
+        self, requests: Sequence[Request], purpose: str = "generate"
+    ) -> list[LedgerResult]:
         """Answers in request order, at most `concurrency` in flight. On a failure, every request
         already sent still finishes and is stored (it is paid for), then the first error raises."""
-        results = await asyncio.gather(*(self.complete(r, purpose) for r in requests),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.complete(r, purpose) for r in requests), return_exceptions=True
+        )
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -103,15 +112,17 @@ class Ledger:
         """The run's total cost if the rest costs what the part done so far did."""
         return self.spent_usd / done_fraction if done_fraction > 0 else float("inf")
 
-    async def _send(self, key: str, request: Request, purpose: str,
-                    remote: str | None = None) -> LedgerResult:
+    async def _send(
+        self, key: str, request: Request, purpose: str, remote: str | None = None
+    ) -> LedgerResult:
         worst = worst_case_cost(request, self.price)
         committed = self.spent_usd + self._reserved_usd  # spent, plus the worst case in flight
         if self.budget_usd is not None and committed + worst > self.budget_usd:
             raise BudgetExceeded(
                 f"budget: ${committed:.4f} of the ${self.budget_usd:g} cap spent or in flight, and "
                 f"the next request could cost up to ${worst:.4f}; raise generation.budget_usd and "
-                "rerun to go on (stored answers are free)")
+                "rerun to go on (stored answers are free)"
+            )
         self._reserved_usd += worst
         backend, model = self.teacher.backend, self.teacher.model
         # Only the canonical request is stored: never headers, keys or client settings.
@@ -130,10 +141,16 @@ class Ledger:
             self._reserved_usd -= worst
         cost = cost_usd(self.price, completion.tokens_in, completion.tokens_out)
         self.store.finish_request(
-            key, text=completion.text, finish_reason=completion.finish_reason,
-            tokens_in=completion.tokens_in, tokens_out=completion.tokens_out, cost_usd=cost,
-            latency_s=time.perf_counter() - start, attempts=attempts_of(completion),
-            response=completion.raw)
+            key,
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            tokens_in=completion.tokens_in,
+            tokens_out=completion.tokens_out,
+            cost_usd=cost,
+            latency_s=time.perf_counter() - start,
+            attempts=attempts_of(completion),
+            response=completion.raw,
+        )
         self.spent_usd += cost
         self.tokens_in += completion.tokens_in
         self.tokens_out += completion.tokens_out
@@ -170,7 +187,6 @@ class Ledger:
                     if not future.done():
                         future.set_result(completion)
 
-
     # -- remote batches (the Batch API) ---------------------------------------------------------
     async def _ask_remote(self, key: str, request: Request, remote: str | None) -> Completion:
         future = asyncio.get_running_loop().create_future()
@@ -195,10 +211,11 @@ class Ledger:
                     fresh[self.teacher.endpoint(request)].append(item)
             for items in fresh.values():
                 for start in range(0, len(items), self.max_batch):
-                    chunk = items[start:start + self.max_batch]
+                    chunk = items[start : start + self.max_batch]
                     try:
-                        batch = await self.teacher.submit([r for _, r, _, _ in chunk],
-                                                          [k for k, _, _, _ in chunk])
+                        batch = await self.teacher.submit(
+                            [r for _, r, _, _ in chunk], [k for k, _, _, _ in chunk]
+                        )
                     except Exception as e:
                         for *_, future in chunk:
                             if not future.done():

@@ -16,16 +16,28 @@ from .base import Completion, Request, TeacherError
 # OpenAI's defaults, so a request means the same on every backend (llama-cpp-python's own differ:
 # temperature 0.2 for chat and 0.8 for completions, and at most 16 tokens for completions).
 # What a request cannot set keeps llama.cpp's defaults (top_k 40, min_p 0.05).
-DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": None, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0, "stop": []}
+DEFAULTS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "max_tokens": None,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "stop": [],
+}
 
 
 class LlamaCppTeacher:
     backend = "llamacpp"
     max_batch = 1  # llama-cpp-python decodes one sequence at a time
 
-    def __init__(self, model_path: str | Path, *, n_ctx: int = 4096, threads: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        seed: int = 0,
+    ):
         path = Path(model_path)
         if not path.is_file():
             raise ModelNotFound(f"teacher.model: {path}: no such GGUF file")
@@ -42,8 +54,14 @@ class LlamaCppTeacher:
         # One thread also serialises the calls, as a llama.cpp context needs.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
         self.llm = self._thread.submit(
-            llama_cpp.Llama, str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-            seed=seed, verbose=False).result()
+            llama_cpp.Llama,
+            str(path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            seed=seed,
+            verbose=False,
+        ).result()
 
     async def complete(self, requests: Sequence[Request]) -> list[Completion]:
         # The worker thread keeps the event loop (and the other requests' I/O) responsive.
@@ -70,8 +88,13 @@ class LlamaCppTeacher:
         choice = out["choices"][0]
         text = choice["message"]["content"] if request.is_chat else choice["text"]
         usage = out["usage"]
-        return Completion(text or "", choice["finish_reason"] or "stop", usage["prompt_tokens"],
-                          usage["completion_tokens"], raw=out)
+        return Completion(
+            text or "",
+            choice["finish_reason"] or "stop",
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+            raw=out,
+        )
 
     async def aclose(self) -> None:
         # Nothing to release early: the model is freed with the teacher, and a caller may go on

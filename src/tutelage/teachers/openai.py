@@ -40,8 +40,11 @@ HINTS = {
 # Reasoning models take max_completion_tokens and reject max_tokens.
 REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
 # Servers that answer an unknown model with 400 rather than 404 (LiteLLM, some routers).
-UNKNOWN_MODEL = re.compile(r"model.{0,80}(not found|does not exist|unknown|invalid)|"
-                           r"(unknown|invalid) model", re.IGNORECASE | re.DOTALL)
+UNKNOWN_MODEL = re.compile(
+    r"model.{0,80}(not found|does not exist|unknown|invalid)|"
+    r"(unknown|invalid) model",
+    re.IGNORECASE | re.DOTALL,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,7 @@ class LaneTransport(httpx.AsyncBaseTransport):
         n = max(1, math.ceil(connections / per_lane))
         ssl_context = httpx.create_ssl_context()  # one for all lanes: each takes ~30 ms to make
         limits = httpx.Limits(max_connections=math.ceil(connections / n))
-        self.lanes = [httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits)
-                      for _ in range(n)]
+        self.lanes = [httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits) for _ in range(n)]
         self.busy = [0] * n
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -107,9 +109,12 @@ class LaneTransport(httpx.AsyncBaseTransport):
         except BaseException:
             done()
             raise
-        return httpx.Response(response.status_code, headers=response.headers,
-                              stream=_CountedStream(response.stream, done),
-                              extensions=response.extensions)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_CountedStream(response.stream, done),
+            extensions=response.extensions,
+        )
 
     async def aclose(self) -> None:
         for lane in self.lanes:
@@ -190,10 +195,19 @@ class OpenAITeacher:
     backend = "openai"
     max_batch = 1  # each request is its own HTTP call; concurrency comes from the ledger
 
-    def __init__(self, model: str, *, base_url: str = DEFAULT_BASE_URL,
-                 api_key_env: str | None = "OPENAI_API_KEY", concurrency: int = 8,
-                 rpm: float | None = None, tpm: float | None = None, timeout_s: float = 120.0,
-                 max_retries: int = 6, backoff_s: float = 1.0):
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        backoff_s: float = 1.0,
+    ):
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.api_key_env = api_key_env
@@ -201,7 +215,8 @@ class OpenAITeacher:
         if api_key_env and not self._key and not is_local(self.base_url):
             raise TeacherError(
                 f"the environment variable {api_key_env} is not set: it must hold the API key for "
-                f"{self.base_url} (teacher.api_key_env names the variable)")
+                f"{self.base_url} (teacher.api_key_env names the variable)"
+            )
         self.concurrency, self.rpm, self.tpm = concurrency, rpm, tpm
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -217,8 +232,11 @@ class OpenAITeacher:
         if self._loop is not loop:
             headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
             self._client = httpx.AsyncClient(
-                base_url=self.base_url + "/", headers=headers, timeout=self.timeout_s,
-                transport=LaneTransport(self.concurrency))
+                base_url=self.base_url + "/",
+                headers=headers,
+                timeout=self.timeout_s,
+                transport=LaneTransport(self.concurrency),
+            )
             self._slots = asyncio.Semaphore(self.concurrency)
             self._rpm = RateLimit(self.rpm) if self.rpm else None
             self._tpm = RateLimit(self.tpm) if self.tpm else None
@@ -276,9 +294,10 @@ class OpenAITeacher:
             if attempt > self.max_retries:
                 raise APIError(
                     self._scrub(f"{where}: gave up after {attempt} attempts; last: {problem}"),
-                    attempt)
+                    attempt,
+                )
             if wait is None:  # exponential backoff with full jitter
-                wait = random.uniform(0, min(BACKOFF_CAP_S, self.backoff_s * 2 ** attempt / 2))
+                wait = random.uniform(0, min(BACKOFF_CAP_S, self.backoff_s * 2**attempt / 2))
             log.warning("%s: %s; retry %d in %.1fs", where, problem, attempt, wait)
             await asyncio.sleep(wait)
 
@@ -309,9 +328,13 @@ class OpenAITeacher:
         if not isinstance(text, (str, type(None))):
             raise TypeError("the answer is not text")
         usage = data.get("usage") or {}
-        return Completion(text or "", choice.get("finish_reason") or "stop",
-                          usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                          raw={"attempts": attempts, "response": data})
+        return Completion(
+            text or "",
+            choice.get("finish_reason") or "stop",
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+            raw={"attempts": attempts, "response": data},
+        )
 
     def _scrub(self, text: str) -> str:
         """Servers may echo the key in an error message; it must not go further."""

@@ -75,18 +75,27 @@ class OpenAIBatchTeacher(OpenAITeacher):
         endpoint = endpoints.pop()
         tag = fingerprint(custom_ids)
         if (found := await self.find(tag)) is not None:
-            log.info("batch %s already carries these %d requests: waiting on it", found["id"],
-                     len(requests))
+            log.info(
+                "batch %s already carries these %d requests: waiting on it",
+                found["id"],
+                len(requests),
+            )
             return found
-        lines = [json.dumps({"custom_id": cid, "method": "POST", "url": endpoint,
-                             "body": self._body(r)[1]}, ensure_ascii=False)
-                 for r, cid in zip(requests, custom_ids, strict=True)]
+        lines = [
+            json.dumps(
+                {"custom_id": cid, "method": "POST", "url": endpoint, "body": self._body(r)[1]},
+                ensure_ascii=False,
+            )
+            for r, cid in zip(requests, custom_ids, strict=True)
+        ]
         payload = ("\n".join(lines) + "\n").encode("utf-8")
 
         async def upload(client: httpx.AsyncClient, attempt: int) -> str:
             response = await client.post(
-                "files", data={"purpose": "batch"},
-                files={"file": (f"tutelage-{tag}.jsonl", payload, "application/jsonl")})
+                "files",
+                data={"purpose": "batch"},
+                files={"file": (f"tutelage-{tag}.jsonl", payload, "application/jsonl")},
+            )
             self._check(response, f"{self.base_url}/files", attempt)
             return self._json(response)["id"]
 
@@ -96,9 +105,15 @@ class OpenAIBatchTeacher(OpenAITeacher):
             # A retry after a lost answer must not start a second batch: look for the first.
             if attempt > 1 and (found := await self.find(tag)) is not None:
                 return found
-            response = await client.post("batches", json={
-                "input_file_id": file_id, "endpoint": endpoint,
-                "completion_window": COMPLETION_WINDOW, "metadata": {METADATA_KEY: tag}})
+            response = await client.post(
+                "batches",
+                json={
+                    "input_file_id": file_id,
+                    "endpoint": endpoint,
+                    "completion_window": COMPLETION_WINDOW,
+                    "metadata": {METADATA_KEY: tag},
+                },
+            )
             self._check(response, f"{self.base_url}/batches", attempt)
             return self._json(response)
 
@@ -108,14 +123,19 @@ class OpenAIBatchTeacher(OpenAITeacher):
 
     async def find(self, tag: str) -> dict | None:
         """The newest live (or completed) batch tagged `tag` among the account's 100 latest."""
+
         async def listing(client: httpx.AsyncClient, attempt: int) -> list[dict]:
             response = await client.get("batches", params={"limit": 100})
             self._check(response, f"{self.base_url}/batches", attempt)
             return self._json(response).get("data") or []
 
         for batch in await self.with_retries(listing, f"{self.base_url}/batches"):
-            if (batch.get("metadata") or {}).get(METADATA_KEY) == tag and \
-                    batch.get("status") in {"validating", "in_progress", "finalizing", "completed"}:
+            if (batch.get("metadata") or {}).get(METADATA_KEY) == tag and batch.get("status") in {
+                "validating",
+                "in_progress",
+                "finalizing",
+                "completed",
+            }:
                 return batch
         return None
 
@@ -127,8 +147,7 @@ class OpenAIBatchTeacher(OpenAITeacher):
 
         return await self.with_retries(get, f"{self.base_url}/batches/{batch_id}")
 
-    async def wait(self, batch_id: str,
-                   on_update: Callable[[dict], None] | None = None) -> dict:
+    async def wait(self, batch_id: str, on_update: Callable[[dict], None] | None = None) -> dict:
         """Poll until the batch ends; returns its final batch object."""
         last = None
         while True:

@@ -47,8 +47,10 @@ class PriceQuote(Price):
     @property
     def warning(self) -> str | None:
         if self.source == "unknown":
-            return ("unknown price for this teacher model: its cost counts as $0, so a budget cap "
-                    "cannot stop it; set teacher.price (USD per 1M input and output tokens)")
+            return (
+                "unknown price for this teacher model: its cost counts as $0, so a budget cap "
+                "cannot stop it; set teacher.price (USD per 1M input and output tokens)"
+            )
         return None
 
 
@@ -56,8 +58,9 @@ class PriceQuote(Price):
 BATCH_DISCOUNT = 0.5
 
 
-def price_for(backend: str, model: str, configured: Price | None,
-              batch: bool = False) -> PriceQuote:
+def price_for(
+    backend: str, model: str, configured: Price | None, batch: bool = False
+) -> PriceQuote:
     """The configured price if there is one (as charged), zero for local backends, else the list
     price (halved for the Batch API)."""
     if configured is not None:

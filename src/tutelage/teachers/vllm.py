@@ -28,13 +28,20 @@ from ..config import EMBEDDED
 from ..models import ModelNotFound
 from .base import Completion, Request, TeacherError
 
-INSTALL_HINT = ("teacher.backend: vllm needs the vllm package on a CUDA machine: "
-                "pip install 'tutelage[vllm]'")
+INSTALL_HINT = (
+    "teacher.backend: vllm needs the vllm package on a CUDA machine: pip install 'tutelage[vllm]'"
+)
 
 # OpenAI's defaults, so a request means the same on every backend (vLLM's own SamplingParams stops
 # at 16 tokens; max_tokens None lets it generate up to the end of the context).
-DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": None, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0, "stop": []}
+DEFAULTS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "max_tokens": None,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "stop": [],
+}
 
 
 def resolve_vllm_model(model: str | Path) -> tuple[str, str]:
@@ -58,23 +65,33 @@ def resolve_vllm_model(model: str | Path) -> tuple[str, str]:
         return str(path), path.name
     text = str(model)
     if path.exists() or path.is_absolute() or text.startswith((".", "~")):
-        raise ModelNotFound(f"teacher.model: {model}: not an HF model folder, a .gguf file "
-                            "or a Hugging Face Hub name")
+        raise ModelNotFound(
+            f"teacher.model: {model}: not an HF model folder, a .gguf file "
+            "or a Hugging Face Hub name"
+        )
     return text, text  # a Hub name such as Qwen/Qwen2.5-7B-Instruct: vLLM downloads it
 
 
 class VLLMTeacher:
     backend = "vllm"
 
-    def __init__(self, model: str | Path, *, max_batch: int = 256, seed: int = 0,
-                 engine_args: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        max_batch: int = 256,
+        seed: int = 0,
+        engine_args: dict[str, Any] | None = None,
+    ):
         try:
             import vllm
         except ImportError as e:
             if e.name == "vllm":  # not installed
                 raise TeacherError(INSTALL_HINT) from None
-            raise TeacherError(f"teacher.backend: vllm is installed but does not import ({e}); "
-                               "it needs a CUDA machine") from e
+            raise TeacherError(
+                f"teacher.backend: vllm is installed but does not import ({e}); "
+                "it needs a CUDA machine"
+            ) from e
         self._vllm = vllm
         self._request_errors = request_errors()
         path, self.model = resolve_vllm_model(model)
@@ -112,24 +129,31 @@ class VLLMTeacher:
                     outputs = self.llm.chat(
                         [requests[i].message_dicts() for i in chat],
                         sampling_params=[self.sampling_params(requests[i]) for i in chat],
-                        use_tqdm=False)
+                        use_tqdm=False,
+                    )
                     self._fill(answers, chat, outputs)
                 if plain:
                     outputs = self.llm.generate(
                         [requests[i].prompt for i in plain],
                         sampling_params=[self.sampling_params(requests[i]) for i in plain],
-                        use_tqdm=False)
+                        use_tqdm=False,
+                    )
                     self._fill(answers, plain, outputs)
             except (ValueError, *self._request_errors) as e:  # e.g. a prompt too long
-                hint = (" (give the teacher a longer context: teacher.engine_args.max_model_len, "
-                        "up to the model's own)" if "length" in str(e) else "")
+                hint = (
+                    " (give the teacher a longer context: teacher.engine_args.max_model_len, "
+                    "up to the model's own)"
+                    if "length" in str(e)
+                    else ""
+                )
                 raise TeacherError(f"{self.model}: {e}{hint}") from None
         return answers
 
     def _fill(self, answers: list, indices: list[int], outputs: list) -> None:
         if len(outputs) != len(indices):
-            raise RuntimeError(f"{self.model}: vLLM answered {len(outputs)} of "
-                               f"{len(indices)} requests")
+            raise RuntimeError(
+                f"{self.model}: vLLM answered {len(outputs)} of {len(indices)} requests"
+            )
         for i, output in zip(indices, outputs, strict=True):
             answers[i] = self._completion(output)
 
@@ -141,9 +165,11 @@ class VLLMTeacher:
         tokens_in = len(output.prompt_token_ids or ())
         tokens_out = len(choice.token_ids)
         stop_reason = choice.stop_reason  # the stop string or token id that ended it, if any
-        raw = {"finish_reason": reason,
-               "stop_reason": stop_reason if isinstance(stop_reason, (str, int)) else None,
-               "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out}}
+        raw = {
+            "finish_reason": reason,
+            "stop_reason": stop_reason if isinstance(stop_reason, (str, int)) else None,
+            "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out},
+        }
         # "stop" covers an end-of-sequence token and a stop string; anything else but "length"
         # (e.g. "repetition") also ended the answer before its budget.
         finish = "length" if reason == "length" else "stop"
@@ -162,5 +188,6 @@ def request_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return ()
     found = getattr(exceptions, "VLLMClientError", None) or getattr(
-        exceptions, "VLLMValidationError", None)
+        exceptions, "VLLMValidationError", None
+    )
     return (found,) if isinstance(found, type) else ()
