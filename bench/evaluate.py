@@ -30,7 +30,7 @@ from rich.table import Table
 
 import tutelage.evaluate as ev
 from tutelage.config import Config
-from tutelage.models import embedded_student_hf
+from tutelage.model_files import embedded_student_hf
 from tutelage.store import Store
 
 console = Console(width=None if sys.stdout.isatty() else 160)

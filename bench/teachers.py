@@ -263,7 +263,7 @@ def direct_worker(threads: int) -> None:
     """`--direct-worker`: llama-cpp-python alone in this process, driven by JSON lines on stdin."""
     import llama_cpp
 
-    from tutelage.models import embedded_teacher_gguf
+    from tutelage.model_files import embedded_teacher_gguf
 
     llm = llama_cpp.Llama(
         str(embedded_teacher_gguf()),
@@ -378,7 +378,7 @@ def bench_llamacpp(
     make_teacher: Callable = make_llamacpp_teacher,
     title: str = "LlamaCppTeacher",
 ) -> dict:
-    from tutelage.models import embedded_teacher_gguf
+    from tutelage.model_files import embedded_teacher_gguf
 
     prompts = PROMPTS[: args.prompts]
     requests = greedy(prompts, args.max_tokens)

@@ -10,7 +10,7 @@ Two loops on each model, same hyperparameters (batch, steps, learning rate, warm
 max_seq_len, seed, fp32, LoRA r/alpha/dropout/target modules from tutelage's defaults, --threads):
 - ours: `tutelage.train.train(store, config, run_dir)`, the rows put in a fresh store;
 - baseline: the Stanford Alpaca recipe (train.py of tatsu-lab/stanford_alpaca), written here from
-  its description: the Alpaca prompt (`tutelage.formats.student_prompt`, so the prompts are the
+  its description: the Alpaca prompt (`tutelage.student_prompt.student_prompt`, so the prompts are the
   same), prompt + output + EOS tokenized as one text and truncated to max_seq_len, labels -100 on
   the prompt; a collator that pads each batch to its longest row; HF `Trainer` (random sampler, no
   length grouping, no packing), cosine schedule, the model's own loss. The model is loaded and
@@ -73,7 +73,7 @@ def rss_mb() -> float:
 def load_rows(tokenizer, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows {instruction, input, output}: rows whose prompt fits; the train rows cut
     to steps x batch_size, so that both loops see the same rows when the steps make whole epochs."""
-    from tutelage.formats import student_prompt
+    from tutelage.student_prompt import student_prompt
 
     rows = []
     for line in DATA.read_text(encoding="utf-8").splitlines():
@@ -97,7 +97,7 @@ def response_loss(model, tokenizer, rows: list[dict], max_seq_len: int) -> float
     import torch
     import torch.nn.functional as F
 
-    from tutelage.formats import student_prompt
+    from tutelage.student_prompt import student_prompt
 
     model.eval()
     total, count = 0.0, 0
@@ -143,7 +143,7 @@ class AlpacaDataset:
     labels a copy with the tokens of the source (as tokenized alone) set to IGNORE."""
 
     def __init__(self, rows: list[dict], tokenizer, max_seq_len: int):
-        from tutelage.formats import student_prompt
+        from tutelage.student_prompt import student_prompt
 
         self.items = []
         for r in rows:
@@ -360,8 +360,7 @@ def run_explain(path: Path, args: argparse.Namespace) -> dict:
     picked = random.Random(args.seed).sample(data.items, args.explain_batches * args.batch_size)
     by_length = sorted(picked, key=lambda x: len(x["input_ids"]))
     cut = lambda items: [
-        items[i : i + args.batch_size]
-        for i in range(0, len(items), args.batch_size)
+        items[i : i + args.batch_size] for i in range(0, len(items), args.batch_size)
     ]
     collate = PadToLongest(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -430,7 +429,7 @@ def worker(args: argparse.Namespace) -> None:
 
 # -- the driver ---------------------------------------------------------------------------------
 def model_path(name: str, tmp: Path) -> Path:
-    from tutelage.models import embedded_student_hf, embedded_teacher_hf
+    from tutelage.model_files import embedded_student_hf, embedded_teacher_hf
 
     if name == "student":
         return embedded_student_hf()

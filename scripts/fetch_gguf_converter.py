@@ -1,4 +1,4 @@
-"""Install llama.cpp's HF -> GGUF converter into the venv, for `tutelage.gguf_export`.
+"""Install llama.cpp's HF -> GGUF converter into the venv, for `tutelage.gguf`.
 
 The converter is not on PyPI as a package, but the llama-cpp-python source release vendors the
 llama.cpp tree it was built from. Taking it from the same version as the installed llama_cpp keeps

@@ -28,7 +28,7 @@ def store(tmp_path):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from tutelage.models import embedded_teacher_hf
+    from tutelage.model_files import embedded_teacher_hf
 
     return AutoTokenizer.from_pretrained(embedded_teacher_hf())
 

@@ -56,7 +56,7 @@ def db_rows(run: Path, sql: str) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def embedded_models():
-    from tutelage.models import embedded_student_hf, embedded_teacher_gguf
+    from tutelage.model_files import embedded_student_hf, embedded_teacher_gguf
 
     return embedded_teacher_gguf(), embedded_student_hf()
 

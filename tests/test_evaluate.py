@@ -15,9 +15,9 @@ from transformers import AutoTokenizer
 
 from tutelage import evaluate as ev
 from tutelage.config import Config
-from tutelage.formats import student_prompt
-from tutelage.models import embedded_teacher_hf
+from tutelage.model_files import embedded_teacher_hf
 from tutelage.store import Store
+from tutelage.student_prompt import student_prompt
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXAMPLES = [

@@ -185,7 +185,9 @@ def brute_nearest(pool: list[str], text: str) -> tuple[float, int | None]:
 
 # sentences over a six-word vocabulary: overlaps and exact ties everywhere, and with 40+ pool texts
 # every word becomes common enough to take the dense path
-SENTENCE = st.lists(st.sampled_from(["the", "cat", "sat", "on", "a", "mat"]), max_size=12).map(" ".join)
+SENTENCE = st.lists(st.sampled_from(["the", "cat", "sat", "on", "a", "mat"]), max_size=12).map(
+    " ".join
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -495,7 +497,23 @@ def near_duplicates(count: int, seed: int) -> list[str]:
     a few rows back (so chunks are full of near-duplicates of their own rows), plus exact
     duplicates, reversed copies (many equal bounds, low F1) and empty rows."""
     rng = random.Random(seed)
-    words = ["write", "a", "short", "poem", "about", "the", "sea", "and", "sky", "list", "three", "facts", "on", "cats", "dogs"]
+    words = [
+        "write",
+        "a",
+        "short",
+        "poem",
+        "about",
+        "the",
+        "sea",
+        "and",
+        "sky",
+        "list",
+        "three",
+        "facts",
+        "on",
+        "cats",
+        "dogs",
+    ]
     rows: list[str] = []
     for _ in range(count):
         roll = rng.random()

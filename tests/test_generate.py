@@ -19,7 +19,7 @@ from tutelage.generate.instances import (
     parse_output_first,
 )
 from tutelage.generate.recipe import Context
-from tutelage.generate.steering import screen_for
+from tutelage.filter.screen import screen_for
 from tutelage.pipeline import filter_stage, open_run
 from tutelage.teachers.base import Completion, TeacherError
 

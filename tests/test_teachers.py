@@ -384,7 +384,7 @@ def test_llamacpp_chat_and_completion_are_deterministic(llama_teacher, store):
 def tiny_hf_folder(tmp_path_factory):
     import transformers as hf
 
-    from tutelage.models import embedded_teacher_hf
+    from tutelage.model_files import embedded_teacher_hf
 
     tokenizer = hf.AutoTokenizer.from_pretrained(embedded_teacher_hf())
     config = hf.LlamaConfig(
@@ -458,7 +458,7 @@ def llama_server(tmp_path_factory):
     missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"llama-cpp-python[server] is not installed (missing {', '.join(missing)})")
-    from tutelage.models import embedded_teacher_gguf
+    from tutelage.model_files import embedded_teacher_gguf
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tutelage import train as tr
 from tutelage.config import Config
 from tutelage.export import export_model
-from tutelage.formats import student_prompt
-from tutelage.models import ModelNotFound
+from tutelage.model_files import ModelNotFound
 from tutelage.store import Store
+from tutelage.student_prompt import student_prompt
 
 EXAMPLES = [
     ("Name a primary colour.", "", "Red is a primary colour."),
@@ -335,7 +335,7 @@ def test_the_student_is_also_written_as_gguf_and_only_that_reruns(
 
 
 def test_a_gguf_file_trains_as_a_student(tmp_path, tiny_model, monkeypatch):
-    from tutelage.gguf_export import export_gguf
+    from tutelage.gguf import export_gguf
 
     monkeypatch.setenv("TUTELAGE_CACHE", str(tmp_path / "cache"))  # its HF copy lands here
     gguf = export_gguf(tiny_model, tmp_path / "tiny.gguf", "f32")

@@ -13,7 +13,7 @@ import types
 import pytest
 
 import tutelage.teachers
-from tutelage.models import ModelNotFound
+from tutelage.model_files import ModelNotFound
 from tutelage.store import Store
 from tutelage.teachers import Ledger, Request, TeacherError
 from tutelage.teachers.vllm import INSTALL_HINT, VLLMTeacher, resolve_vllm_model

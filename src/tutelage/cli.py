@@ -23,7 +23,7 @@ from rich.progress import (
 
 from . import __version__
 from .config import Config, ConfigError, load_config
-from .formats import TEMPLATES
+from .templating import TEMPLATE_DIR
 
 app = typer.Typer(
     name="tutelage",
@@ -34,7 +34,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 console = Console(stderr=True)
-DEFAULT_CONFIG = TEMPLATES / "tutelage.yaml"
+DEFAULT_CONFIG = TEMPLATE_DIR / "tutelage.yaml"
 DEBUG = False  # --debug: tracebacks instead of one-line errors
 
 ConfigOpt = Annotated[
@@ -72,7 +72,7 @@ class Fail(Exception):
 @contextmanager
 def one_line_errors():
     """Bad input and failed stages end in one readable line and a non-zero exit, not a traceback."""
-    from .models import ModelNotFound
+    from .model_files import ModelNotFound
     from .pipeline import RunError
     from .seeds import SeedError
 
@@ -339,7 +339,7 @@ def init(
         if launchers:
             files |= {
                 directory / "accelerate" / f.name: f
-                for f in sorted((TEMPLATES / "accelerate").glob("*.yaml"))
+                for f in sorted((TEMPLATE_DIR / "accelerate").glob("*.yaml"))
             }
         for target in files:
             if target.exists() and not force:
@@ -584,7 +584,8 @@ def export(
     Examples: [cyan]tutelage export runs/first --format jsonl -o data.jsonl[/];
     [cyan]tutelage export runs/first --model -o student/ --gguf q8_0[/]
     """
-    from .export import export_data, export_model, gguf_path
+    from .export import export_data, export_model
+    from .gguf import gguf_path
 
     with one_line_errors():
         if not (run / "tutelage.db").exists():
@@ -592,7 +593,7 @@ def export(
         if gguf is not None and not model:
             raise Fail("--gguf: only with --model", 2)
         if model:
-            from .gguf_export import OUTTYPES
+            from .gguf import OUTTYPES
 
             if gguf is not None and gguf not in OUTTYPES:
                 raise Fail(f"--gguf: {gguf!r} is not one of {', '.join(OUTTYPES)}", 2)

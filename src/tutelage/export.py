@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .gguf_export import export_gguf
+from .gguf import export_gguf, gguf_path
 from .store import Store
 
 
@@ -61,11 +61,3 @@ def export_model(run_dir: Path, out: Path, gguf: str | None = None) -> Path:
         export_gguf(source, target, gguf)
     shutil.copytree(source, out, dirs_exist_ok=True)
     return out
-
-
-def gguf_path(out: Path) -> Path:
-    """Where export_model writes the GGUF for the folder `out`: `student/` -> `student.gguf`."""
-    out = Path(out)
-    if not out.name:  # "." or "/": name it after the folder it stands for
-        out = out.resolve()
-    return out.with_name(out.name + ".gguf")

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .stage_results import StageResult, result_from_detail
+
 DB_NAME = "tutelage.db"
 SCHEMA_VERSION = 3
 
@@ -761,17 +763,21 @@ class Store:
                 (name, time.time()),
             )
 
-    def stage_finished(self, name: str, status: str = "done", detail: dict | None = None) -> None:
+    def stage_finished(self, name: str, result: StageResult) -> None:
+        """Record a stage's end: its status and its declared result (`stage_results`)."""
         with self.transaction() as db:
             db.execute(
                 "UPDATE stages SET status=?, finished_at=?, detail_json=? WHERE name=?",
-                (status, time.time(), json.dumps(detail or {}, default=str), name),
+                (result.status, time.time(), json.dumps(result.to_detail(), default=str), name),
             )
 
     def stages(self) -> dict[str, dict]:
+        """Each recorded stage: status, started_at, finished_at and `result`, its declared result
+        (rows written by older versions load too)."""
         rows = self._all("SELECT * FROM stages")
         for r in rows:
-            r["detail"] = json.loads(r.pop("detail_json"))
+            detail = json.loads(r.pop("detail_json"))
+            r["result"] = result_from_detail(r["name"], r["status"], detail)
         return {r["name"]: r for r in rows}
 
     # -- generation funnels by step (Self-Instruct, `generate --explain`) --------------------

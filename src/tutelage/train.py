@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config
-from .formats import prompt_ids, student_prompt
-from .models import resolve_student
+from .gguf import write_student_gguf
+from .model_files import resolve_student
 from .store import Store
+from .student_prompt import prompt_ids, student_prompt
 
 IGNORE = -100  # label of a token that carries no loss (prompt and padding)
 MEGABATCH = 50  # batches sorted by length together: low padding, yet still a shuffled order
@@ -473,22 +474,6 @@ def save_student(model, tokenizer, run_dir: Path, info: dict) -> Path:
     return run_dir / "student"
 
 
-def write_gguf(run_dir: Path, outtype: str | None) -> dict:
-    """RUN/student.gguf from RUN/student, for llama.cpp and Ollama: the metrics to record. A
-    failed conversion is recorded, not raised: the HF student it starts from is already saved."""
-    from .gguf_export import export_gguf
-
-    target = run_dir / "student.gguf"
-    target.unlink(missing_ok=True)  # never a GGUF of another student beside this one
-    if outtype is None:
-        return {"gguf_type": None}
-    try:
-        export_gguf(run_dir / "student", target, outtype)
-    except (RuntimeError, ValueError, OSError) as e:
-        return {"gguf_type": outtype, "gguf_error": _first_line(e)}
-    return {"gguf_type": outtype, "gguf": str(target)}
-
-
 def student_info(run_dir: Path) -> dict | None:
     path = run_dir / "student" / "tutelage.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -553,7 +538,7 @@ def train(
         metrics = json.loads(done["metrics_json"])
         if metrics.get("gguf_type") != cfg.gguf or (cfg.gguf and "gguf" not in metrics):
             metrics = {k: v for k, v in metrics.items() if not k.startswith("gguf")}
-            metrics.update(write_gguf(run_dir, cfg.gguf))  # only the GGUF setting changed
+            metrics.update(write_student_gguf(run_dir, cfg.gguf))  # only the GGUF setting changed
             store.finish_train_run(done["id"], "done", done["output_dir"], metrics)
         return {**metrics, "run_id": done["id"], "output_dir": done["output_dir"], "reused": True}
 
@@ -628,7 +613,7 @@ def train(
                     "metrics": metrics,
                 },
             )
-            metrics.update(write_gguf(run_dir, cfg.gguf))
+            metrics.update(write_student_gguf(run_dir, cfg.gguf))
             store.finish_train_run(run_id, "done", str(output), metrics)
         accelerator.wait_for_everyone()
     except BaseException as e:

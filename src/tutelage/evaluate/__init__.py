@@ -27,11 +27,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from ..config import Config, TeacherConfig
 from ..filter import rouge_l_f1, tokenize
-from ..formats import TEMPLATES, prompt_ids, student_prompt
 from ..jsonrows import read_rows
-from ..models import ModelNotFound, resolve_student
+from ..model_files import ModelNotFound, resolve_student
 from ..store import Store
+from ..student_prompt import prompt_ids, student_prompt
 from ..teachers import Ledger, Request, Teacher, make_teacher, price_for, speaks_chat
+from ..templating import TEMPLATE_DIR
 from .judge import grade_answer, judge_pair
 from .stats import bootstrap_ci, grade_summary, length_controlled_win_rate, win_rate
 
@@ -573,7 +574,7 @@ def judge_fingerprint(config: Config) -> str:
     ev = config.evaluation
     judge = ev.judge or config.teacher
     templates = [
-        (TEMPLATES / "evaluate" / f"{name}.jinja").read_text(encoding="utf-8")
+        (TEMPLATE_DIR / "evaluate" / f"{name}.jinja").read_text(encoding="utf-8")
         for name in ("pairwise", "rubric")
     ]
     blob = [

@@ -25,12 +25,12 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..formats import TEMPLATES, render_template
 from ..teachers.base import Request
 from ..teachers.ledger import Ledger
+from ..templating import TEMPLATE_DIR, render_template
 
-PAIRWISE_TEMPLATE = TEMPLATES / "evaluate" / "pairwise.jinja"
-RUBRIC_TEMPLATE = TEMPLATES / "evaluate" / "rubric.jinja"
+PAIRWISE_TEMPLATE = TEMPLATE_DIR / "evaluate" / "pairwise.jinja"
+RUBRIC_TEMPLATE = TEMPLATE_DIR / "evaluate" / "rubric.jinja"
 MAX_TOKENS = 512  # a few sentences and the verdict line; a judge that rambles past it is retried
 RETRY_TEMPERATURE = 0.7  # a retry at temperature 0 would likely repeat the unparseable answer
 GRADES = ("A", "B", "C", "D")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, fields
 
+from ..config import FilterConfig, is_english
 from .quality import QualityRules
 from .rouge import RougeNoveltyIndex
 
@@ -37,7 +38,7 @@ class Screen:
 
     @classmethod
     def from_config(cls, cfg) -> Screen:
-        """Build from a `FilterConfig`-shaped object (duck-typed: filter knows no config module)."""
+        """Build from a `FilterConfig` (or any object with its fields)."""
         rules = QualityRules(**{f.name: getattr(cfg, f.name) for f in fields(QualityRules)})
         rules.blacklist = tuple(rules.blacklist)
         extra: list[tuple[str, object]] = []
@@ -106,3 +107,21 @@ class Screen:
         for _, index in [("rouge_duplicate", self.index), *self.extra]:
             index.add_reference(instruction, key)
         return Verdict("kept", None, *found[0])
+
+
+def filter_settings(filter_cfg: FilterConfig, language: str) -> FilterConfig:
+    """The filter settings for tasks written in `language`.
+
+    The defaults are English ones. For any other language the screen uses the Unicode tokenizer
+    (ROUGE-L on letters of every script, one token per CJK character; the ASCII tokenizer would
+    see no token at all and call every pair novel), without the non-ASCII-start rule (it exists
+    to drop non-English output), and counts an instruction's length in those tokens, so a Chinese
+    instruction, written without spaces, is not one "word" long."""
+    if is_english(language):
+        return filter_cfg
+    return filter_cfg.model_copy(update={"unicode": True, "check_non_ascii_start": False})
+
+
+def screen_for(filter_cfg: FilterConfig, language: str) -> Screen:
+    """The Screen that generation and the filter stage judge tasks with."""
+    return Screen.from_config(filter_settings(filter_cfg, language))

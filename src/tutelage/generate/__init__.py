@@ -29,7 +29,7 @@ from ..teachers.ledger import BudgetExceeded
 from ..teachers.prices import price_for
 from . import alpaca, self_instruct
 from .recipe import Context
-from .steering import screen_for
+from ..filter.screen import screen_for
 
 RECIPES = {alpaca.NAME: alpaca, self_instruct.NAME: self_instruct}
 

@@ -52,11 +52,11 @@ class Parsed:
     raw: str | None = None
 
 
-TEMPLATES = {"prompt_template": "alpaca.jinja"}
+TEMPLATE_FILES = {"prompt_template": "alpaca.jinja"}
 
 
 def check(config) -> None:
-    check_templates(config, TEMPLATES)
+    check_templates(config, TEMPLATE_FILES)
 
 
 def build_request(idx: int, ctx: Context) -> Request:
@@ -76,7 +76,7 @@ def build_request(idx: int, ctx: Context) -> Request:
     prompt = render(
         config,
         "prompt_template",
-        TEMPLATES["prompt_template"],
+        TEMPLATE_FILES["prompt_template"],
         n_tasks=tasks_per_request(gen),
         demonstrations=demos,
         topics=topic_for(gen, idx),

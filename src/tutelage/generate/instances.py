@@ -30,9 +30,13 @@ INSTANCE_CODES = (
 )
 
 _EXAMPLE = re.compile(r"^[ \t*#]*example[ \t]*\d*[ \t]*[.:)]?[ \t*]*", re.IGNORECASE | re.MULTILINE)
-_OUTPUT = re.compile(r"^[ \t*#]*output[ \t]*\d*[ \t]*\**[ \t]*:[ \t*]*", re.IGNORECASE | re.MULTILINE)
+_OUTPUT = re.compile(
+    r"^[ \t*#]*output[ \t]*\d*[ \t]*\**[ \t]*:[ \t*]*", re.IGNORECASE | re.MULTILINE
+)
 _INPUT_LABEL = re.compile(r"^[ \t*#]*input[ \t]*\d*[ \t]*\**[ \t]*:[ \t*]*", re.IGNORECASE)
-_CLASS_LABEL = re.compile(r"^[ \t*#]*class[ \t]*label[ \t]*\**[ \t]*:[ \t*]*", re.IGNORECASE | re.MULTILINE)
+_CLASS_LABEL = re.compile(
+    r"^[ \t*#]*class[ \t]*label[ \t]*\**[ \t]*:[ \t*]*", re.IGNORECASE | re.MULTILINE
+)
 _NEXT_TASK = re.compile(r"^[ \t*#]*task[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -83,7 +87,10 @@ def parse_input_first(text: str, finish_reason: str | None) -> list[Instance]:
         task_output = chunk[marker.end() :]
         # A second input inside the output: the teacher ran two examples together.
         task_output = re.split(
-            r"^[ \t*#]*input[ \t]*\d*[ \t]*:", task_output, maxsplit=1, flags=re.IGNORECASE | re.MULTILINE
+            r"^[ \t*#]*input[ \t]*\d*[ \t]*:",
+            task_output,
+            maxsplit=1,
+            flags=re.IGNORECASE | re.MULTILINE,
         )[0]
         out.append(Instance(task_input, task_output.strip()))
     return _truncated(out, finish_reason)

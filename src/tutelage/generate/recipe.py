@@ -20,11 +20,11 @@ import jinja2
 
 from ..config import Config, ConfigError, Sampling
 from ..filter.screen import Screen, Verdict
-from ..formats import TEMPLATES, render_template
 from ..teachers.base import Request
 from ..teachers.ledger import Ledger
+from ..templating import TEMPLATE_DIR, render_template
 
-GENERATE_TEMPLATES = TEMPLATES / "generate"
+GENERATE_TEMPLATES = TEMPLATE_DIR / "generate"
 
 
 @dataclass

@@ -53,7 +53,7 @@ DEFAULT_SAMPLING = {
     "max_tokens": 1024,
 }
 DEFAULT_TASKS = 7  # items 9 to 15 after 8 demonstrations: the paper stops before "16."
-TEMPLATES = {
+TEMPLATE_FILES = {
     "prompt_template": "self_instruct/bootstrap.jinja",
     "classify_template": "self_instruct/classify.jinja",
     "input_first_template": "self_instruct/instances_input_first.jinja",
@@ -73,7 +73,7 @@ class Parsed:
 
 
 def check(config) -> None:
-    check_templates(config, TEMPLATES)
+    check_templates(config, TEMPLATE_FILES)
 
 
 def tasks_per_request(gen) -> int:
@@ -94,7 +94,7 @@ def build_request(idx: int, ctx: Context) -> Request:
     prompt = render(
         config,
         "prompt_template",
-        TEMPLATES["prompt_template"],
+        TEMPLATE_FILES["prompt_template"],
         demonstrations=demos,
         first_new=first_new,
         last=last,
@@ -202,7 +202,7 @@ async def _instances_for(instruction: str, ctx: Context):
     prompt = render(
         config,
         "classify_template",
-        TEMPLATES["classify_template"],
+        TEMPLATE_FILES["classify_template"],
         instruction=instruction,
         language=gen.language,
         chat=ctx.chat,
@@ -220,7 +220,7 @@ async def _instances_for(instruction: str, ctx: Context):
     prompt = render(
         config,
         field,
-        TEMPLATES[field],
+        TEMPLATE_FILES[field],
         instruction=instruction,
         max_instances=gen.max_instances,
         language=gen.language,

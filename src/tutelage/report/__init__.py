@@ -28,8 +28,8 @@ from markupsafe import Markup
 
 from .. import __version__
 from ..config import is_english
-from ..formats import TEMPLATES
 from ..store import Store
+from ..templating import TEMPLATE_DIR
 from .analysis import ParserMissing, empty_inputs, novelty, top_pairs, verb_objects, word_lengths
 
 STAGES = ("generate", "filter", "train", "evaluate")  # the report stage is this very page
@@ -82,7 +82,7 @@ def write_report(store: Store, run_dir: Path) -> tuple[Path, Path]:
         "loss": draw.loss_chart(training["steps"]) if training else None,
     }
     env = _environment()
-    script = (TEMPLATES / "report" / "report.js").read_text(encoding="utf-8")
+    script = (TEMPLATE_DIR / "report" / "report.js").read_text(encoding="utf-8")
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     _write(md_path, env.get_template("report.md.jinja").render(**context))
     _write(
@@ -754,7 +754,7 @@ def md_fence(text: str | None, info: str = "text") -> str:
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES / "report"),
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR / "report"),
         # *.html.jinja autoescapes; the Markdown template escapes through md_inline / md_fence.
         autoescape=jinja2.select_autoescape(enabled_extensions=("html.jinja",), default=False),
         undefined=jinja2.StrictUndefined,

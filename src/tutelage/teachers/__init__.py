@@ -52,7 +52,7 @@ def make_teacher(config: TeacherConfig) -> Teacher:
         )
         backend = "transformers"
     if backend == "llamacpp":
-        from ..models import embedded_teacher_gguf
+        from ..model_files import embedded_teacher_gguf
         from .llamacpp import LlamaCppTeacher
 
         path = (

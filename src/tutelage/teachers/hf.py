@@ -19,7 +19,8 @@ import torch
 import transformers as hf
 
 from ..config import EMBEDDED
-from ..models import ModelNotFound, cache_dir, embedded_teacher_hf, gguf_to_hf
+from ..gguf import gguf_to_hf
+from ..model_files import ModelNotFound, cache_dir, embedded_teacher_hf
 from .base import Completion, Request
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from ..models import ModelNotFound
+from ..model_files import ModelNotFound
 from .base import Completion, Request, TeacherError
 
 # OpenAI's defaults, so a request means the same on every backend (llama-cpp-python's own differ:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EMBEDDED
-from ..models import ModelNotFound
+from ..model_files import ModelNotFound
 from .base import Completion, Request, TeacherError
 
 INSTALL_HINT = (
@@ -47,7 +47,7 @@ DEFAULTS = {
 def resolve_vllm_model(model: str | Path) -> tuple[str, str]:
     """(what vLLM loads, the model's name in the ledger) for teacher.model."""
     if str(model) == EMBEDDED:
-        from ..models import embedded_teacher_hf
+        from ..model_files import embedded_teacher_hf
 
         folder = embedded_teacher_hf()
         return str(folder), folder.name
@@ -55,7 +55,8 @@ def resolve_vllm_model(model: str | Path) -> tuple[str, str]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFound(f"teacher.model: {model}: no such GGUF file")
-        from ..models import cache_dir, gguf_to_hf
+        from ..gguf import gguf_to_hf
+        from ..model_files import cache_dir
 
         folder = gguf_to_hf(path, cache_dir() / "hf" / f"{path.stem}-{path.stat().st_size}")
         return str(folder), path.name

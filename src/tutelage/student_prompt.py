@@ -7,22 +7,9 @@ template; a path to a Jinja file is a user template with `instruction` and `inpu
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
-import jinja2
-
-TEMPLATES = Path(__file__).parent / "templates"
-
-
-@cache
-def _template(path: str) -> jinja2.Template:
-    env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(Path(path).read_text(encoding="utf-8"))
-
-
-def render_template(path: Path, **values: object) -> str:
-    return _template(str(path)).render(**values)
+from .templating import TEMPLATE_DIR, render_template
 
 
 def student_prompt(instruction: str, input: str = "", style: str = "alpaca", tokenizer=None) -> str:
@@ -34,7 +21,7 @@ def student_prompt(instruction: str, input: str = "", style: str = "alpaca", tok
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-    path = TEMPLATES / "student" / f"{style}.jinja" if style == "alpaca" else Path(style)
+    path = TEMPLATE_DIR / "student" / f"{style}.jinja" if style == "alpaca" else Path(style)
     return render_template(path, instruction=instruction, input=input)
 
 

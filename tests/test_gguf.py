@@ -17,10 +17,10 @@ import transformers as tf
 from helpers import save_tiny_model
 from safetensors.torch import load_file, save_file
 
-from tutelage.export import export_model, gguf_path
-from tutelage.formats import prompt_ids, student_prompt
-from tutelage.gguf_export import ENV_VAR, ConverterNotFound, export_gguf, find_converter
-from tutelage.models import embedded_student_hf, embedded_teacher_hf
+from tutelage.export import export_model
+from tutelage.gguf import ENV_VAR, ConverterNotFound, export_gguf, find_converter, gguf_path
+from tutelage.model_files import embedded_student_hf, embedded_teacher_hf
+from tutelage.student_prompt import prompt_ids, student_prompt
 
 
 def _converter_missing() -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,3 +167,65 @@ def _last_meaningful_line(text: str) -> str:
     last = lines[-1] if lines else ""
     # "ERROR:hf-to-gguf:Model X is not supported" -> "Model X is not supported"
     return re.sub(r"^(ERROR|CRITICAL|WARNING|INFO):[\w.-]+:", "", last).strip()
+
+
+# -- GGUF in: a GGUF file as a plain HF folder ------------------------------------------------
+def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into an HF folder (fp32 safetensors plus tokenizer), once."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    # A GGUF-loaded model carries a quantization config that blocks saving; the weights are
+    # already dequantized, so rebuild a plain model from a clean config and move them over.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Only a tied output head may be absent from the file; anything else is a broken conversion.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{gguf}: cannot convert (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out_dir)  # atomic: a killed conversion never leaves a half folder in place
+    return out_dir
+
+
+# -- GGUF out: the run's student, an exported folder -----------------------------------------
+def write_student_gguf(run_dir: Path, outtype: str | None) -> dict:
+    """RUN/student.gguf from RUN/student, for llama.cpp and Ollama: the metrics to record. A
+    failed conversion is recorded, not raised: the HF student it starts from is already saved."""
+    target = run_dir / "student.gguf"
+    target.unlink(missing_ok=True)  # never a GGUF of another student beside this one
+    if outtype is None:
+        return {"gguf_type": None}
+    try:
+        export_gguf(run_dir / "student", target, outtype)
+    except (RuntimeError, ValueError, OSError) as e:
+        return {
+            "gguf_type": outtype,
+            "gguf_error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+        }
+    return {"gguf_type": outtype, "gguf": str(target)}
+
+
+def gguf_path(out: Path) -> Path:
+    """Where export_model writes the GGUF for the folder `out`: `student/` -> `student.gguf`."""
+    out = Path(out)
+    if not out.name:  # "." or "/": name it after the folder it stands for
+        out = out.resolve()
+    return out.with_name(out.name + ".gguf")

