@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither' -e 'dependency conflicts' -e 'requires llm, which' || true; }
 STAMP := $(VENV)/.installed
+# llama-cpp-python builds llama.cpp from source. Its default (-march=native) turns on AMX kernels on
+# CPUs that have them, and those crashed in every decode on a Sapphire Rapids box: build for AVX2,
+# which every x86-64 machine of the last decade runs, and which is what makes a wheel portable.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
 .PHONY: install demo test bench clean
 

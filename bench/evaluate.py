@@ -3,7 +3,8 @@
 One temporary run folder holds the first N built-in evaluation instructions (with reference
 answers) as its only set. `tutelage.evaluate.evaluate` then runs its parts in order:
 - the students answer: Gemma-3-270M as base and as "tuned" (the same weights: this measures
-  speed, not quality), greedy, batched by BATCH_SIZE, each answer also scored by reference NLL;
+  speed, not quality), greedy, batched by `evaluate.students.BATCH_SIZE`, each answer also scored
+  by reference NLL;
 - the teacher answers: SmolLM2-135M-Instruct through llama.cpp and the ledger;
 - the judge: the same teacher judges tuned:base and tuned:teacher, both orders each.
 Each part's items/s comes from the stage's own progress callbacks.
@@ -30,6 +31,7 @@ from rich.table import Table
 
 import tutelage.evaluate as ev
 from tutelage.config import Config
+from tutelage.evaluate import students as eval_students
 from tutelage.model_files import embedded_student_hf
 from tutelage.store import Store
 
@@ -67,7 +69,7 @@ def run_stage(folder: Path, args: argparse.Namespace, batch_size: int, judge: bo
         marks[part].append(now)
         counts[part] = total
 
-    ev.BATCH_SIZE = batch_size
+    eval_students.BATCH_SIZE = batch_size
     summary = ev.evaluate(
         store, config, config.run_dir, tuned_model=embedded_student_hf(), progress=progress
     )
@@ -90,7 +92,7 @@ def run_stage(folder: Path, args: argparse.Namespace, batch_size: int, judge: bo
             "judge_items": counts.get("judge", 0),
             "judge_s": seconds.get("judge"),
             "judge_failed": sum(j["status"] == "failed" for j in store.judgements()),
-            "summary": summary,
+            "summary": summary.to_detail(),
         }
     store.close()
     return out
@@ -112,7 +114,7 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory(prefix="tutelage-bench-eval-") as tmp:
-        batched = run_stage(Path(tmp) / "batched", args, ev.BATCH_SIZE, judge=True)
+        batched = run_stage(Path(tmp) / "batched", args, eval_students.BATCH_SIZE, judge=True)
         single = run_stage(Path(tmp) / "single", args, 1, judge=False)
 
     table = Table(box=box.MARKDOWN if args.markdown else box.HEAVY_HEAD)

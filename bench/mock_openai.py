@@ -31,6 +31,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 class Stats:
@@ -279,7 +283,7 @@ class MockServer:
         self.latency, self.slots, self.impl, self.jitter = latency, slots, impl, jitter
         self.capacity = slots / latency  # requests per second
 
-    def __enter__(self) -> MockServer:
+    def __enter__(self) -> Self:
         self.proc = subprocess.Popen(
             [
                 sys.executable,

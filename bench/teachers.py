@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -49,6 +50,9 @@ from mock_openai import MockServer, load
 
 from tutelage.store import Store
 from tutelage.teachers import Ledger, Request
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 # Wide enough for the tables when the output goes to a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -286,7 +290,7 @@ class DirectLlama:
     def __init__(self, threads: int = 2):
         self.threads = threads
 
-    def __enter__(self) -> DirectLlama:
+    def __enter__(self) -> Self:
         self.proc = subprocess.Popen(
             [
                 sys.executable,

@@ -10,10 +10,10 @@ Two loops on each model, same hyperparameters (batch, steps, learning rate, warm
 max_seq_len, seed, fp32, LoRA r/alpha/dropout/target modules from tutelage's defaults, --threads):
 - ours: `tutelage.train.train(store, config, run_dir)`, the rows put in a fresh store;
 - baseline: the Stanford Alpaca recipe (train.py of tatsu-lab/stanford_alpaca), written here from
-  its description: the Alpaca prompt (`tutelage.student_prompt.student_prompt`, so the prompts are the
-  same), prompt + output + EOS tokenized as one text and truncated to max_seq_len, labels -100 on
-  the prompt; a collator that pads each batch to its longest row; HF `Trainer` (random sampler, no
-  length grouping, no packing), cosine schedule, the model's own loss. The model is loaded and
+  its description: the Alpaca prompt (`tutelage.student_prompt.student_prompt`, so the prompts are
+  the same), prompt + output + EOS tokenized as one text and truncated to max_seq_len, labels -100
+  on the prompt; a collator that pads each batch to its longest row; HF `Trainer` (random sampler,
+  no length grouping, no packing), cosine schedule, the model's own loss. The model is loaded and
   LoRA-wrapped as ours does (fp32, peft, task CAUSAL_LM).
 Models: `tiny` (a 2-layer random Llama, 64 wide, SmolLM2's 49k-token vocabulary) and `student`
 (the embedded Gemma-3-270M, 262k-token vocabulary). Each (model, loop) runs in its own process.
@@ -298,18 +298,18 @@ def run_ours(path: Path, args: argparse.Namespace) -> dict:
                 "gguf": None,
             },
         )  # no GGUF export after
-        metrics = train(store, config, Path(run_dir))
-        peak = metrics.get("peak_rss_mb") or rss_mb()
+        result = train(store, config, Path(run_dir))
+        peak = result.peak_rss_mb or rss_mb()
         trained = AutoModelForCausalLM.from_pretrained(Path(run_dir) / "student")
         loss = response_loss(trained, tokenizer, held, args.max_seq_len)
-    tokens, per_s = metrics["useful_tokens"], metrics["tokens_per_s"]
+    tokens, per_s = result.useful_tokens, result.tokens_per_s
     return {
         "useful_tokens": tokens,
         "seconds": tokens / per_s,
         "tokens_per_s": per_s,
         "peak_rss_mb": peak,
         "eval_loss": loss,
-        "own_eval_loss": metrics.get("eval_loss"),
+        "own_eval_loss": result.eval_loss,
     }
 
 

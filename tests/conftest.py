@@ -35,5 +35,6 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer) -> Path:
-    """A 2-layer random Llama with the real tokenizer, as an HF folder (tests must not change it)."""
+    """A 2-layer random Llama with the real tokenizer, as an HF folder (tests must not change
+    it)."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base", tokenizer, max_positions=512)

@@ -26,6 +26,10 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 class Server(ThreadingHTTPServer):
@@ -51,7 +55,7 @@ class FaultServer:
     def hits(self) -> int:
         return len(self.requests)
 
-    def __enter__(self) -> FaultServer:
+    def __enter__(self) -> Self:
         threading.Thread(target=self._http.serve_forever, args=(0.05,), daemon=True).start()
         return self
 

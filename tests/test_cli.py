@@ -25,6 +25,7 @@ COMMANDS = [
 def tutelage(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tutelage.cli", *args],
+        check=False,
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -97,3 +98,114 @@ def test_dedup_command(tmp_path):
     assert "read 3, kept 2, rejected 1" in r.stderr
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert out == [rows[0], rows[2]]
+
+
+def test_the_cli_starts_without_the_model_libraries():
+    heavy = ("torch", "transformers", "matplotlib", "datasets", "accelerate", "peft", "spacy")
+    code = f"import sys, tutelage.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    shown = tutelage("--help")
+    assert shown.returncode == 0, shown.stderr
+    assert all(command in shown.stdout for command in COMMANDS)
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "traceback"),
+    [
+        (ValueError("no such split"), 1, False),
+        (KeyError("unexpected"), 1, True),  # not a stage's error type: always the traceback
+        (KeyboardInterrupt(), 130, False),
+    ],
+)
+@pytest.mark.parametrize("debug", [False, True])
+def test_one_line_errors_and_debug(monkeypatch, tmp_path, raised, code, traceback, debug):
+    from typer.testing import CliRunner
+
+    from tutelage import cli
+
+    def fails(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(cli, "resolve_config", fails)
+    args = ["--debug"] * debug + ["report", str(tmp_path)]
+    r = CliRunner().invoke(cli.app, args, env={"COLUMNS": "200"})
+    assert r.exit_code == code, r.output
+    shows_traceback = "Traceback" in r.output
+    if isinstance(raised, KeyboardInterrupt):
+        assert "interrupted" in r.output and not shows_traceback
+    else:
+        assert f"error: {raised}" in r.output
+        assert shows_traceback == (traceback or debug)
+
+
+def fake_stages(monkeypatch, generated):
+    """Every stage of `run` replaced by one returning a fixed declared result."""
+    from tutelage import pipeline
+    from tutelage.stage_results import EvaluateResult, FilterResult, ReportResult, TrainResult
+
+    funnel = {"generated": 3, "kept": 2, "rejected": {"too_long": 1}}
+    evaluated = EvaluateResult(
+        sets={
+            "held_out": {
+                "n_items": 2,
+                "metrics": {
+                    "rouge_l": {"tuned": {"mean": 0.5, "ci_low": 0.25, "ci_high": 0.75}},
+                    "win_rate": {"tuned": {"mean": 0.5, "ci_low": 0.0, "ci_high": 1.0}},
+                },
+            }
+        },
+        notes=["a note"],
+    )
+    results = {
+        "generate": generated,
+        "filter": FilterResult(funnel=funnel, splits={"train": 1, "valid": 1, "test": 0}),
+        "train": TrainResult(steps=4, train_loss=1.23456, gguf_error="no converter"),
+        "evaluate": evaluated,
+        "report": ReportResult(markdown="r/report.md", html="r/report.html"),
+    }
+    for name, result in results.items():
+        monkeypatch.setattr(pipeline, f"{name}_stage", lambda *a, result=result, **k: result)
+
+
+def test_run_prints_each_stage_outcome(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from tutelage.cli import app
+    from tutelage.stage_results import GenerateResult
+    from tutelage.store import Store
+
+    done = GenerateResult(kept=2, target=2, stop_reason="target", message="kept 2 of 2")
+    fake_stages(monkeypatch, done)
+    r = CliRunner().invoke(app, ["run", "-r", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for line in (
+        "generate: kept 2 of 2",
+        "filter: 3 generated, 2 kept (train 1, valid 1, test 0); rejected: too_long 1",
+        "train: steps 4, train_loss 1.235",
+        "warning: no student.gguf: no converter",
+        "note: a note",
+        "report: r/report.html  r/report.md",
+    ):
+        assert line in r.output
+    assert "0.500 [0.250, 0.750]" in r.output and "50% [0%, 100%]" in r.output
+    with Store(tmp_path / "run") as store:
+        stages = store.stages()
+    assert {name: row["status"] for name, row in stages.items()} == {
+        name: "done" for name in ("generate", "filter", "train", "evaluate", "report")
+    }
+    assert stages["train"]["result"].train_loss == 1.23456
+
+
+def test_run_stops_when_generation_kept_nothing(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from tutelage.cli import app
+    from tutelage.stage_results import GenerateResult
+
+    fake_stages(monkeypatch, GenerateResult(stop_reason="stalled", message="kept 0 of 2"))
+    r = CliRunner().invoke(app, ["run", "-r", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    assert r.exit_code == 1, r.output
+    assert "generate: kept 0 of 2" in r.output and "generation kept no task" in r.output
+    assert "filter:" not in r.output

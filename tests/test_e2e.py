@@ -42,7 +42,11 @@ CONFIG = textwrap.dedent("""
 
 def tutelage(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tutelage.cli", *args], capture_output=True, text=True, **kw
+        [sys.executable, "-m", "tutelage.cli", *args],
+        capture_output=True,
+        text=True,
+        **kw,
+        check=False,
     )
 
 
@@ -148,13 +152,16 @@ def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
         [
             sys.executable,
             "-c",
-            "import sys; from transformers import AutoModelForCausalLM as M; "
-            f"m = M.from_pretrained({str(run / 'student')!r}); "
-            "assert 'tutelage' not in sys.modules; print(m.config.model_type)",
+            (
+                "import sys; from transformers import AutoModelForCausalLM as M; "
+                f"m = M.from_pretrained({str(run / 'student')!r}); "
+                "assert 'tutelage' not in sys.modules; print(m.config.model_type)"
+            ),
         ],
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=False,
     )
     assert probe.returncode == 0 and "gemma" in probe.stdout, probe.stderr[-2000:]
 
@@ -165,13 +172,16 @@ def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
         [
             sys.executable,
             "-c",
-            "from llama_cpp import Llama; "
-            f"m = Llama({str(run / 'student.gguf')!r}, n_ctx=256, verbose=False); "
-            "print(m.n_vocab(), len(m('### Instruction:\\nSay hi.\\n\\n### Response:\\n', "
-            "max_tokens=4, temperature=0)['choices'][0]['text']) >= 0)",
+            (
+                "from llama_cpp import Llama; "
+                f"m = Llama({str(run / 'student.gguf')!r}, n_ctx=256, verbose=False); "
+                "print(m.n_vocab(), len(m('### Instruction:\\nSay hi.\\n\\n### Response:\\n', "
+                "max_tokens=4, temperature=0)['choices'][0]['text']) >= 0)"
+            ),
         ],
         capture_output=True,
         text=True,
+        check=False,
     )
     assert served.returncode == 0 and served.stdout.split() == ["262144", "True"], served.stderr[
         -2000:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from transformers import AutoTokenizer
 
 from tutelage import evaluate as ev
 from tutelage.config import Config
+from tutelage.evaluate import students
 from tutelage.model_files import embedded_teacher_hf
 from tutelage.store import Store
 from tutelage.student_prompt import student_prompt
@@ -60,9 +63,10 @@ def make_run(tmp_path: Path, tiny: dict[str, Path], sets: list[Path] = ()) -> tu
 
 
 def count_calls(monkeypatch, name: str) -> list:
+    """Count the stage's calls of one of the students' functions."""
     calls = []
-    original = getattr(ev, name)
-    monkeypatch.setattr(ev, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = getattr(students, name)
+    monkeypatch.setattr(students, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 
@@ -194,16 +198,16 @@ def test_evaluate_scores_resumes_and_refreshes_a_changed_tuned_model(tmp_path, t
     assert len(generations) == 2  # batches mix sets: one batch of 6 items per model
     assert ticks == [(6, 12, "base"), (12, 12, "tuned")]
     tuned = config.run_dir / "student"
-    assert summary["models"] == {"base": str(tiny["base"]), "tuned": str(tuned)}
-    held_out, extra_set = summary["sets"]["held_out"], summary["sets"]["extra-set"]
+    assert summary.models == {"base": str(tiny["base"]), "tuned": str(tuned)}
+    held_out, extra_set = summary.sets["held_out"], summary.sets["extra-set"]
     assert held_out["n_items"] == 4 and extra_set["n_items"] == 2
-    assert set(held_out["metrics"]) == {"rouge_l", "nll", "answer_words"}
+    assert set(held_out["metrics"]) == {"rouge_l", "nll", "answer_words", "refusal"}
     for by_role in held_out["metrics"].values():
         assert set(by_role) == {"base", "tuned", "delta"}
         for ci in by_role.values():
             assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"] and ci["n"] == 4
-    # No reference: no rouge_l or nll, only the answer length.
-    assert set(extra_set["metrics"]) == {"answer_words"}
+    # No reference: no rouge_l or nll, only the answer's length and whether it refuses.
+    assert set(extra_set["metrics"]) == {"answer_words", "refusal"}
 
     items = {(r["set_name"], r["item_key"], r["model_role"]): r for r in store.eval_items()}
     assert len(items) == 12
@@ -220,9 +224,9 @@ def test_evaluate_scores_resumes_and_refreshes_a_changed_tuned_model(tmp_path, t
     assert nll["delta"]["mean"] == pytest.approx(nll["tuned"]["mean"] - nll["base"]["mean"])
 
     written = json.loads((config.run_dir / "evaluation.json").read_text())
-    assert written == json.loads(json.dumps(summary))
+    assert written == json.loads(json.dumps(summary.to_detail()))
     rows = {(r["set_name"], r["model_role"], r["metric"]): r for r in store.eval_summary()}
-    assert len(rows) == 3 * 3 + 3  # held_out: 3 metrics x 3 roles; extra-set: answer_words x 3
+    assert len(rows) == 4 * 3 + 2 * 3  # held_out: 4 metrics x 3 roles; extra-set: 2 x 3
     assert rows["held_out", "delta", "nll"]["value"] == pytest.approx(nll["delta"]["mean"])
 
     # Resume: nothing new to answer, so no model is even loaded, and the summary is the same.
@@ -247,9 +251,9 @@ def test_without_a_tuned_model_only_the_base_is_evaluated(tmp_path, tiny):
     ev.evaluate(store, config, config.run_dir)
     shutil.rmtree(config.run_dir / "student")
     summary = ev.evaluate(store, config, config.run_dir)
-    assert list(summary["models"]) == ["base"]
-    assert any("no tuned student" in note for note in summary["notes"])
-    assert set(summary["sets"]["held_out"]["metrics"]["nll"]) == {"base"}
+    assert list(summary.models) == ["base"]
+    assert any("no tuned student" in note for note in summary.notes)
+    assert set(summary.sets["held_out"]["metrics"]["nll"]) == {"base"}
     assert {r["model_role"] for r in store.eval_items()} == {"base"}
     assert {r["model_role"] for r in store.eval_summary()} == {"base"}
 
@@ -268,7 +272,7 @@ def test_builtin_set_is_cut_to_its_limit(tmp_path, tiny, monkeypatch):
             for i in range(5)
         )
     )
-    monkeypatch.setattr(ev, "BUILTIN_SET", builtin)
+    monkeypatch.setattr("tutelage.evaluate.sets.BUILTIN_SET", builtin)
     store, config = make_run(tmp_path, tiny)
     config.evaluation.builtin_set, config.evaluation.builtin_limit = True, 2
     assert [i.instruction for i in ev.eval_sets(store, config)["builtin"]] == ["Task 0.", "Task 1."]
@@ -331,12 +335,12 @@ def test_teacher_answers_and_pairs_are_judged_in_both_orders(tmp_path, tiny):
     vs_teacher = [j for j in judged if j["subject"] == "tuned:teacher"]
     assert all(j["score"] == 0.0 and j["detail"]["consistent"] for j in vs_teacher)
     assert all(len(j["detail"]["orders"]) == 2 for j in judged)
-    metrics = summary["sets"]["held_out"]["metrics"]
+    metrics = summary.sets["held_out"]["metrics"]
     assert metrics["win_rate"]["tuned:teacher"]["mean"] == 0.0
     assert (
         set(metrics["win_rate"]) == set(metrics["lc_win_rate"]) == {"tuned:base", "tuned:teacher"}
     )
-    assert summary["judge"] == "llamacpp:embedded" and summary["models"]["teacher"]
+    assert summary.judge == "llamacpp:embedded" and summary.models["teacher"]
     # Every judge request went through the ledger, both orders of every pair of every item.
     by_purpose = {r["purpose"]: r["requests"] for r in store.request_totals_by_purpose()}
     assert by_purpose["judge"] == 2 * 2 * len(EXAMPLES)
@@ -355,7 +359,7 @@ def test_unparseable_verdicts_are_failures_not_losses(tmp_path, tiny):
     judged = store.judgements("held_out", "pairwise")
     assert [j["status"] for j in judged] == ["failed"] * len(EXAMPLES)
     assert all(j["score"] is None for j in judged)
-    rate = summary["sets"]["held_out"]["metrics"]["win_rate"]["tuned:base"]
+    rate = summary.sets["held_out"]["metrics"]["win_rate"]["tuned:base"]
     assert (rate["n_failed"], rate["n"], rate["wins"], rate["losses"]) == (len(EXAMPLES), 0, 0, 0)
     assert rate["mean"] is None
     assert len(teacher.prompts) == len(EXAMPLES) * 2 * 2  # each order asked, then retried once
@@ -367,12 +371,87 @@ def test_rubric_grades_and_a_new_judge_judges_again(tmp_path, tiny):
     summary = ev.evaluate(store, config, config.run_dir, teacher=ScriptedTeacher(grade="A"))
     graded = store.judgements("held_out", "rubric")
     assert {(j["subject"], j["grade"]) for j in graded} == {("base", "A"), ("tuned", "A")}
-    acceptable = summary["sets"]["held_out"]["metrics"]["rubric_acceptable"]
+    acceptable = summary.sets["held_out"]["metrics"]["rubric_acceptable"]
     assert acceptable["tuned"]["mean"] == 1.0 and acceptable["tuned"]["shares"]["A"] == 1.0
     # Another judge: the stored grades are stale and are all asked again.
     config.evaluation.judge = {"backend": "llamacpp", "model": str(tmp_path / "other.gguf")}
     ev.evaluate(store, config, config.run_dir, judge=ScriptedTeacher(grade="D"))
     assert {j["grade"] for j in store.judgements("held_out", "rubric")} == {"D"}
+
+
+REFUSAL = "I'm sorry, but as an AI language model I cannot help with that."
+
+
+class RefusingTeacher(ScriptedTeacher):
+    """Answers like ScriptedTeacher, but refuses to translate."""
+
+    async def complete(self, requests):
+        out = await super().complete(requests)
+        for r, completion in zip(requests, out):
+            if "Translate" in (r.prompt if r.prompt is not None else r.messages[-1][1]):
+                completion.text = REFUSAL
+        return out
+
+
+def test_refusals_are_counted_per_model_with_a_paired_delta(tmp_path, tiny, monkeypatch):
+    store, config = make_run(tmp_path, tiny)
+    config.evaluation.include_teacher = True
+    config.evaluation.pairs = []
+    original = students.generate_answers
+
+    def scripted(model, tokenizer, prompts, style, max_new_tokens):
+        """The tuned student (loaded from run/student) refuses colours and sums; the base never."""
+        answers = original(model, tokenizer, prompts, style, max_new_tokens)
+        if not str(model.name_or_path).endswith("student"):
+            return answers
+        refuses = ("colour", "numbers")
+        return [REFUSAL if any(w in p for w in refuses) else a for p, a in zip(prompts, answers)]
+
+    monkeypatch.setattr(students, "generate_answers", scripted)
+    summary = ev.evaluate(store, config, config.run_dir, teacher=RefusingTeacher())
+
+    stored = {(r["instruction"], r["model_role"]): r for r in store.eval_items("held_out")}
+    refused = {k for k, r in stored.items() if r["scores"]["refusal"] == 1.0}
+    assert refused == {
+        ("Name a primary colour.", "tuned"),
+        ("Add the numbers.", "tuned"),
+        ("Translate to French.", "teacher"),
+    }
+    assert all(r["scores"]["refusal"] == 0.0 for k, r in stored.items() if k not in refused)
+    refusal = summary.sets["held_out"]["metrics"]["refusal"]
+    assert {role: ci["mean"] for role, ci in refusal.items()} == {
+        "base": 0.0,
+        "tuned": 0.5,
+        "teacher": 0.25,
+        "delta": 0.5,
+    }
+    assert refusal["tuned"]["ci_low"] <= 0.5 <= refusal["tuned"]["ci_high"]
+    assert refusal["tuned"]["n"] == len(EXAMPLES)
+
+    from tutelage.report.page import METRIC_DESCRIPTIONS, _verdict
+
+    about, better = METRIC_DESCRIPTIONS["refusal"]
+    assert "refuse" in about and better == "lower"
+    # The report calls more refusals after tuning worse.
+    assert _verdict({"mean": 0.5, "ci_low": 0.25, "ci_high": 0.75}, better) == "worse"
+
+
+def test_answers_stored_before_the_refusal_score_still_summarise(tmp_path, tiny):
+    store, config = make_run(tmp_path, tiny)
+    sets = ev.eval_sets(store, config)
+    item = sets["held_out"][0]
+    # Rows as an evaluation from before the refusal score stored them: no "refusal" key.
+    for role, answer in (("base", "Red is a colour."), ("tuned", REFUSAL)):
+        scores = {"rouge_l": 0.5, "nll": 2.0, "n_ref_tokens": 3}
+        store.put_eval_item(
+            "held_out", item.key, role, item.instruction, item.input, item.reference, answer, scores
+        )
+    table = ev.summarise(store, {"held_out": [item]}, ["base", "tuned"], [], config)
+    metrics = table["held_out"]["metrics"]
+    assert metrics["rouge_l"]["delta"]["mean"] == 0.0 and metrics["nll"]["base"]["mean"] == 2.0
+    # The rule is applied to the stored text, the same rule new answers are scored by.
+    assert metrics["refusal"]["base"]["mean"] == 0.0 and metrics["refusal"]["tuned"]["mean"] == 1.0
+    assert metrics["refusal"]["delta"]["mean"] == 1.0
 
 
 def test_compare_two_runs_item_by_item(tmp_path, tiny):
@@ -419,3 +498,13 @@ def test_compare_two_runs_item_by_item(tmp_path, tiny):
         app, ["evaluate", "--compare", str(tmp_path), str(runs[1])], env={"COLUMNS": "400"}
     )
     assert missing.exit_code == 2 and "not a run folder" in missing.output
+
+
+def test_compare_and_stats_load_no_model_library():
+    """`tutelage evaluate --compare` only reads stored answers: it must not pay for torch."""
+    code = (
+        "import sys, tutelage.evaluate.compare, tutelage.evaluate.stats; "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -107,7 +108,8 @@ def test_alpaca_list_and_jsonl(tmp_path):
     assert load_seeds(a)[0]["instances"] == [{"input": "2 3", "output": "5"}]
     j = tmp_path / "b.jsonl"
     j.write_text(
-        '{"instruction": "Say hi.", "output": "Hi!"}\n\n{"instruction": "Say bye.", "output": "Bye."}\n'
+        '{"instruction": "Say hi.", "output": "Hi!"}\n\n'
+        '{"instruction": "Say bye.", "output": "Bye."}\n'
     )
     assert [s["instruction"] for s in load_seeds(j)] == ["Say hi.", "Say bye."]
 
@@ -208,7 +210,8 @@ def test_batch_is_atomic_and_funnel_counts(tmp_path):
             ],
         )
         _finish(s, "k1")
-        with pytest.raises(Exception):  # the same batch index twice: nothing of it may land
+        # the same batch index twice: nothing of it may land
+        with pytest.raises(sqlite3.IntegrityError):
             s.put_batch(0, "k1", "alpaca", [_record("other task here")])
         assert s.funnel() == {
             "generated": 3,

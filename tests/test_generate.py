@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
+from typing import get_args
 
 import pytest
 
-from tutelage.config import ConfigError, load_config
+from tutelage.config import ConfigError, GenerationConfig, load_config
 from tutelage.filter.quality import QualityRules
-from tutelage.generate import alpaca, generate, self_instruct
+from tutelage.filter.screen import screen_for
+from tutelage.generate import RECIPES, Recipe, alpaca, generate, self_instruct
 from tutelage.generate.instances import (
     Instance,
     filter_instances,
@@ -19,8 +22,7 @@ from tutelage.generate.instances import (
     parse_output_first,
 )
 from tutelage.generate.recipe import Context
-from tutelage.filter.screen import screen_for
-from tutelage.pipeline import filter_stage, open_run
+from tutelage.pipeline import open_run
 from tutelage.teachers.base import Completion, TeacherError
 
 
@@ -51,7 +53,8 @@ def test_parse_continued_completion_with_drifting_numbers():
 
 def test_parse_chat_answer_without_separators_or_input():
     text = (
-        "Sure! Here are the tasks.\n1. Instruction: Define entropy.\n1. Output: A measure of disorder.\n"
+        "Sure! Here are the tasks.\n"
+        "1. Instruction: Define entropy.\n1. Output: A measure of disorder.\n"
         "2. Instruction: Translate 'cat' to French.\n2. Input: cat\n2. Output: chat\n"
     )
     tasks = alpaca.parse(text, "stop", continued=False, first_number=4)
@@ -87,6 +90,28 @@ def test_request_depends_only_on_seed_and_index():
     assert a.params()["temperature"] == 1.0  # Alpaca's default when the config sets none
     chat = alpaca.build_request(3, context(cfg, seeds, chat=True))
     assert chat.is_chat and chat.messages[0][1] == a.prompt
+
+
+def test_every_recipe_provides_the_whole_protocol():
+    """Checked against `Recipe` itself: a member added to the protocol fails a recipe without it."""
+    members = {name for name in [*Recipe.__annotations__, *vars(Recipe)] if name[0] != "_"}
+    assert {"NAME", "check", "build_request", "screen", "finish", "in_pool"} <= members
+    # every recipe name the configuration accepts is registered
+    assert set(RECIPES) == set(get_args(GenerationConfig.model_fields["recipe"].annotation))
+    for name, recipe in RECIPES.items():
+        assert recipe.NAME == name
+        for member in sorted(members):
+            assert hasattr(recipe, member), f"recipe {name} lacks {member}"
+            declared = getattr(Recipe, member, None)
+            if not callable(declared):
+                continue
+            own = getattr(recipe, member)
+            assert inspect.iscoroutinefunction(own) == inspect.iscoroutinefunction(declared), (
+                name,
+                member,
+            )
+            expected = list(inspect.signature(declared).parameters)[1:]  # less `self`
+            assert list(inspect.signature(own).parameters) == expected, (name, member)
 
 
 # -- the loop, with a scripted teacher ----------------------------------------------------------
@@ -178,7 +203,7 @@ def test_every_reason_code_is_stored_with_a_record(cfg, chat):
     funnel = store.funnel()
     for reason in [*REASON_BLOCKS, "rouge_duplicate", "parse_error"]:
         assert funnel["rejected"].get(reason) == 1, (reason, funnel)
-    dup = [r for r in store.examples(status="rejected") if r["reason"] == "rouge_duplicate"][0]
+    dup = next(r for r in store.examples(status="rejected") if r["reason"] == "rouge_duplicate")
     assert dup["nearest"] == "Describe w0 w1 w2 w3 carefully." and dup["nearest_score"] == 1.0
 
 
@@ -243,24 +268,11 @@ def test_stall_stops_with_a_clear_message(cfg):
     assert store.batch_stats()["batches"] == 3
 
 
-def test_filter_stage_redecides_and_splits(cfg):
-    store = open_run(cfg)
-    cfg.generation.target = 30
-    generate(store, cfg, ScriptedTeacher([unique_blocks(i) for i in range(30)]))
-    before = store.funnel()
-    detail = filter_stage(store, cfg)
-    assert store.funnel() == before  # same settings, same decisions
-    s = detail["splits"]
-    assert s["test"] == 3 and s["valid"] == 2 and s["train"] == before["kept"] - 5
-    assert {e["split"] for e in store.examples()} == {"train", "valid", "test"}
-    cfg.filter.rouge_threshold = 0.3  # stricter: fewer kept, reasons recorded
-    filter_stage(store, cfg)
-    assert store.funnel()["kept"] < before["kept"]
-    assert store.funnel()["rejected"]["rouge_duplicate"] > 0
-
-
 def test_parse_tolerates_markdown_bold_and_repeated_numbers():
-    text = "**5. Instruction:** 5. Name a primary colour.\n**5. Input:** <noinput>\n**5. Output:** Red.\n"
+    text = (
+        "**5. Instruction:** 5. Name a primary colour.\n"
+        "**5. Input:** <noinput>\n**5. Output:** Red.\n"
+    )
     (task,) = alpaca.parse(text, "stop", continued=False, first_number=4)
     assert (task.instruction, task.input, task.output, task.error) == (
         "Name a primary colour.",
@@ -353,7 +365,10 @@ def test_instance_parsers():
     # a chat teacher repeating the task; no Example header; a next task it started itself
     text = "Task: Name a colour.\nOutput: Blue\n\nTask: Something else\nOutput: x"
     assert [(i.input, i.output) for i in parse_input_first(text, "stop")] == [("", "Blue")]
-    text = "Class label: Spam\nInput: WIN NOW\nClass label: Not spam\nEmail: lunch at 1?\nClass label: Sp"
+    text = (
+        "Class label: Spam\nInput: WIN NOW\nClass label: Not spam\nEmail: lunch at 1?\n"
+        "Class label: Sp"
+    )
     got = [(i.input, i.output, i.reason) for i in parse_output_first(text, "length")]
     assert got == [
         ("WIN NOW", "Spam", None),
@@ -575,7 +590,7 @@ def test_self_instruct_stores_every_piece_with_a_reason(si_cfg, chat):
     assert funnel["rejected"]["no_valid_instances"] == 1  # the counting task: conflicting outputs
     if not chat:  # an empty item "17." after the list
         assert funnel["rejected"]["parse_error"] == 1
-    dup = [r for r in store.rejected_samples() if r["reason"] == "rouge_duplicate"][0]
+    dup = next(r for r in store.rejected_samples() if r["reason"] == "rouge_duplicate")
     assert dup["nearest"] == "Describe w0 w1 w2 w3 carefully." and dup["nearest_score"] == 1.0
 
     instances = store.instance_funnel()["rejected"]
@@ -886,20 +901,6 @@ def test_self_instruct_on_the_embedded_teacher(tmp_path):
     assert dataset(twin_store) == dataset(store) != []
 
 
-def test_filter_stage_keeps_self_instruct_decisions_and_splits_by_instruction(si_cfg):
-    si_cfg.generation.target = 8
-    store = open_run(si_cfg)
-    generate(store, si_cfg, SelfInstructTeacher(si_lists(), INSTANCE_ANSWERS))
-    before, examples = store.funnel(), dataset(store)
-    assert before["rejected"] == {"no_valid_instances": 1, "rouge_duplicate": 1}
-    filter_stage(store, si_cfg)
-    assert store.funnel() == before and dataset(store) == examples  # same settings, same data
-    splits: dict[str, set] = {}
-    for e in store.examples():
-        splits.setdefault(e["instruction"], set()).add(e["split"])
-    assert all(len(s) == 1 and None not in s for s in splits.values())  # every instance, one split
-
-
 def test_self_instruct_budget_stops_before_the_cap_and_a_raised_cap_goes_on(si_cfg, tmp_path):
     from tutelage.config import Price
 
@@ -924,3 +925,262 @@ def test_self_instruct_budget_stops_before_the_cap_and_a_raised_cap_goes_on(si_c
     assert more.stop_reason == "target"
     assert teacher.calls == total  # nothing paid for was asked again
     assert dataset(store) == dataset(reference)
+
+
+# -- answers in chat mode (generation.answer: chat), the responder, one budget ------------------
+def chat_reply(user: str):
+    """A re-answer by what the user asked: refusals and cut answers on demand."""
+    if "tennis" in user or "offside" in user:
+        return "I'm sorry, but I can't help with that."
+    if user.endswith("\n\ntwo"):
+        return ("The rivers of Spain are", "length")
+    return f"A chat answer to: {user}"
+
+
+class ReAnsweringTeacher(ScriptedTeacher):
+    """ScriptedTeacher for the list prompts; a chat request (a re-answer) gets reply(user turn).
+    Records the chat requests; `closed` says whether the loop closed it."""
+
+    def __init__(self, script, reply=chat_reply, model="scripted-1", **kw):
+        super().__init__(script, **kw)
+        self.reply, self.model = reply, model
+        self.chat_requests: list = []
+        self.closed = False
+
+    async def complete(self, requests):
+        out = []
+        for r in requests:
+            if not r.is_chat:
+                out += await super().complete([r])
+                continue
+            self.calls += 1
+            self.chat_requests.append(r)
+            answer = self.reply(r.messages[-1][1])
+            text, finish = answer if isinstance(answer, tuple) else (answer, "stop")
+            await asyncio.sleep(0.001)
+            out.append(Completion(text=text, finish_reason=finish, tokens_in=10, tokens_out=20))
+        return out
+
+    async def aclose(self):
+        self.closed = True
+
+
+def chat_request(user: str):
+    from tutelage.teachers.base import Request
+
+    return Request.make(
+        messages=[{"role": "user", "content": user}],
+        sampling={"temperature": 0.0, "max_tokens": 1024},  # generation.answer_sampling
+    )
+
+
+ALPACA_CHAT = [
+    block(4, "Describe w0 w1 w2 w3 carefully.")
+    + block(5, "Explain the rules of tennis to a child.", output="")  # no list output: fine now
+    + block(6, "Summarise the story of Hamlet in two lines.", "Act one: a ghost.", "list output")
+    + block(7, "Explain the rules of tennis to a child!")  # repeats the refused one
+    + block(8, "Summarise it."),  # too_short: the instruction rules still apply
+    unique_blocks(5, 1) + block(5, "Explain the rules of tennis to a child?"),
+]
+
+
+def test_alpaca_chat_answers_replace_the_list_outputs(cfg):
+    cfg.generation.answer = "chat"
+    cfg.generation.target = 2
+    store = open_run(cfg)
+    teacher = ReAnsweringTeacher(ALPACA_CHAT)
+    result = generate(store, cfg, teacher)
+    assert result.stop_reason == "target" and result.kept == 2
+    hamlet = "Summarise the story of Hamlet in two lines.\n\nAct one: a ghost."
+    users = ["Describe w0 w1 w2 w3 carefully.", "Explain the rules of tennis to a child.", hamlet]
+    assert teacher.chat_requests == [chat_request(u) for u in users]  # the tasks that passed
+    assert {r["purpose"]: r["requests"] for r in store.request_totals_by_purpose()} == {
+        "generate": 1,
+        "answer": 3,
+    }
+    assert dataset(store) == [
+        (
+            "Describe w0 w1 w2 w3 carefully.",
+            "",
+            "A chat answer to: Describe w0 w1 w2 w3 carefully.",
+        ),
+        (
+            "Summarise the story of Hamlet in two lines.",
+            "Act one: a ghost.",
+            f"A chat answer to: {hamlet}",
+        ),
+    ]
+    assert store.funnel()["rejected"] == {"refusal": 1, "rouge_duplicate": 1, "too_short": 1}
+    refused = next(r for r in store.rejected_samples() if r["reason"] == "refusal")
+    assert refused["output"] == "I'm sorry, but I can't help with that."
+
+    # The refused task's instruction passed the filter: after a resume it is still in the pool.
+    cfg.generation.target = 3
+    generate(store, cfg, ReAnsweringTeacher(ALPACA_CHAT))
+    dups = [r for r in store.rejected_samples(per_reason=9) if r["reason"] == "rouge_duplicate"]
+    assert [d["nearest"] for d in dups] == ["Explain the rules of tennis to a child."] * 2
+
+
+def test_the_list_answer_mode_asks_nothing_in_chat(cfg):
+    cfg.generation.target = 2
+    store = open_run(cfg)
+    teacher = ReAnsweringTeacher(ALPACA_CHAT)
+    generate(store, cfg, teacher)
+    assert teacher.chat_requests == []
+    assert store.funnel()["rejected"]["empty_output"] == 1  # the list's empty output counts
+
+
+class SelfInstructReAnswering(SelfInstructTeacher):
+    """SelfInstructTeacher whose chat requests (the re-answers) get chat_reply."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.chat_users: list[str] = []
+
+    def answer(self, request):
+        if request.is_chat:
+            self.chat_users.append(request.messages[-1][1])
+            return chat_reply(request.messages[-1][1])
+        return super().answer(request)
+
+
+def test_self_instruct_chat_answers_replace_each_kept_instance_output(si_cfg):
+    si_cfg.generation.answer = "chat"
+    si_cfg.generation.target = 2
+    tasks = [
+        "Describe the rivers of Spain to me.",
+        "Assign a label to the given colour.",  # a classification task: output first
+        "Explain the offside rule in football.",
+    ]
+    store = open_run(si_cfg)
+    teacher = SelfInstructReAnswering([as_list(tasks, chat=False)])
+    result = generate(store, si_cfg, teacher)
+    assert result.stop_reason == "target" and result.kept == 2
+    pairs = {"Describe the rivers of Spain to me.": ["one", "two"]}
+    pairs["Assign a label to the given colour."] = ["fine", "awful"]
+    pairs["Explain the offside rule in football."] = ["one", "two"]
+    assert sorted(teacher.chat_users) == sorted(
+        f"{t}\n\n{i}" for t, ins in pairs.items() for i in ins
+    )
+    rivers, label = tasks[0], tasks[1]
+    assert dataset(store) == [
+        (rivers, "one", f"A chat answer to: {rivers}\n\none"),
+        (label, "fine", f"A chat answer to: {label}\n\nfine"),
+        (label, "awful", f"A chat answer to: {label}\n\nawful"),
+    ]
+    assert store.funnel()["rejected"] == {"no_valid_instances": 1}
+    assert store.instance_funnel()["rejected"] == {"unfinished": 1, "refusal": 2}
+    purposes = {r["purpose"]: r["requests"] for r in store.request_totals_by_purpose()}
+    assert purposes == {"generate": 1, "classify": 3, "instances": 3, "answer": 6}
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason", "advice"),
+    [
+        (lambda user: "Sorry, I cannot do that.", "refusal", "generation.system_prompt"),
+        (lambda user: ("Here is the start", "length"), "unfinished", "answer_sampling.max_tokens"),
+    ],
+)
+def test_stalled_chat_answers_get_their_own_advice(cfg, reply, reason, advice):
+    cfg.generation.answer = "chat"
+    cfg.generation.stall_requests = 2
+    store = open_run(cfg)
+    result = generate(store, cfg, ReAnsweringTeacher([unique_blocks(i) for i in range(9)], reply))
+    assert result.stop_reason == "stalled"
+    assert f"Most were {reason} (6)" in result.message and advice in result.message
+    # and a resumed run counts the same stretch as idle: it stops at once
+    again = generate(store, cfg, ReAnsweringTeacher([unique_blocks(i) for i in range(9)], reply))
+    assert again.stop_reason == "stalled" and again.new_requests == 0
+
+
+@pytest.fixture
+def responder_cfg(cfg):
+    from tutelage.config import Price, TeacherConfig
+
+    cfg.generation.answer = "chat"
+    cfg.generation.responder = TeacherConfig(
+        backend="openai", model="responder-1", price=Price(input=0.0, output=500.0)
+    )
+    cfg.teacher.price = Price(input=0.0, output=1000.0)
+    cfg.teacher.sampling.max_tokens = 20  # at worst $0.02 a list request, as it costs
+    cfg.generation.answer_sampling.max_tokens = 20  # at worst $0.01 an answer, as it costs
+    return cfg
+
+
+def request_rows(store) -> list[dict]:
+    return store._all("SELECT model, purpose, cost_usd FROM requests ORDER BY created_at")
+
+
+def test_the_responder_writes_the_answers_through_its_own_ledger(responder_cfg):
+    store = open_run(responder_cfg)
+    teacher = ReAnsweringTeacher([unique_blocks(i) for i in range(9)])
+    responder = ReAnsweringTeacher([], model="responder-1")
+    result = generate(store, responder_cfg, teacher, responder=responder)
+    assert result.stop_reason == "target" and result.kept == 12
+    assert teacher.chat_requests == [] and len(responder.chat_requests) == 12
+    first = responder.chat_requests[0]
+    assert first.messages == (("user", "Describe w0 w1 w2 w3 carefully."),)
+    assert first.params() == {"temperature": 0.0, "max_tokens": 20}  # answer_sampling
+    rows = request_rows(store)
+    answers = [r for r in rows if r["purpose"] == "answer"]
+    assert {r["model"] for r in answers} == {"responder-1"} and len(answers) == 12
+    assert all(r["cost_usd"] == pytest.approx(0.01) for r in answers)  # its own price
+    mains = [r for r in rows if r["purpose"] == "generate"]
+    assert {r["model"] for r in mains} == {"scripted-1"}
+    assert all(r["cost_usd"] == pytest.approx(0.02) for r in mains)
+    assert result.cost_usd == pytest.approx(4 * 0.02 + 12 * 0.01)
+    assert teacher.closed and responder.closed
+
+
+def test_one_budget_caps_the_teacher_and_the_responder_together(responder_cfg, tmp_path):
+    twin = responder_cfg.model_copy(deep=True)
+    twin.run_dir = tmp_path / "reference"
+    reference = open_run(twin)
+    teacher = ReAnsweringTeacher([unique_blocks(i) for i in range(9)])
+    generate(reference, twin, teacher, responder=ReAnsweringTeacher([], model="responder-1"))
+    responder_cfg.generation.budget_usd = 0.135
+    store = open_run(responder_cfg)
+    teacher = ReAnsweringTeacher([unique_blocks(i) for i in range(9)])
+    responder = ReAnsweringTeacher([], model="responder-1")
+    stopped = generate(store, responder_cfg, teacher, responder=responder)
+    assert stopped.stop_reason == "budget", stopped.message
+    rows = request_rows(store)
+    spent = {
+        m: sum(r["cost_usd"] for r in rows if r["model"] == m)
+        for m in ("scripted-1", "responder-1")
+    }
+    # the teacher alone spent $0.06, far below the cap: the responder's $0.07 counted too
+    assert spent == pytest.approx({"scripted-1": 0.06, "responder-1": 0.07})
+    assert stopped.cost_usd == pytest.approx(0.13) and stopped.cost_usd <= 0.135
+
+    responder_cfg.generation.budget_usd = 10.0
+    more = generate(store, responder_cfg, teacher, responder=responder)
+    assert more.stop_reason == "target"
+    assert teacher.calls + responder.calls == reference.request_totals()["requests"]
+    assert dataset(store) == dataset(reference)
+
+
+def test_ledgers_on_one_account_share_its_cap(tmp_path):
+    from tutelage.config import Price
+    from tutelage.store import Store
+    from tutelage.teachers.base import Request
+    from tutelage.teachers.ledger import Account, BudgetExceeded, Ledger
+
+    async def spend():
+        with Store(tmp_path / "run") as store:
+            account = Account(store, budget_usd=0.05)
+            price = Price(input=0.0, output=1000.0)
+            a = Ledger(ScriptedTeacher(["x"]), store, price=price, account=account)
+            b = Ledger(
+                ReAnsweringTeacher(["y"], model="other"), store, price=price, account=account
+            )
+            ask = Request.make(prompt="q", sampling={"max_tokens": 20})
+            await a.complete(ask)
+            await b.complete(ask)  # another model: another request, on the same account
+            assert a.spent_usd == b.spent_usd == pytest.approx(0.04)
+            with pytest.raises(BudgetExceeded):  # $0.04 spent + $0.02 at worst > $0.05
+                await b.complete(Request.make(prompt="q2", sampling={"max_tokens": 20}))
+            with pytest.raises(ValueError, match="shared account carries the budget"):
+                Ledger(ScriptedTeacher([]), store, account=account, budget_usd=1.0)
+
+    asyncio.run(spend())

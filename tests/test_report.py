@@ -7,6 +7,8 @@ import hashlib
 import json
 import re
 import struct
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,6 +16,13 @@ import pytest
 from browser import open_page, require_chromium
 
 from tutelage.report import md_fence, md_inline, write_report
+from tutelage.stage_results import (
+    EvaluateResult,
+    FilterResult,
+    GenerateResult,
+    StageFailed,
+    TrainResult,
+)
 from tutelage.store import Store
 
 # Markup a model might write: run, each would set window.pwned (the browser test looks).
@@ -122,9 +131,14 @@ def make_run(run_dir: Path) -> Store:
             for r in store.machine_records()
         ]
     )
-    for stage in ("generate", "filter", "train", "evaluate"):
-        store.stage_started(stage)
-        store.stage_finished(stage, "done", {"message": f"{stage} finished"})
+    for result in (
+        GenerateResult(stop_reason="target", message="generate finished"),
+        FilterResult(),
+        TrainResult(),
+        EvaluateResult(),
+    ):
+        store.stage_started(result.stage)
+        store.stage_finished(result.stage, result)
 
     run_id = store.start_train_run(
         "fp", "gemma-3-270m", "lora", {"epochs": 2}, n_train=1, n_valid=1
@@ -345,11 +359,11 @@ def test_data_lengths_novelty_and_verbs(report):
 
 
 def test_verbs_without_a_parser_say_how_to_add_one(tmp_path, monkeypatch):
-    import tutelage.report as report_module
+    from tutelage.report import page
     from tutelage.report.analysis import verb_objects
 
     monkeypatch.setattr(
-        report_module,
+        page,
         "verb_objects",
         lambda texts, **kw: verb_objects(texts, **kw, model="no_such_model"),
     )
@@ -459,6 +473,48 @@ def test_empty_store_renders_and_says_what_is_missing(tmp_path):
         assert "No configuration stored in this run." in text
         assert "not run" in text
     assert "<svg" not in html and '<h2 id="evaluation">' in html
+
+
+def test_stage_table_shows_each_stages_note(tmp_path):
+    """The stage table: generation's stop message, a failed stage's error, a stage still running
+    (or killed), and one never run."""
+    with Store(tmp_path) as store:
+        store.stage_started("generate")
+        store.stage_finished(
+            "generate", GenerateResult(stop_reason="budget", message="budget of $1.00 reached")
+        )
+        store.stage_started("filter")
+        store.stage_finished("filter", StageFailed(error="no tasks to filter"))
+        store.stage_started("train")
+        md_path, _ = write_report(store, tmp_path)
+    md = md_path.read_text()
+    assert re.search(r"\| generate \| stopped \| [^|]+ \| budget of \$1\.00 reached \|", md)
+    assert re.search(r"\| filter \| failed \| [^|]+ \| no tasks to filter \|", md)
+    assert re.search(r"\| train \| running \| [^|]+ \| still running, or interrupted \|", md)
+    assert "| evaluate | not run | – |  |" in md
+    assert "| report |" not in md  # the page itself
+
+
+def test_report_loads_no_model_library(tmp_path):
+    """`tutelage report` reads the store: neither importing it nor writing the page (the verb parse
+    included: spaCy's thinc would import torch) may pay for torch or transformers."""
+    make_run(tmp_path).close()
+    code = "\n".join(
+        [
+            "import sys",
+            "from tutelage.report import write_report",
+            "from tutelage.store import Store",
+            "loaded = lambda: sorted({'torch', 'transformers'} & set(sys.modules))",
+            "print(loaded())",
+            f"with Store({str(tmp_path)!r}) as store:",
+            f"    write_report(store, {str(tmp_path)!r})",
+            "print(loaded())",
+        ]
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "[]"]
+    md = (tmp_path / "report.md").read_text()
+    assert re.search(r"\| write \| 1 \| haiku \(1\) \|", md)  # the verb parse did run
 
 
 def test_kept_but_untrained_run_asks_for_training(tmp_path):

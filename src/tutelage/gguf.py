@@ -96,7 +96,12 @@ def export_gguf(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
             ]
             with log.open("w", encoding="utf-8") as f:
                 done = subprocess.run(
-                    cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    check=False,
                 )
         if done.returncode != 0:
             reason = (

@@ -55,7 +55,8 @@ def open_run(config: Config) -> Store:
     elif stored != digest:
         raise RunError(
             f"{run_dir}: this run was started with other seed tasks "
-            f"({store.get_meta('seeds_source')}); use a new --run-dir for {config.seeds.path or 'the built-in seeds'}"
+            f"({store.get_meta('seeds_source')}); use a new --run-dir for "
+            f"{config.seeds.path or 'the built-in seeds'}"
         )
     store.set_meta("config", config.model_dump(mode="json"))
     return store

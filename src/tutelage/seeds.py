@@ -1,10 +1,12 @@
 """Seed tasks: the built-in set and loaders for the formats users bring.
 
 Accepted, decided by content rather than by extension:
-- Self-Instruct JSONL: {"id", "name", "instruction", "instances": [{"input", "output"}], "is_classification"}
+- Self-Instruct JSONL: {"id", "name", "instruction", "instances": [{"input", "output"}],
+  "is_classification"}
 - Alpaca: a JSON list of {"instruction", "input", "output"}
 - JSONL of either row shape (or the JSON-list form of either).
-Every task comes out as {"name", "instruction", "is_classification", "instances": [{"input", "output"}]}.
+Every task comes out as {"name", "instruction", "is_classification",
+"instances": [{"input", "output"}]}.
 """
 
 from __future__ import annotations

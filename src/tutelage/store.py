@@ -16,161 +16,15 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .migrations import migrate
 from .stage_results import StageResult, result_from_detail
 
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
+
 DB_NAME = "tutelage.db"
-SCHEMA_VERSION = 3
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
--- The request ledger: one row per distinct teacher request, keyed by the hash of its canonical form.
-CREATE TABLE IF NOT EXISTS requests (
-    key           TEXT PRIMARY KEY,
-    backend       TEXT NOT NULL,
-    model         TEXT NOT NULL,
-    body_json     TEXT NOT NULL,
-    status        TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
-    text          TEXT,
-    finish_reason TEXT,
-    response_json TEXT,
-    tokens_in     INTEGER NOT NULL DEFAULT 0,
-    tokens_out    INTEGER NOT NULL DEFAULT 0,
-    cost_usd      REAL NOT NULL DEFAULT 0,
-    latency_s     REAL,
-    attempts      INTEGER NOT NULL DEFAULT 0,
-    error         TEXT,
-    purpose       TEXT NOT NULL DEFAULT 'generate',
-    created_at    REAL NOT NULL,
-    completed_at  REAL,
-    remote_batch  TEXT, -- the remote batch (Batch API) that carries this request, if any
-    cache_hits    INTEGER NOT NULL DEFAULT 0  -- times answered from here instead of paid again
-);
--- Remote batches (OpenAI's Batch API): recorded as soon as one exists, so a restart polls it.
-CREATE TABLE IF NOT EXISTS remote_batches (
-    id           TEXT PRIMARY KEY,
-    endpoint     TEXT NOT NULL,
-    status       TEXT NOT NULL,
-    n_requests   INTEGER NOT NULL,
-    detail_json  TEXT NOT NULL DEFAULT '{}',
-    submitted_at REAL NOT NULL,
-    updated_at   REAL NOT NULL
-);
--- One row per generation request the loop has finished with, in loop order; its records commit
--- in the same transaction, so a batch is either wholly ingested or not at all.
-CREATE TABLE IF NOT EXISTS batches (
-    idx         INTEGER PRIMARY KEY,
-    request_key TEXT NOT NULL REFERENCES requests(key),
-    recipe      TEXT NOT NULL,
-    n_records   INTEGER NOT NULL,
-    n_kept      INTEGER NOT NULL,
-    created_at  REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS instructions (
-    id                INTEGER PRIMARY KEY AUTOINCREMENT,
-    text              TEXT NOT NULL,
-    source            TEXT NOT NULL CHECK (source IN ('seed', 'machine')),
-    is_classification INTEGER,
-    status            TEXT NOT NULL CHECK (status IN ('kept', 'rejected')),
-    reason            TEXT,
-    nearest_id        INTEGER REFERENCES instructions(id),
-    nearest_score     REAL,
-    request_key       TEXT NOT NULL,
-    position          INTEGER NOT NULL,
-    raw               TEXT,
-    created_at        REAL NOT NULL,
-    UNIQUE (request_key, position)
-);
-CREATE TABLE IF NOT EXISTS instances (
-    id             INTEGER PRIMARY KEY AUTOINCREMENT,
-    instruction_id INTEGER NOT NULL REFERENCES instructions(id),
-    position       INTEGER NOT NULL,
-    input          TEXT NOT NULL,
-    output         TEXT NOT NULL,
-    status         TEXT NOT NULL CHECK (status IN ('kept', 'rejected')),
-    reason         TEXT,
-    split          TEXT CHECK (split IN ('train', 'valid', 'test')),
-    UNIQUE (instruction_id, position)
-);
-CREATE TABLE IF NOT EXISTS train_runs (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    fingerprint TEXT NOT NULL,
-    status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
-    base_model  TEXT NOT NULL,
-    method      TEXT NOT NULL,
-    config_json TEXT NOT NULL,
-    output_dir  TEXT,
-    n_train     INTEGER,
-    n_valid     INTEGER,
-    metrics_json TEXT,
-    started_at  REAL NOT NULL,
-    finished_at REAL
-);
-CREATE TABLE IF NOT EXISTS train_steps (
-    run_id       INTEGER NOT NULL REFERENCES train_runs(id),
-    step         INTEGER NOT NULL,
-    epoch        REAL,
-    loss         REAL,
-    eval_loss    REAL,
-    lr           REAL,
-    tokens       INTEGER,
-    tokens_per_s REAL,
-    elapsed_s    REAL,
-    PRIMARY KEY (run_id, step)
-);
-CREATE TABLE IF NOT EXISTS eval_items (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    set_name    TEXT NOT NULL,
-    item_key    TEXT NOT NULL,
-    model_role  TEXT NOT NULL,
-    instruction TEXT NOT NULL,
-    input       TEXT NOT NULL DEFAULT '',
-    reference   TEXT,
-    answer      TEXT,
-    scores_json TEXT NOT NULL DEFAULT '{}',
-    created_at  REAL NOT NULL,
-    UNIQUE (set_name, item_key, model_role)
-);
-CREATE TABLE IF NOT EXISTS eval_summary (
-    set_name   TEXT NOT NULL,
-    model_role TEXT NOT NULL,
-    metric     TEXT NOT NULL,
-    value      REAL,
-    ci_low     REAL,
-    ci_high    REAL,
-    n          INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (set_name, model_role, metric)
-);
--- A judge's decision on one item: `pairwise` compares two roles' answers ("tuned:base"), score
--- for the first in [0, 1], both orders in detail_json; `rubric` grades one role's answer A-D.
-CREATE TABLE IF NOT EXISTS eval_judgements (
-    set_name    TEXT NOT NULL,
-    item_key    TEXT NOT NULL,
-    kind        TEXT NOT NULL CHECK (kind IN ('pairwise', 'rubric')),
-    subject     TEXT NOT NULL,
-    status      TEXT NOT NULL CHECK (status IN ('done', 'failed')),
-    score       REAL,
-    grade       TEXT,
-    detail_json TEXT NOT NULL DEFAULT '{}',
-    created_at  REAL NOT NULL,
-    PRIMARY KEY (set_name, item_key, kind, subject)
-);
-CREATE TABLE IF NOT EXISTS stages (
-    name        TEXT PRIMARY KEY,
-    status      TEXT NOT NULL CHECK (status IN ('running', 'done', 'stopped', 'failed')),
-    started_at  REAL NOT NULL,
-    finished_at REAL,
-    detail_json TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS instructions_status ON instructions(status, reason);
-CREATE INDEX IF NOT EXISTS instances_instruction ON instances(instruction_id);
-"""
-
 
 # Only a done request is ever answered from the store, so its cost is what each hit saved.
 _CACHE_TOTALS = (
@@ -179,7 +33,8 @@ _CACHE_TOTALS = (
 
 
 class Store:
-    """A handle on one run's database. Safe to share across threads (one lock around the connection)."""
+    """A handle on one run's database. Safe to share across threads (one lock around the
+    connection)."""
 
     def __init__(self, path: Path | str):
         path = Path(path)
@@ -188,30 +43,25 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly one step.
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is one step.
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL is durable against a killed process (not a power cut), and much faster than FULL.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{path}: written by a newer tutelage (schema {version})")
-        # executescript runs as one script of idempotent statements; a kill in between is harmless.
-        self.db.executescript(SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(requests)")}
-        if "remote_batch" not in columns:  # a schema-1 store
-            self.db.execute("ALTER TABLE requests ADD COLUMN remote_batch TEXT")
-        if "cache_hits" not in columns:  # a schema-1 or -2 store: no hit was counted, so 0
-            self.db.execute("ALTER TABLE requests ADD COLUMN cache_hits INTEGER NOT NULL DEFAULT 0")
-        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # Bring the schema up to date: a new store runs every migration, an older one the rest.
+        try:
+            migrate(self.db, path)
+        except BaseException:  # a store from a newer tutelage, or a migration that failed
+            self.db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
             self.db.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -344,7 +194,8 @@ class Store:
         `cache_hits` (answers reused from the store) and `saved_usd` (what they would have cost
         had they been sent again)."""
         row = self._one(
-            "SELECT COUNT(*) AS requests, SUM(status='done') AS done, SUM(status='failed') AS failed,"
+            "SELECT COUNT(*) AS requests, SUM(status='done') AS done,"
+            " SUM(status='failed') AS failed,"
             " COALESCE(SUM(tokens_in),0) AS tokens_in, COALESCE(SUM(tokens_out),0) AS tokens_out,"
             " COALESCE(SUM(cost_usd),0) AS cost_usd, COALESCE(SUM(latency_s),0) AS latency_s,"
             f" {_CACHE_TOTALS} FROM requests"
@@ -438,8 +289,8 @@ class Store:
             for pos, rec in enumerate(records):
                 cur = db.execute(
                     "INSERT INTO instructions (text, source, is_classification, status, reason,"
-                    " nearest_id, nearest_score, request_key, position, raw, created_at)"
-                    " VALUES (?, 'machine', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " nearest_id, nearest_score, request_key, position, raw, detail_json,"
+                    " created_at) VALUES (?, 'machine', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec["text"],
                         rec.get("is_classification"),
@@ -450,6 +301,7 @@ class Store:
                         request_key,
                         pos,
                         rec.get("raw"),
+                        json.dumps(rec.get("detail") or {}, ensure_ascii=False),
                         now,
                     ),
                 )
@@ -460,9 +312,10 @@ class Store:
                         (ids[rec["nearest_pos"]], cur.lastrowid),
                     )
                 for j, inst in enumerate(rec.get("instances", [])):
+                    messages = inst.get("messages")
                     db.execute(
                         "INSERT INTO instances (instruction_id, position, input, output, status,"
-                        " reason) VALUES (?, ?, ?, ?, ?, ?)",
+                        " reason, messages_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (
                             cur.lastrowid,
                             j,
@@ -470,6 +323,7 @@ class Store:
                             inst["output"],
                             inst["status"],
                             inst.get("reason"),
+                            json.dumps(messages, ensure_ascii=False) if messages else None,
                         ),
                     )
             n_kept = sum(r["status"] == "kept" for r in records)
@@ -541,15 +395,21 @@ class Store:
             where += " AND n.split=?"
             params.append(split)
         params.append(limit)
-        return self._all(
+        rows = self._all(
             "SELECT i.id, n.id AS instance_id, i.text AS instruction, n.input, n.output, n.split,"
             " COALESCE(i.reason, n.reason) AS reason, i.nearest_score,"
-            " (SELECT text FROM instructions WHERE id=i.nearest_id) AS nearest"
+            " (SELECT text FROM instructions WHERE id=i.nearest_id) AS nearest,"
+            " i.detail_json, n.messages_json"
             " FROM instructions i JOIN instances n ON n.instruction_id=i.id"
             " JOIN batches b ON b.request_key=i.request_key"
             f" WHERE i.source='machine' AND {where} ORDER BY b.idx, i.position, n.position LIMIT ?",
             params,
         )
+        for r in rows:  # a multi-turn conversation, and what the recipe knew of the task
+            messages = r.pop("messages_json")
+            r["messages"] = json.loads(messages) if messages else None
+            r["detail"] = json.loads(r.pop("detail_json"))
+        return rows
 
     def rejected_unparsed(self, limit: int = -1) -> list[dict]:
         return self._all(

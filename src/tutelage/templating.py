@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 
 @cache
 def _template(path: str) -> jinja2.Template:
+    import jinja2  # here, not at the top: the CLI imports TEMPLATE_DIR on every start
+
     env = jinja2.Environment(keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     return env.from_string(Path(path).read_text(encoding="utf-8"))
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..store import Store
-from . import METRICS
-from . import _metric as _value  # an answer's metric: the stage's own definition
 from .stats import bootstrap_ci
+from .summary import ANSWER_METRICS
+from .summary import answer_metric as _value  # an answer's metric: the stage's own definition
 
 
 def _store(run: Path) -> Store:
@@ -58,7 +58,7 @@ def compare_runs(
     for set_name in sorted({s for s, _ in common}):
         keys = [k for k in common if k[0] == set_name]
         metrics = {}
-        for metric in METRICS:
+        for metric in ANSWER_METRICS:
             pairs = [(_value(rows_a[k], metric), _value(rows_b[k], metric)) for k in keys]
             pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
             if not pairs:

@@ -60,7 +60,8 @@ def _read_rows(path: Path) -> tuple[list[_Row], bool]:
     for row in rows:
         if not isinstance(row.data, dict) or not isinstance(row.data.get("instruction"), str):
             where = f"item {row.line}" if is_list else str(row.line)
-            raise ValueError(f"{path}:{where}: row has no 'instruction' string")
+            # a bad value in the user's file: ValueError, one line (TypeError would be a bug)
+            raise ValueError(f"{path}:{where}: row has no 'instruction' string")  # noqa: TRY004
     return rows, is_list
 
 

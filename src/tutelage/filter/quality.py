@@ -32,7 +32,8 @@ DEFAULT_BLACKLIST = (
 )  # fmt: skip
 
 # The teacher continues its numbered prompt ("18. Instruction: ...") or repeats its field labels:
-# a bare label at the start of a line, or a numbered one anywhere (parsers split only at line starts).
+# a bare label at the start of a line, or a numbered one anywhere (parsers split only at line
+# starts).
 _LIST_MARKER = re.compile(
     r"^\s*(?:instruction|input|output)\s*:|\b\d+\s*[.)]\s*(?:instruction|input|output)\s*:",
     re.IGNORECASE | re.MULTILINE,

@@ -15,6 +15,7 @@ scores, bit for bit, but
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import re
 import sys
@@ -485,9 +486,11 @@ class RougeNoveltyIndex:
     A text with no tokens (empty, punctuation only, or non-ASCII with unicode=False) scores 0.0
     against everything, as rouge_score gives 0 for an empty token list: it is always kept, like in
     the published loop, and joins the pool, where it never matches anything.
+
+    threshold None: no novelty filter; every text is kept (and still scored against the pool).
     """
 
-    def __init__(self, threshold: float = 0.7, unicode: bool = False):
+    def __init__(self, threshold: float | None = 0.7, unicode: bool = False):
         self.threshold = threshold
         self.unicode = unicode
         self._chars: dict[str, str] = {}  # token -> private character, shared by the pool
@@ -607,7 +610,7 @@ class RougeNoveltyIndex:
         base = len(self._pool)
         if count == 1:  # add(): nothing else in the chunk
             score, i = float(scores[0]), int(ids[0])
-            kept = score <= self.threshold
+            kept = self.threshold is None or score <= self.threshold
             offered = self._offered + 1
             if kept:
                 self._insert(texts, codes, keys, feats)
@@ -621,7 +624,7 @@ class RougeNoveltyIndex:
         inner = _f1_array(lcs, n[:, None], n[None, :])  # inner[j, i]: text j against text i
         in_best = np.full(count, -1.0)  # best F1 against texts kept earlier in the chunk
         in_arg = np.zeros(count, np.int64)
-        threshold = self.threshold
+        threshold = math.inf if self.threshold is None else self.threshold
         scores, ids = scores.tolist(), ids.tolist()
         kept_rank = np.zeros(count, np.int64)  # chunk index -> its pool id - base, when kept
         kept = []

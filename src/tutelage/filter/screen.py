@@ -90,6 +90,9 @@ class Screen:
         return self._novelty(instruction, key)
 
     def _novelty(self, instruction: str, key: Hashable) -> Verdict:
+        rouge_off = self.index.threshold is None  # filter.rouge_threshold null
+        if rouge_off and not self.extra:
+            return Verdict("kept", None)  # no novelty filter at all
         if not self.extra:
             decision = self.index.add(instruction, key)
             nearest = self._alias.get(decision.nearest_key, decision.nearest_key)
@@ -97,16 +100,18 @@ class Screen:
                 return Verdict("kept", None, nearest, decision.score)
             return Verdict("rejected", "rouge_duplicate", nearest, decision.score)
         # Several pools: a task joins them all only if no filter rejects it.
+        pools = [*([] if rouge_off else [("rouge_duplicate", self.index)]), *self.extra]
         found = []
-        for code, index in [("rouge_duplicate", self.index), *self.extra]:
+        for code, index in pools:
             score, near = index.nearest(instruction)
             near = self._alias.get(near, near)
             if score > index.threshold:
                 return Verdict("rejected", code, near, score)
             found.append((near, score))
-        for _, index in [("rouge_duplicate", self.index), *self.extra]:
+        for _, index in pools:
             index.add_reference(instruction, key)
-        return Verdict("kept", None, *found[0])
+        # A kept task's nearest_score is its ROUGE-L score: none without ROUGE-L.
+        return Verdict("kept", None) if rouge_off else Verdict("kept", None, *found[0])
 
 
 def filter_settings(filter_cfg: FilterConfig, language: str) -> FilterConfig:

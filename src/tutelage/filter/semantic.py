@@ -288,8 +288,9 @@ class EmbeddingNoveltyIndex(_Pool):
         if self._matrix is None:
             self._matrix = np.zeros((1024, vector.shape[0]), np.float32)
         elif vector.shape[0] != self._matrix.shape[1]:
-            dims = (vector.shape[0], self._matrix.shape[1])
-            raise ValueError("an embedding of %d dims, the pool's have %d" % dims)
+            raise ValueError(
+                f"an embedding of {vector.shape[0]} dims, the pool's have {self._matrix.shape[1]}"
+            )
         elif i == self._matrix.shape[0]:  # grow storage by doubling
             self._matrix = np.concatenate([self._matrix, np.zeros_like(self._matrix)])
         self._matrix[i] = vector

@@ -4,15 +4,28 @@ The prompt lists the requirements and a few seed tasks as numbered Instruction/I
 then opens the next block; the teacher continues the list. Parsing is tolerant on purpose: small or
 sloppy teachers renumber blocks, drop the `###` separators or the Input field, and every piece that
 cannot be read is still returned (as a parse error) so that nothing is dropped silently.
+
+With `generation.answer: chat` (Alpaca-GPT4's re-answering) the list's outputs are not used: each
+task is judged without its output (the instruction and input rules, then novelty), and a kept
+task's output is the teacher's (or the responder's) answer in a chat turn of its own; an answer
+that fails an answer rule rejects the task's instance with that rule's reason code, while its
+instruction, which passed, stays in the novelty pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 
+from ..config import Config
+from ..filter.quality import control_characters, leaked_list_marker
+from ..filter.screen import Screen, Verdict
 from ..teachers.base import Request
+from ..teachers.ledger import LedgerResult
+from .answering import ask_answer
 from .recipe import (
     Context,
     Screened,
@@ -55,7 +68,7 @@ class Parsed:
 TEMPLATE_FILES = {"prompt_template": "alpaca.jinja"}
 
 
-def check(config) -> None:
+def check(config: Config) -> None:
     check_templates(config, TEMPLATE_FILES)
 
 
@@ -92,7 +105,7 @@ def tasks_per_request(gen) -> int:
     return gen.tasks_per_request or DEFAULT_TASKS
 
 
-def screen(idx: int, result, ctx: Context) -> Screened:
+def screen(idx: int, result: LedgerResult, ctx: Context) -> Screened:
     """Parse one answer and judge every task in it, in order: a kept task joins the pool."""
     completion = result.completion
     tasks = parse(
@@ -102,12 +115,18 @@ def screen(idx: int, result, ctx: Context) -> Screened:
         first_number=ctx.config.generation.demonstrations + 1,
     )
     ctx.screen.prepare([t.instruction for t in tasks if not t.error])  # embeds at once, if used
+    chat_answers = ctx.config.generation.answer == "chat"
     records = []
     for pos, task in enumerate(tasks):
         if task.error:
             records.append(unparsed_record(task.instruction, task.error, task.raw))
             continue
-        verdict = ctx.screen.check(task.instruction, task.input, task.output, key=new_key(idx, pos))
+        if chat_answers:  # the output comes later, from a chat turn: judge the task without it
+            verdict = check_without_output(
+                ctx.screen, task.instruction, task.input, new_key(idx, pos)
+            )
+        else:
+            verdict = ctx.screen.check(task.instruction, task.input, task.output, new_key(idx, pos))
         records.append(
             record_from(
                 task.instruction,
@@ -127,13 +146,51 @@ def screen(idx: int, result, ctx: Context) -> Screened:
     return Screened(idx, result.key, records)
 
 
+def check_without_output(
+    screen: Screen, instruction: str, task_input: str, key: Hashable
+) -> Verdict:
+    """The instruction rules, the input's rules, then novelty: every rule but the output's (the
+    filter stage can re-decide a stored task answered in chat with it)."""
+    rules = screen.rules
+    reason = (
+        rules.check_instruction(instruction)
+        or (rules.check_list_markers and leaked_list_marker(task_input))
+        or (rules.check_control_chars and control_characters(task_input))
+    )
+    if reason:
+        return Verdict("rejected", reason)
+    return screen.check_instruction(instruction, key)
+
+
 async def finish(screened: Screened, ctx: Context) -> list[dict]:
-    return screened.records  # one request gives whole tasks: nothing more to ask
+    """With list answers a request gives whole tasks: nothing more to ask. With chat answers each
+    kept task is asked again, alone, and its answer replaces the list's output."""
+    if ctx.config.generation.answer != "chat":
+        return screened.records
+    kept = [rec for rec in screened.records if rec["status"] == "kept"]
+    system = ctx.config.generation.system_prompt
+    answers = await asyncio.gather(
+        *(
+            ask_answer(ctx, rec["text"], rec["instances"][0]["input"], system=system)
+            for rec in kept
+        ),
+        return_exceptions=True,
+    )
+    for answer in answers:  # each request sent was stored: a rerun will not pay for it
+        if isinstance(answer, BaseException):
+            raise answer
+    for rec, answer in zip(kept, answers):
+        instance = rec["instances"][0]
+        instance["output"] = answer.text
+        if answer.reason:
+            instance["status"], instance["reason"] = "rejected", answer.reason
+    return screened.records
 
 
 def in_pool(row: dict) -> bool:
-    """A stored task is in the novelty pool iff it was kept, instance and all."""
-    return row["status"] == "kept" and row["instance_status"] == "kept"
+    """A stored task is in the novelty pool iff its instruction was kept (with chat answers it
+    stays there when an answer rule rejects its instance)."""
+    return row["status"] == "kept"
 
 
 def parse(text: str, finish_reason: str | None, continued: bool, first_number: int) -> list[Parsed]:

@@ -1,12 +1,14 @@
 """`tutelage generate --explain RUN`: where the teacher's output went, reason by reason.
 
 Plain text lines from the store: the requests by step, then the instruction funnel (every parsed or
-unparseable piece, by outcome) and, for Self-Instruct, the instance funnel, each reason with its
-count, its share and its first example.
+unparseable piece, by outcome) and, where a task has several instances (Self-Instruct's instances,
+the answer recipe's samples), the instance funnel, each reason with its count, its share and its
+first example. A rejection by an answer rule (refusal, unfinished, ...) shows the answer.
 """
 
 from __future__ import annotations
 
+from ..filter.answers import ANSWER_CODES, NOT_BEST
 from ..store import Store
 
 WIDTH = 70  # characters of an example shown
@@ -16,6 +18,7 @@ SCORE_NAMES = {
     "minhash_duplicate": "Jaccard",
     "embedding_duplicate": "cosine",
 }
+ANSWER_REASONS = (*ANSWER_CODES, NOT_BEST)  # about the answer: its example shows the answer
 
 
 def explain(store: Store) -> list[str]:
@@ -27,9 +30,11 @@ def explain(store: Store) -> list[str]:
         f"{r['purpose']} {r['requests']}" for r in store.request_totals_by_purpose()
     )
     lines = [
-        f"recipe {', '.join(recipes)}; teacher requests: {by_purpose or 'none'}; "
-        f"{totals['tokens_in']:,} tokens in, {totals['tokens_out']:,} out, "
-        f"${totals['cost_usd']:.4f}",
+        (
+            f"recipe {', '.join(recipes)}; teacher requests: {by_purpose or 'none'}; "
+            f"{totals['tokens_in']:,} tokens in, {totals['tokens_out']:,} out, "
+            f"${totals['cost_usd']:.4f}"
+        ),
         "",
     ]
 
@@ -40,14 +45,15 @@ def explain(store: Store) -> list[str]:
     )
     lines += _reasons(funnel, {k: _instruction_example(r) for k, r in samples.items()})
 
-    if "self-instruct" in recipes:
-        inst = store.instance_funnel()
+    inst = store.instance_funnel()
+    if "self-instruct" in recipes or NOT_BEST in inst["rejected"]:
         isamples = {r["reason"]: r for r in store.rejected_instance_samples(per_reason=1)}
-        lines += [
-            "",
-            f"instances of the instructions that passed the instruction filter: "
-            f"{inst['generated']} -> {inst['kept']} kept",
-        ]
+        what = (
+            "answers of the prompts that passed the prompt filter"
+            if recipes == ["answer"]
+            else "instances of the instructions that passed the instruction filter"
+        )
+        lines += ["", f"{what}: {inst['generated']} -> {inst['kept']} kept"]
         lines += _reasons(inst, {k: _instance_example(r) for k, r in isamples.items()})
     return lines
 
@@ -72,6 +78,8 @@ def _clip(text: str | None) -> str:
 def _instruction_example(row: dict) -> str:
     if row["reason"] in ("parse_error", "length_truncated") and row["raw"]:
         return f"e.g. raw {_clip(row['raw'])}"
+    if row["reason"] in ANSWER_REASONS and row["output"] is not None:
+        return f"e.g. {_clip(row['instruction'])}: answer {_clip(row['output'])}"
     text = f"e.g. {_clip(row['instruction'])}"
     measure = SCORE_NAMES.get(row["reason"])
     if row["nearest"] is not None and measure:

@@ -1,13 +1,9 @@
-"""What the loop and the recipes share: the run's context, a screened answer, prompt templates
-and sampling parameters.
+"""What the loop and the recipes share: the `Recipe` protocol, the run's context, a screened
+answer, prompt templates and sampling parameters.
 
-A recipe is a module with NAME and four functions the loop calls:
-- `build_request(idx, ctx)`: the main request number idx, built when it is launched;
-- `screen(idx, result, ctx)`: parse its answer and judge each new instruction at once, in request
-  order (the novelty pool grows here), returning a `Screened`;
-- `finish(screened, ctx)` (async): any further requests the recipe needs (Self-Instruct's
-  classification and instances), returning the records to store;
-- `in_pool(row)`: whether a stored instruction is in the novelty pool, to rebuild it on resume.
+A recipe is a module (`alpaca`, `self_instruct`) that satisfies `Recipe` (a module can, PEP 544):
+its NAME and the five functions the loop calls, declared once below. `generate.loop.RECIPES`
+lists the registered ones by NAME.
 """
 
 from __future__ import annotations
@@ -15,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import jinja2
 
 from ..config import Config, ConfigError, Sampling
 from ..filter.screen import Screen, Verdict
 from ..teachers.base import Request
-from ..teachers.ledger import Ledger
+from ..teachers.ledger import Ledger, LedgerResult
 from ..templating import TEMPLATE_DIR, render_template
 
 GENERATE_TEMPLATES = TEMPLATE_DIR / "generate"
@@ -34,6 +31,8 @@ class Context:
     seeds: list[dict]
     screen: Screen
     ledger: Ledger | None = None
+    # Who writes chat answers (generation.responder, else the teacher): see `answering`.
+    responder: Ledger | None = None
     window: int = 1  # main requests in flight at most
     # Machine instructions in the novelty pool, in pool order: (request idx, text).
     pool: list[tuple[int, str]] = field(default_factory=list)
@@ -47,6 +46,35 @@ class Screened:
     request_key: str
     records: list[dict]  # store records; `nearest_key` is resolved to an id when stored
     pending: list = field(default_factory=list)  # recipe state for `finish`
+
+
+class Recipe(Protocol):
+    """Everything the generation loop calls on a recipe, in the order it calls it."""
+
+    NAME: str  # generation.recipe names the recipe by this
+
+    def check(self, config: Config) -> None:
+        """Fail before the first request, in one line, on a configuration the recipe cannot run
+        (a missing or broken template)."""
+        ...
+
+    def in_pool(self, row: dict) -> bool:
+        """Whether a stored instruction is in the novelty pool, to rebuild the pool on resume."""
+        ...
+
+    def build_request(self, idx: int, ctx: Context) -> Request:
+        """The main request number idx, built when it is launched."""
+        ...
+
+    def screen(self, idx: int, result: LedgerResult, ctx: Context) -> Screened:
+        """Parse the answer to request idx and judge each new instruction at once, in request
+        order (the novelty pool grows here)."""
+        ...
+
+    async def finish(self, screened: Screened, ctx: Context) -> list[dict]:
+        """Any further requests the recipe needs (Self-Instruct's classification and instances),
+        returning the records to store."""
+        ...
 
 
 def record_from(text: str, verdict: Verdict, **extra) -> dict:

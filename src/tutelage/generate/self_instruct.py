@@ -9,6 +9,9 @@
 (c) Instances: input first for other tasks, output (class label) first for classification ones.
 (d) Instance filters (`instances.py`); an instruction left with no instance is rejected as
     `no_valid_instances`.
+With `generation.answer: chat` each instance that passed (d) gets its output from a chat turn of
+its own, the teacher (or the responder) answering (instruction, input); an answer that fails an
+answer rule rejects the instance with that rule's reason code.
 
 Faithful to the paper, an instruction that passed (a) stays in the novelty pool and among the
 machine demonstrations whatever its instances become: the paper filters instructions while
@@ -28,7 +31,10 @@ import random
 import re
 from dataclasses import dataclass
 
+from ..config import Config
 from ..teachers.base import Request
+from ..teachers.ledger import LedgerResult
+from .answering import ask_answer
 from .instances import filter_instances, parse_input_first, parse_output_first
 from .recipe import (
     Context,
@@ -72,7 +78,7 @@ class Parsed:
     raw: str | None = None
 
 
-def check(config) -> None:
+def check(config: Config) -> None:
     check_templates(config, TEMPLATE_FILES)
 
 
@@ -154,7 +160,7 @@ def one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def screen(idx: int, result, ctx: Context) -> Screened:
+def screen(idx: int, result: LedgerResult, ctx: Context) -> Screened:
     """Judge each new instruction alone (rules, then novelty); those that pass wait for `finish`."""
     completion = result.completion
     items = parse(
@@ -187,14 +193,37 @@ async def finish(screened: Screened, ctx: Context) -> list[dict]:
         if isinstance(outcome, BaseException):
             raise outcome
     gen = ctx.config.generation
+    judged_all = []
     for pos, (is_classification, instances) in zip(screened.pending, outcomes):
         rec = screened.records[pos]
         judged = filter_instances(rec["text"], instances, ctx.screen.rules, gen.max_instances)
         rec["is_classification"] = int(is_classification)
+        judged_all.append((rec, judged))
+    if gen.answer == "chat":
+        await _answer_in_chat(judged_all, ctx)
+    for rec, judged in judged_all:
+        judged.sort(key=lambda i: i.status != "kept")  # kept first, each group in answer order
         rec["instances"] = [i.as_record() for i in judged]
         if not any(i.status == "kept" for i in judged):
             rec["status"], rec["reason"] = "rejected", "no_valid_instances"
     return screened.records
+
+
+async def _answer_in_chat(judged_all: list, ctx: Context) -> None:
+    """Replace each kept instance's output with the chat answer to (instruction, input)."""
+    kept = [(rec, inst) for rec, judged in judged_all for inst in judged if inst.status == "kept"]
+    system = ctx.config.generation.system_prompt
+    answers = await asyncio.gather(
+        *(ask_answer(ctx, rec["text"], inst.input, system=system) for rec, inst in kept),
+        return_exceptions=True,
+    )
+    for answer in answers:  # each request sent was stored: a rerun will not pay for it
+        if isinstance(answer, BaseException):
+            raise answer
+    for (_, inst), answer in zip(kept, answers):
+        inst.output = answer.text
+        if answer.reason:
+            inst.reject(answer.reason)
 
 
 async def _instances_for(instruction: str, ctx: Context):

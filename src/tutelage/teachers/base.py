@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,28 @@ class Request:
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # "stop", "length", ...
+    finish_reason: str  # "stop", "length", ..., or one of EMPTY_REASONS (then text is "")
     tokens_in: int
     tokens_out: int
     raw: dict | None = field(default=None, repr=False)  # the backend's response, for the ledger
+    # Hidden reasoning tokens (o-series, gpt-5): already part of tokens_out, billed as output.
+    reasoning_tokens: int = 0
+    # The server reported no usage: the tokens were counted (or estimated) here, so the cost is an
+    # estimate. HTTP backends also say so in raw["usage_estimated"], which the ledger stores.
+    usage_estimated: bool = False
+
+    # Why an answer has no text: cut at the token limit before any (a reasoning model that spent
+    # it all thinking), filtered, refused (a model's `refusal`), or null content. Never "" alone.
+    EMPTY_REASONS: ClassVar[frozenset[str]] = frozenset(
+        {"length_empty", "content_filter", "refusal", "null_content"}
+    )
+
+    def __post_init__(self) -> None:
+        # Rebuilt from a stored row (text, counts, raw), as the ledger's cache does: the raw
+        # record brings these back.
+        if self.raw:
+            self.reasoning_tokens = self.reasoning_tokens or self.raw.get("reasoning_tokens", 0)
+            self.usage_estimated = self.usage_estimated or self.raw.get("usage_estimated", False)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -103,7 +103,11 @@ class TransformersTeacher:
                 request.message_dicts(), add_generation_prompt=True, tokenize=False
             )
             return self.tokenizer(text, add_special_tokens=False).input_ids
-        return self.tokenizer(request.prompt).input_ids
+        # A raw prompt as it is. One that starts with the BOS token itself (a chat template's
+        # `bos_token`, as Magpie's prompts do) gets no second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        own_bos = bool(bos) and request.prompt.startswith(bos)
+        return self.tokenizer(request.prompt, add_special_tokens=not own_bos).input_ids
 
     def _generate(self, requests: list[Request]) -> list[Completion]:
         """One batch of requests that share their sampling parameters."""
@@ -114,11 +118,11 @@ class TransformersTeacher:
         temperature = params.get("temperature", 1.0)
         stop = params.get("stop") or []
         room = self.lm.config.max_position_embeddings - prompt_len  # no max_tokens: to the end
-        kwargs = dict(
-            max_new_tokens=params.get("max_tokens") or room,
-            do_sample=temperature > 0,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        kwargs = {
+            "max_new_tokens": params.get("max_tokens") or room,
+            "do_sample": temperature > 0,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=params.get("top_p", 1.0))
         if stop:
@@ -148,6 +152,10 @@ class TransformersTeacher:
         cuts = [text.find(s) for s in stop if s in text]
         if cuts:  # stopped at a stop string, which (as in OpenAI's API) is not part of the answer
             return Completion(text[: min(cuts)], "stop", tokens_in, n)
+        if stop and any(s in self.tokenizer.decode(generated[:n]) for s in stop):
+            # A stop string that is a special token (<|eot_id|>, a user turn's end in Magpie) is
+            # left out of the text above: the row stopped on it, as its last token.
+            return Completion(text, "stop", tokens_in, n)
         if n < len(generated):  # the end-of-sequence token, counted as generated
             return Completion(text, "stop", tokens_in, n + 1)
         return Completion(text, "length", tokens_in, n)

@@ -4,6 +4,8 @@ A request is recorded in the store before it is sent and its answer when it come
 whose answer is stored is answered from the store, so a killed or repeated run never pays twice.
 The ledger also keeps the budget (no request starts that could pass it), live totals, and gathers
 concurrent requests into batches for local backends that generate several sequences at once.
+Several ledgers of one run (the teacher's, the responder's, a judge's) share one `Account`: one
+budget caps what they spend together.
 """
 
 from __future__ import annotations
@@ -33,12 +35,50 @@ class BudgetExceeded(RuntimeError):
     """The next request could pass the budget, so it was not sent."""
 
 
+class Account:
+    """The run's spending and its budget, shared by every ledger that pays from it.
+
+    Totals (`spent_usd`, `tokens_in`, `tokens_out`) start from what the store holds, every
+    backend's requests together, so they are the run's totals; each ledger adds what it sends.
+    """
+
+    def __init__(self, store: Store, budget_usd: float | None = None):
+        totals = store.request_totals()
+        self.budget_usd = budget_usd
+        self.spent_usd: float = totals["cost_usd"]
+        self.tokens_in: int = totals["tokens_in"]
+        self.tokens_out: int = totals["tokens_out"]
+        self.reserved_usd = 0.0  # the worst-case cost of the requests in flight, of every ledger
+
+    def reserve(self, worst_usd: float) -> None:
+        """Hold `worst_usd` for a request about to be sent, or raise BudgetExceeded."""
+        committed = self.spent_usd + self.reserved_usd  # spent, plus the worst case in flight
+        if self.budget_usd is not None and committed + worst_usd > self.budget_usd:
+            raise BudgetExceeded(
+                f"budget: ${committed:.4f} of the ${self.budget_usd:g} cap spent or in flight, and "
+                f"the next request could cost up to ${worst_usd:.4f}; raise generation.budget_usd "
+                "and rerun to go on (stored answers are free)"
+            )
+        self.reserved_usd += worst_usd
+
+    def release(self, worst_usd: float) -> None:
+        self.reserved_usd -= worst_usd
+
+    def charge(self, cost_usd: float, tokens_in: int, tokens_out: int) -> None:
+        self.spent_usd += cost_usd
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+
+
 class Ledger:
     """Sends requests to `teacher` through `store`. One Ledger lives inside one event loop.
 
-    Totals (`spent_usd`, `tokens_in`, `tokens_out`) include what the store held at the start, so
-    they are the run's totals; `requests_sent` and `cache_hits` count this ledger's calls only (the
-    store counts every hit of the run: `store.request_totals()["cache_hits"]`).
+    Totals (`spent_usd`, `tokens_in`, `tokens_out`) are its account's: the run's, what the store
+    held at the start included. `requests_sent` and `cache_hits` count this ledger's calls only
+    (the store counts every hit of the run: `store.request_totals()["cache_hits"]`).
+
+    `account`: the one shared with the run's other ledgers (its budget caps them together);
+    None opens one of its own, capped at `budget_usd`.
     """
 
     def __init__(
@@ -48,22 +88,20 @@ class Ledger:
         *,
         price: Price | None = None,
         budget_usd: float | None = None,
+        account: Account | None = None,
         concurrency: int = 8,
         batch_window_s: float = 0.005,
     ):
+        if account is not None and budget_usd is not None:
+            raise ValueError("a shared account carries the budget: pass budget_usd to it")
         self.teacher = teacher
         self.store = store
         self.price = price or Price()
-        self.budget_usd = budget_usd
+        self.account = account or Account(store, budget_usd)
         self.max_batch = getattr(teacher, "max_batch", 1)
         self.batch_window_s = batch_window_s
-        totals = store.request_totals()
-        self.spent_usd: float = totals["cost_usd"]
-        self.tokens_in: int = totals["tokens_in"]
-        self.tokens_out: int = totals["tokens_out"]
         self.requests_sent = 0
         self.cache_hits = 0
-        self._reserved_usd = 0.0  # the worst-case cost of the requests in flight
         self._slots = asyncio.Semaphore(concurrency)
         # One lock per key: the same request asked twice at once is sent once, then read back.
         self._key_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -77,6 +115,22 @@ class Ledger:
         if self.remote:  # a remote batch holds many requests: the semaphore must not split it
             self._slots = asyncio.Semaphore(max(concurrency, 4 * self.max_batch))
             self.batch_window_s = max(batch_window_s, 0.05)
+
+    @property
+    def budget_usd(self) -> float | None:
+        return self.account.budget_usd
+
+    @property
+    def spent_usd(self) -> float:
+        return self.account.spent_usd
+
+    @property
+    def tokens_in(self) -> int:
+        return self.account.tokens_in
+
+    @property
+    def tokens_out(self) -> int:
+        return self.account.tokens_out
 
     def key(self, request: Request) -> str:
         return request.key(self.teacher.backend, self.teacher.model)
@@ -116,14 +170,7 @@ class Ledger:
         self, key: str, request: Request, purpose: str, remote: str | None = None
     ) -> LedgerResult:
         worst = worst_case_cost(request, self.price)
-        committed = self.spent_usd + self._reserved_usd  # spent, plus the worst case in flight
-        if self.budget_usd is not None and committed + worst > self.budget_usd:
-            raise BudgetExceeded(
-                f"budget: ${committed:.4f} of the ${self.budget_usd:g} cap spent or in flight, and "
-                f"the next request could cost up to ${worst:.4f}; raise generation.budget_usd and "
-                "rerun to go on (stored answers are free)"
-            )
-        self._reserved_usd += worst
+        self.account.reserve(worst)
         backend, model = self.teacher.backend, self.teacher.model
         # Only the canonical request is stored: never headers, keys or client settings.
         self.store.begin_request(key, backend, model, request.canonical(backend, model), purpose)
@@ -138,7 +185,7 @@ class Ledger:
             self.store.fail_request(key, str(e) or type(e).__name__, getattr(e, "attempts", 1))
             raise
         finally:
-            self._reserved_usd -= worst
+            self.account.release(worst)
         cost = cost_usd(self.price, completion.tokens_in, completion.tokens_out)
         self.store.finish_request(
             key,
@@ -151,9 +198,7 @@ class Ledger:
             attempts=attempts_of(completion),
             response=completion.raw,
         )
-        self.spent_usd += cost
-        self.tokens_in += completion.tokens_in
-        self.tokens_out += completion.tokens_out
+        self.account.charge(cost, completion.tokens_in, completion.tokens_out)
         return LedgerResult(key, completion, False, cost)
 
     async def _ask(self, request: Request) -> Completion:
@@ -178,7 +223,7 @@ class Ledger:
             try:
                 completions = await self.teacher.complete([r for r, _ in batch])
                 answered = list(zip(batch, completions, strict=True))  # one answer per request
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - raised again in each waiting request
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(e)
@@ -216,7 +261,7 @@ class Ledger:
                         batch = await self.teacher.submit(
                             [r for _, r, _, _ in chunk], [k for k, _, _, _ in chunk]
                         )
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - raised again in each waiting request
                         for *_, future in chunk:
                             if not future.done():
                                 future.set_exception(e)
@@ -233,7 +278,7 @@ class Ledger:
         try:
             batch = await self.teacher.wait(batch_id, self._on_remote)
             answers = await self.teacher.collect(batch, [k for k, _, _, _ in items])
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - raised again in each waiting request
             answers = {k: e for k, _, _, _ in items}
         for key, _, _, future in items:
             if future.done():

@@ -82,7 +82,7 @@ class LlamaCppTeacher:
             if request.is_chat:
                 out = self.llm.create_chat_completion(request.message_dicts(), **kwargs)
             else:
-                out = self.llm.create_completion(request.prompt, **kwargs)
+                out = self.llm.create_completion(self._raw_prompt(request.prompt), **kwargs)
         except ValueError as e:  # the prompt does not fit the context window
             raise TeacherError(f"{self.model}: {e} (raise teacher.n_ctx)") from None
         choice = out["choices"][0]
@@ -95,6 +95,14 @@ class LlamaCppTeacher:
             usage["completion_tokens"],
             raw=out,
         )
+
+    def _raw_prompt(self, prompt: str) -> str | list[int]:
+        """A raw prompt as it is. One that starts with the BOS token itself (a chat template's
+        `bos_token`, as Magpie's prompts do) goes as tokens: llama.cpp would add a second BOS."""
+        if not self.llm.tokenize(b"", add_bos=True):  # this model gets no BOS anyway
+            return prompt
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return tokens if tokens[:1] == [self.llm.token_bos()] else prompt
 
     async def aclose(self) -> None:
         # Nothing to release early: the model is freed with the teacher, and a caller may go on

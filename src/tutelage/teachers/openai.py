@@ -5,7 +5,18 @@ Transient failures (429, 5xx, timeouts, dropped connections, garbled bodies) are
 exponential backoff and full jitter, honouring Retry-After; the others raise a TeacherError at once.
 The API key is read from the environment variable the configuration names, sent only in the
 Authorization header, and scrubbed from every message.
-Batch mode (/v1/files + /v1/batches, half price within 24 hours) is `openai_batch.OpenAIBatchTeacher`.
+
+Reasoning models (o-series, gpt-5) take `max_completion_tokens` and refuse sampling fields: those
+are not sent, and a model that refuses a field with a 400 (`unsupported_parameter` or
+`unsupported_value`) is asked again without it, a lesson kept for the rest of the run. The ledger
+keys a request as asked, not as sent. An answer without text (cut at the token limit before any,
+filtered, refused, or null) comes back with empty text and a finish reason saying why
+(`Completion.EMPTY_REASONS`); an answer without `usage` is counted here and marked as estimated.
+
+The HTTP client is aiohttp: about a sixth of httpx's CPU per request (see docs/benchmarks.md),
+which is what limits a client at high concurrency against a fast server.
+Batch mode (/v1/files + /v1/batches, half price within 24 hours) is
+`openai_batch.OpenAIBatchTeacher`.
 """
 
 from __future__ import annotations
@@ -13,40 +24,57 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import ipaddress
+import json
 import logging
-import math
 import os
 import random
 import re
+import ssl
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+import yarl
 
 from .base import Completion, Request, TeacherError
-from .prices import estimate_prompt_tokens, max_output_tokens
+from .prices import (
+    count_answer_tokens,
+    count_prompt_tokens,
+    estimate_prompt_tokens,
+    load_tokenizer,
+    max_output_tokens,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BACKOFF_CAP_S = 60.0
 RETRY_AFTER_CAP_S = 600.0
-LANE_SIZE = 4  # connections per httpcore pool (see LaneTransport)
 HINTS = {
     400: "the server rejected the request",
     401: "check the API key",
     403: "the key has no access to this model or endpoint",
     404: "unknown model or wrong base_url",
 }
-# Reasoning models take max_completion_tokens and reject max_tokens.
-REASONING_MODEL = re.compile(r"^(o\d|gpt-5)")
+# Reasoning models: o1, o3, o4-mini, gpt-5, gpt-5-mini, ... (not gpt-5-chat, a plain chat model).
+REASONING_MODEL = re.compile(r"^(o\d|gpt-5(?!.*-chat))")
+# What they refuse (OpenAI's reasoning guide); anything else they refuse is learnt from the 400.
+REASONING_REFUSES = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
+# The error codes of a 400 that names one field (`param`) the model does not take.
+REFUSED_FIELD = {"unsupported_parameter", "unsupported_value"}
 # Servers that answer an unknown model with 400 rather than 404 (LiteLLM, some routers).
 UNKNOWN_MODEL = re.compile(
     r"model.{0,80}(not found|does not exist|unknown|invalid)|"
     r"(unknown|invalid) model",
     re.IGNORECASE | re.DOTALL,
 )
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class APIError(TeacherError):
@@ -65,60 +93,30 @@ class Transient(Exception):
         self.wait = wait
 
 
-class _CountedStream(httpx.AsyncByteStream):
-    """A response body that tells its lane when it is done with."""
-
-    def __init__(self, stream: httpx.AsyncByteStream, done):
-        self._stream, self._done = stream, done
-
-    async def __aiter__(self):
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._stream.aclose()
-        finally:
-            self._done()
+# What a retry may fix at the transport level: refused, dropped or cut connections, timeouts.
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
-class LaneTransport(httpx.AsyncBaseTransport):
-    """Connections split over small pools ("lanes"), each request to the least busy lane.
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer, read whole. Its attribute names are httpx.Response's, so `_check` and
+    `server_message` read either."""
 
-    Why: httpcore's pool scans every connection at each request's start and end (with syscalls),
-    so one pool of 256 connections cost 18 ms of CPU per request in bench/teachers.py and capped
-    the client at about 60 requests/s; lanes of 4 cost under 1 ms.
-    """
+    status_code: int
+    headers: Mapping[str, str]  # case-insensitive
+    content: bytes
+    reason_phrase: str = ""
 
-    def __init__(self, connections: int, per_lane: int = LANE_SIZE):
-        n = max(1, math.ceil(connections / per_lane))
-        ssl_context = httpx.create_ssl_context()  # one for all lanes: each takes ~30 ms to make
-        limits = httpx.Limits(max_connections=math.ceil(connections / n))
-        self.lanes = [httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits) for _ in range(n)]
-        self.busy = [0] * n
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        i = min(range(len(self.lanes)), key=self.busy.__getitem__)
-        self.busy[i] += 1
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
 
-        def done() -> None:
-            self.busy[i] -= 1
-
-        try:
-            response = await self.lanes[i].handle_async_request(request)
-        except BaseException:
-            done()
-            raise
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_CountedStream(response.stream, done),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        for lane in self.lanes:
-            await lane.aclose()
+    def json(self) -> Any:
+        return json.loads(self.content)
 
 
 class RateLimit:
@@ -146,7 +144,7 @@ class RateLimit:
 
 def is_local(base_url: str) -> bool:
     """Loopback and private addresses: local servers, which need no key."""
-    host = httpx.URL(base_url).host
+    host = urlsplit(base_url).hostname or ""
     if host == "localhost":
         return True
     try:
@@ -156,7 +154,30 @@ def is_local(base_url: str) -> bool:
     return address.is_loopback or address.is_private
 
 
-def retry_after(headers: httpx.Headers) -> float | None:
+def proxy_for(base_url: str) -> str | None:
+    """The proxy the environment names for this URL (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, less
+    NO_PROXY), as httpx found it; none for a local server. Looked up once: aiohttp's trust_env
+    would look again for every request, in a thread."""
+    parts = urlsplit(base_url)
+    if is_local(base_url) or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
+
+
+def ssl_context() -> ssl.SSLContext:
+    """The system's certificates (SSL_CERT_FILE and SSL_CERT_DIR override them, through
+    OpenSSL), plus certifi's bundle where it is installed, as httpx had it."""
+    context = ssl.create_default_context()
+    try:
+        import certifi
+    except ImportError:
+        return context
+    context.load_verify_locations(certifi.where())
+    return context
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from Retry-After (seconds or an HTTP date) or retry-after-ms, if given."""
     if ms := headers.get("retry-after-ms"):
         try:
@@ -177,7 +198,7 @@ def retry_after(headers: httpx.Headers) -> float | None:
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 
-def server_message(response: httpx.Response) -> str:
+def server_message(response: Reply) -> str:
     """The error message in an error response, in OpenAI's shape or another server's."""
     try:
         data = response.json()
@@ -189,6 +210,40 @@ def server_message(response: httpx.Response) -> str:
             error = error.get("message") or error
         return str(error)[:300]
     return str(data)[:300]
+
+
+def refused_field(response: Reply) -> str | None:
+    """The field a 400 says the model does not take (OpenAI's `param`), if it says so."""
+    if response.status_code != 400:
+        return None
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(error, dict) and error.get("code") in REFUSED_FIELD:
+        param = error.get("param")
+        return param if isinstance(param, str) else None
+    return None
+
+
+def answer_text(choice: dict, chat: bool) -> tuple[str, str]:
+    """The answer's text and finish reason. An answer without text says why in its finish reason
+    (Completion.EMPTY_REASONS), so that no caller takes it for an empty answer."""
+    finish = choice.get("finish_reason") or "stop"
+    message = choice["message"] if chat else choice
+    text = message["content"] if chat else message["text"]
+    if not isinstance(text, (str, type(None))):
+        raise TypeError("the answer is not text")
+    if chat and message.get("refusal"):  # a reasoning model's refusal: the text is in `refusal`
+        return "", "refusal"
+    if finish == "content_filter":  # a filtered answer, perhaps cut short: none of it is kept
+        return "", "content_filter"
+    if not text:
+        if finish == "length":  # the token limit ran out first (a reasoning model's thinking)
+            return "", "length_empty"
+        if text is None:
+            return "", "null_content"
+    return text, finish
 
 
 class OpenAITeacher:
@@ -207,6 +262,7 @@ class OpenAITeacher:
         timeout_s: float = 120.0,
         max_retries: int = 6,
         backoff_s: float = 1.0,
+        reasoning_effort: str | None = None,
     ):
         self.model = model
         self.base_url = base_url.rstrip("/")
@@ -219,65 +275,156 @@ class OpenAITeacher:
             )
         self.concurrency, self.rpm, self.tpm = concurrency, rpm, tpm
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.reasoning_effort = reasoning_effort
+        # What this model is known not to take, from its name and then from its 400s (the
+        # lessons last as long as this teacher: one run). max_tokens is renamed, not dropped.
+        reasoning = bool(REASONING_MODEL.match(model.rsplit("/", 1)[-1].lower()))
+        self.refused: set[str] = set(REASONING_REFUSES) if reasoning else set()
+        self.max_tokens_field = "max_completion_tokens" if reasoning else "max_tokens"
+        self._urls: dict[str, yarl.URL] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: httpx.AsyncClient
+        self._client: aiohttp.ClientSession
+        self._closer: asyncio.Task
         self._slots: asyncio.Semaphore
         self._rpm: RateLimit | None
         self._tpm: RateLimit | None
 
-    def _session(self) -> httpx.AsyncClient:
-        """The client, semaphore and rate limits belong to one event loop; a teacher used from a
+    # -- the HTTP session -------------------------------------------------------------------------
+    def _session(self) -> aiohttp.ClientSession:
+        """The session, semaphore and rate limits belong to one event loop; a teacher used from a
         new loop (a second asyncio.run) gets fresh ones."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url + "/",
+            self._client = aiohttp.ClientSession(
                 headers=headers,
-                timeout=self.timeout_s,
-                transport=LaneTransport(self.concurrency),
+                connector=aiohttp.TCPConnector(
+                    limit=self.concurrency, ssl=ssl_context(), ttl_dns_cache=300
+                ),
+                # Per connection attempt and per read, as httpx counted: a long answer is fine as
+                # long as the server is not silent for timeout_s.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s
+                ),
+                cookie_jar=aiohttp.DummyCookieJar(),  # an API sets no cookie worth keeping
+                proxy=proxy_for(self.base_url),
             )
+            self._closer = loop.create_task(self._close_with_loop(self._client))
             self._slots = asyncio.Semaphore(self.concurrency)
             self._rpm = RateLimit(self.rpm) if self.rpm else None
             self._tpm = RateLimit(self.tpm) if self.tpm else None
             self._loop = loop
         return self._client
 
+    @staticmethod
+    async def _close_with_loop(session: aiohttp.ClientSession) -> None:
+        """Waits until cancelled, then closes `session`: asyncio.run cancels what is left when
+        its loop ends, so a caller that never calls aclose() leaves no open connection behind."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await session.close()
+
+    def url(self, path: str) -> yarl.URL:
+        """base_url/path, parsed once."""
+        if (url := self._urls.get(path)) is None:
+            url = self._urls[path] = yarl.URL(f"{self.base_url}/{path}")
+        return url
+
+    async def call(self, method: str, path: str, **options: Any) -> Reply:
+        """One HTTP call, its answer read whole. Transport failures raise (TRANSPORT_ERRORS)."""
+        async with self._session().request(method, self.url(path), **options) as response:
+            body = await response.read()
+            return Reply(response.status, response.headers, body, response.reason or "")
+
+    async def post_json(self, path: str, body: dict) -> Reply:
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return await self.call("POST", path, data=data, headers=JSON_HEADERS)
+
+    # -- requests ---------------------------------------------------------------------------------
     async def complete(self, requests: Sequence[Request]) -> list[Completion]:
+        if len(requests) == 1:  # the ledger's way: no gather for one
+            return [await self._complete_one(requests[0])]
         return list(await asyncio.gather(*(self._complete_one(r) for r in requests)))
 
-    def _body(self, request: Request) -> tuple[str, dict]:
+    def endpoint_path(self, request: Request) -> str:
+        return "chat/completions" if request.is_chat else "completions"
+
+    def _body(self, request: Request) -> dict:
+        """What is sent for `request`: its parameters, less what this model refuses."""
         body = {"model": self.model, **request.params()}  # our sampling names are OpenAI's
         if not body.get("stop"):
             body.pop("stop", None)
-        if REASONING_MODEL.match(self.model) and "max_tokens" in body:
-            body["max_completion_tokens"] = body.pop("max_tokens")
+        if self.reasoning_effort:
+            body["reasoning_effort"] = self.reasoning_effort
+        if "max_tokens" in body and self.max_tokens_field != "max_tokens":
+            body[self.max_tokens_field] = body.pop("max_tokens")
+        for name in self.refused.intersection(body):
+            del body[name]
         if request.is_chat:
-            return "chat/completions", {**body, "messages": request.message_dicts()}
-        return "completions", {**body, "prompt": request.prompt}
+            body["messages"] = request.message_dicts()
+        else:
+            body["prompt"] = request.prompt
+        return body
+
+    def learn(self, response: Reply, body: dict) -> str | None:
+        """A 400 refusing a field that `body` carries: remember not to send it (max_tokens: send
+        max_completion_tokens instead) and return its name; else None."""
+        name = refused_field(response)
+        if name is None or name not in body:
+            return None
+        if name == "max_tokens":
+            self.max_tokens_field = "max_completion_tokens"
+        else:
+            self.refused.add(name)
+        log.warning(
+            "%s refused %s (%s): sending it without from now on",
+            self.model,
+            name,
+            self._scrub(server_message(response)),
+        )
+        return name
 
     async def _complete_one(self, request: Request) -> Completion:
-        path, body = self._body(request)
-        tokens = estimate_prompt_tokens(request) + max_output_tokens(request)  # as OpenAI counts
-
-        async def send(client: httpx.AsyncClient, attempt: int) -> Completion:
-            response = await client.post(path, json=body)
-            self._check(response, where, attempt)
-            try:
-                return self._completion(response.json(), request.is_chat, attempt)
-            except (ValueError, LookupError, TypeError, AttributeError):
-                raise Transient("malformed response body") from None
-
+        path = self.endpoint_path(request)
         where = f"{self.base_url}/{path} ({self.model})"
+        resent: list[str] = []  # fields the model refused, each sent once more without
+
+        async def send(attempt: int) -> Completion:
+            while True:
+                body = self._body(request)
+                response = await self.post_json(path, body)
+                if not response.is_success and (refused := self.learn(response, body)):
+                    resent.append(refused)  # a finite body: this loop ends
+                    continue
+                self._check(response, where, attempt)
+                try:
+                    data = response.json()
+                    if not isinstance(data, dict):
+                        raise TypeError("not an object")
+                except (ValueError, TypeError):
+                    raise Transient("malformed response body") from None
+                if not data.get("usage"):
+                    await load_tokenizer(self.model)  # to count the tokens; once per process
+                try:
+                    return self._completion(data, request.is_chat, attempt, body, resent)
+                except (ValueError, LookupError, TypeError, AttributeError):
+                    raise Transient("malformed response body") from None
+
+        tokens = 0
+        if self.tpm:  # as OpenAI counts a request against the limit
+            tokens = estimate_prompt_tokens(request) + max_output_tokens(request)
         self._session()
         async with self._slots:
             return await self.with_retries(send, where, tokens=tokens)
 
-    async def with_retries(self, send, where: str, *, tokens: int = 0):
-        """`await send(client, attempt)` until it returns, retrying what a retry may fix: transport
+    async def with_retries(
+        self, send: Callable[[int], Awaitable[T]], where: str, *, tokens: int = 0
+    ) -> T:
+        """`await send(attempt)` until it returns, retrying what a retry may fix: transport
         failures and `Transient` (raised by `_check` for 429/5xx, or by `send` for a garbled body).
         Every attempt waits its turn in the requests- and tokens-per-minute limits."""
-        client = self._session()
+        self._session()
         attempt = 0
         while True:
             attempt += 1
@@ -286,22 +433,20 @@ class OpenAITeacher:
             if self._tpm and tokens:
                 await self._tpm.take(tokens)
             try:
-                return await send(client, attempt)
-            except httpx.TransportError as e:  # timeouts, refused and dropped connections
+                return await send(attempt)
+            except TRANSPORT_ERRORS as e:  # timeouts, refused and dropped connections
                 problem, wait = type(e).__name__ + (f": {e}" if str(e) else ""), None
             except Transient as e:
                 problem, wait = str(e), e.wait
+            problem = self._scrub(problem)
             if attempt > self.max_retries:
-                raise APIError(
-                    self._scrub(f"{where}: gave up after {attempt} attempts; last: {problem}"),
-                    attempt,
-                )
+                raise APIError(f"{where}: gave up after {attempt} attempts; last: {problem}", attempt)
             if wait is None:  # exponential backoff with full jitter
                 wait = random.uniform(0, min(BACKOFF_CAP_S, self.backoff_s * 2**attempt / 2))
             log.warning("%s: %s; retry %d in %.1fs", where, problem, attempt, wait)
             await asyncio.sleep(wait)
 
-    def _check(self, response: httpx.Response, where: str, attempt: int = 1) -> None:
+    def _check(self, response: Reply, where: str, attempt: int = 1) -> None:
         """Return on success; raise Transient for what a retry may fix, else APIError."""
         if response.is_success:
             return
@@ -316,24 +461,56 @@ class OpenAITeacher:
         raise APIError(f"{where}: {problem}" + (f" ({hint})" if hint else ""), attempt)
 
     @staticmethod
-    def _retryable(response: httpx.Response) -> bool:
+    def _retryable(response: Reply) -> bool:
         if response.status_code == 429:
             # OpenAI says 429 for an exhausted quota too: no wait will fix that.
             return "insufficient_quota" not in response.text
         return response.status_code in (408, 409) or response.status_code >= 500
 
-    def _completion(self, data: dict, chat: bool, attempts: int) -> Completion:
-        choice = data["choices"][0]
-        text = choice["message"]["content"] if chat else choice["text"]
-        if not isinstance(text, (str, type(None))):
-            raise TypeError("the answer is not text")
-        usage = data.get("usage") or {}
+    def _completion(
+        self,
+        data: dict,
+        chat: bool,
+        attempts: int,
+        body: dict | None = None,
+        resent: Sequence[str] = (),
+    ) -> Completion:
+        """The Completion in an answer body. `body`: the request as sent, to count its prompt
+        when the answer has no usage."""
+        text, finish = answer_text(data["choices"][0], chat)
+        raw: dict = {"attempts": attempts, "response": data}
+        if resent:
+            raw["resent_without"] = list(resent)
+        usage = data.get("usage")
+        if usage:
+            tokens_in = usage.get("prompt_tokens") or 0
+            tokens_out = usage.get("completion_tokens") or 0
+            details = usage.get("completion_tokens_details") or {}
+            reasoning = details.get("reasoning_tokens") or 0
+            # OpenAI counts reasoning in completion_tokens (billed as output). A server whose
+            # reasoning count exceeds it must have left it out: add it, or it is paid unseen.
+            if reasoning > tokens_out:
+                tokens_out += reasoning
+            estimated = False
+        else:
+            # No usage: count what can be seen (the prompt, the answer) with the model's
+            # tokenizer, or estimate it; hidden reasoning tokens cannot be counted at all.
+            tokens_in, _ = count_prompt_tokens(self.model, body or {})
+            tokens_out, method = count_answer_tokens(self.model, text)
+            reasoning, estimated = 0, True
+            raw["usage_counted_by"] = method
+        if reasoning:
+            raw["reasoning_tokens"] = reasoning
+        if estimated:
+            raw["usage_estimated"] = True
         return Completion(
-            text or "",
-            choice.get("finish_reason") or "stop",
-            usage.get("prompt_tokens", 0),
-            usage.get("completion_tokens", 0),
-            raw={"attempts": attempts, "response": data},
+            text,
+            finish,
+            tokens_in,
+            tokens_out,
+            raw=raw,
+            reasoning_tokens=reasoning,
+            usage_estimated=estimated,
         )
 
     def _scrub(self, text: str) -> str:
@@ -342,5 +519,6 @@ class OpenAITeacher:
 
     async def aclose(self) -> None:
         if self._loop is not None:
-            await self._client.aclose()
+            self._closer.cancel()
+            await self._client.close()
             self._loop = None

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..chat_template import MARKER
 from ..config import EMBEDDED
 from ..model_files import ModelNotFound
 from .base import Completion, Request, TeacherError
@@ -135,7 +136,7 @@ class VLLMTeacher:
                     self._fill(answers, chat, outputs)
                 if plain:
                     outputs = self.llm.generate(
-                        [requests[i].prompt for i in plain],
+                        [self._raw_prompt(requests[i].prompt) for i in plain],
                         sampling_params=[self.sampling_params(requests[i]) for i in plain],
                         use_tqdm=False,
                     )
@@ -149,6 +150,18 @@ class VLLMTeacher:
                 )
                 raise TeacherError(f"{self.model}: {e}{hint}") from None
         return answers
+
+    def _raw_prompt(self, prompt: str) -> str | dict:
+        """A raw prompt as it is. One that starts with the BOS token itself (a chat template's
+        `bos_token`, as Magpie's prompts do) goes as tokens: vLLM's tokenizer would add a second
+        BOS to the text."""
+        if not MARKER.match(prompt):  # only a control token (<s>, <|begin_of_text|>) can be BOS
+            return prompt
+        tokenizer = self.llm.get_tokenizer()
+        bos = getattr(tokenizer, "bos_token", None)
+        if not (bos and prompt.startswith(bos)):
+            return prompt
+        return {"prompt_token_ids": tokenizer.encode(prompt, add_special_tokens=False)}
 
     def _fill(self, answers: list, indices: list[int], outputs: list) -> None:
         if len(outputs) != len(indices):

@@ -1,0 +1,353 @@
+"""The loss of a batch: the student's log-probabilities at the response positions, scored by one
+per-position loss summed over them (today cross-entropy on the labels).
+
+The output head is where the memory goes. Gemma 3's is 262,144 x 640: one fp32 row of logits per
+position is 1 MB, so a batch's 1,000-odd response positions make a gigabyte per logits tensor, and
+the log-softmax and the backward hold several. So the head never sees a whole batch:
+
+  1. the model runs once, through its own forward (and through whatever wraps it: peft, DDP,
+     FSDP), and a hook on its output head takes the final hidden states of the scored positions,
+     letting the head itself project none of them (`response_hidden`);
+  2. the hidden states go through the head a chunk of positions at a time; each chunk's logits
+     are scored by the per-position loss and freed before the next chunk, and recomputed in the
+     backward pass (`torch.utils.checkpoint`), so at most one chunk's [positions x vocab] exists
+     at a time (`chunked_loss_sum`).
+
+The per-position loss is a plain function of rows: the chunk's log-probs (positions, vocab) and its
+targets, a dict of tensors sliced row for row alongside. Cross-entropy reads `labels`; a
+distillation loss reads a teacher's top-k log-probs from the same dict and plugs in the same way.
+
+On CUDA with liger-kernel installed (the `gpu` extra), plain cross-entropy goes through liger's
+fused linear cross-entropy instead, which does the same chunking in Triton kernels. A family whose
+forward changes the logits after the head in a way `finish_logits` does not know is checked once
+(`head_is_exact`) and scored the old way, its response positions' logits all at once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, Example, collate
+
+# The loss summed over some scored positions, from the student's log-probabilities there
+# (positions, vocab) and what each position is scored against, row for row: {"labels": ...}.
+PositionLoss = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+# Positions projected onto the vocabulary at once. With Gemma's 262k vocabulary one fp32 logits
+# tensor of a chunk is 256 MB; the backward of a chunk holds about three.
+CHUNK_POSITIONS = 256
+
+# What a batch feeds the model; every other tensor in it is a per-token target laid out like
+# `labels` (index t describes token t, so the position before it is scored against it).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def cross_entropy(logprobs: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed negative log-likelihood of the labels: with the log-softmax before it, exactly what
+    F.cross_entropy computes (it is those two steps)."""
+    return F.nll_loss(logprobs, targets["labels"], reduction="sum")
+
+
+# -- the scored positions -----------------------------------------------------------------------
+def response_targets(
+    batch: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Which positions of a batch (padded or packed) are scored: a (batch, length) mask of those
+    that predict a response token, and their targets, one row per scored position in the order
+    the mask picks them (row-major)."""
+    shifted = {k: v[:, 1:] for k, v in batch.items() if k not in MODEL_INPUTS}  # t predicts t + 1
+    scored = shifted["labels"] != IGNORE
+    keep = torch.cat([scored, scored.new_zeros(len(scored), 1)], dim=1)
+    return keep, {k: v[scored] for k, v in shifted.items()}
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's or DeepSpeed's wrapper (peft's wrapper and FSDP2 pass through:
+    they answer `get_output_embeddings` and `config` themselves)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def response_hidden(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The final hidden states (positions, hidden) of the positions that predict a response token,
+    and their targets row for row.
+
+    The model runs its own forward, so every wrapper and family does what it always does; with
+    `logits_to_keep` the forward gathers the scored positions itself, and the hook on the head
+    takes them and hands the head zero rows, so the forward computes no logits at all."""
+    keep, targets = response_targets(batch)
+    head = unwrapped(model).get_output_embeddings()
+    taken = []
+
+    def take_rows(module, args):
+        taken.append(args[0])
+        return (args[0][:0], *args[1:])
+
+    handle = head.register_forward_pre_hook(take_rows)
+    try:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        model(**inputs, logits_to_keep=keep, use_cache=False)
+    finally:
+        handle.remove()
+    n = int(keep.sum())
+    if len(taken) != 1 or taken[0].shape[:-1] != (n,):
+        raise ValueError(
+            f"{type(unwrapped(model)).__name__}: its forward did not pass the {n} kept positions "
+            "through its output head once; the chunked loss cannot score it"
+        )
+    return taken[0], targets
+
+
+def finish_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What a causal LM's forward does to the head's output: Gemma 2 and 3 cap the logits softly
+    (tanh) where the config says so; the other families tested use them as they are."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text_config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+# Models checked by head_is_exact, and the answer (checked once: a tiny forward).
+_EXACT_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def head_is_exact(model: torch.nn.Module) -> bool:
+    """Whether `finish_logits` of the output head's output is what the model's forward returns
+    as logits: true of every family that only projects (and perhaps soft-caps), false of one that
+    scales or slices its logits some other way (Cohere, Granite, ...), or does not call its head
+    module at all. Checked once per model, in eval mode, on four tokens."""
+    inner = unwrapped(model)
+    if inner in _EXACT_HEADS:
+        return _EXACT_HEADS[inner]
+    head = inner.get_output_embeddings()
+    outputs = []
+    handle = head.register_forward_hook(lambda module, args, output: outputs.append(output))
+    was_training = inner.training
+    inner.eval()
+    try:
+        device = next(inner.parameters()).device
+        logits = inner(
+            input_ids=torch.tensor([[1, 2, 3, 4]], device=device), use_cache=False
+        ).logits
+        ours = finish_logits(inner.config, outputs[0]) if len(outputs) == 1 else None
+        exact = ours is not None and ours.shape == logits.shape and torch.allclose(ours, logits)
+    except Exception:  # noqa: BLE001 - a probe of arbitrary model code: no means the old way
+        exact = False
+    finally:
+        handle.remove()
+        inner.train(was_training)
+    _EXACT_HEADS[inner] = exact
+    return exact
+
+
+# -- the loss, a chunk of positions at a time ---------------------------------------------------
+def chunk_loss(
+    project: Callable[[torch.Tensor], torch.Tensor],
+    position_loss: PositionLoss,
+    hidden: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """The loss of one chunk: its logits, their fp32 log-softmax, scored against its targets."""
+    return position_loss(F.log_softmax(project(hidden).float(), dim=-1), targets)
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """The summed loss of all rows of `hidden`, a chunk at a time, its gradients computed in the
+    forward pass: each chunk's logits are made, scored, differentiated (with respect to the
+    chunk's hidden states and the head's trainable parameters) and freed before the next chunk.
+    The backward pass only scales the stored gradients by the incoming one (the loss is a sum).
+
+    So at most one chunk's [positions x vocab] exists at a time, and nothing is recomputed: the
+    same matrix products as projecting everything at once (recomputing the chunks in the backward
+    pass, as a checkpoint would, costs one more head projection, which is more than the whole rest
+    of Gemma-270M's forward). Dropout on a LoRA-wrapped head is drawn once, in the forward.
+
+    Inputs: hidden (positions, hidden), targets (a dict sliced row for row), project (hidden rows
+    -> logits, through the head's own module), position_loss, chunk_positions, then the head's
+    trainable parameters, the tensors `project` uses that need a gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, project, position_loss, chunk_positions, *params):
+        wants_hidden, wants_params = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
+        wanted = [p for p, wants in zip(params, wants_params) if wants]
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
+        # fp32 sums over the chunks, as autograd's one product over all rows would accumulate
+        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in wanted]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(hidden), chunk_positions):
+            rows = slice(start, start + chunk_positions)
+            chunk = hidden[rows].detach().requires_grad_(wants_hidden)
+            with torch.enable_grad():
+                loss = chunk_loss(project, position_loss, chunk, slice_rows(targets, rows))
+            if wants_hidden or wanted:
+                grads = torch.autograd.grad(
+                    loss, [chunk] * wants_hidden + wanted, allow_unused=True, materialize_grads=True
+                )
+                if wants_hidden:
+                    grad_hidden[rows], grads = grads[0], grads[1:]
+                for into, grad in zip(grad_params, grads):
+                    into += grad
+            total += loss.detach()
+        ctx.wants_params = wants_params
+        ctx.save_for_backward(
+            grad_hidden, *(g.to(p.dtype) for p, g in zip(wanted, grad_params))
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        grad_params = iter(grad_params)
+        return (
+            None if grad_hidden is None else grad_hidden * grad_total,
+            None,
+            None,
+            None,
+            None,
+            *(next(grad_params) * grad_total if wants else None for wants in ctx.wants_params),
+        )
+
+
+def slice_rows(targets: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in targets.items()}
+
+
+def chunked_loss_sum(
+    head: torch.nn.Module,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    position_loss: PositionLoss = cross_entropy,
+    chunk_positions: int = CHUNK_POSITIONS,
+) -> torch.Tensor:
+    """`position_loss` summed over all rows of `hidden` (positions, hidden), projected onto the
+    vocabulary by `project` (the output `head` and what the model does after it)
+    `chunk_positions` rows at a time, never more."""
+    if not torch.is_grad_enabled():  # evaluation: score the chunks, keep nothing
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, len(hidden), chunk_positions):
+            rows = slice(start, start + chunk_positions)
+            total += chunk_loss(project, position_loss, hidden[rows], slice_rows(targets, rows))
+        return total
+    params = [p for p in head.parameters() if p.requires_grad]
+    return ChunkedHeadLoss.apply(hidden, targets, project, position_loss, chunk_positions, *params)
+
+
+# -- liger-kernel's fused linear cross-entropy, on CUDA -----------------------------------------
+def liger_cross_entropy_function():
+    """liger-kernel's functional fused linear cross-entropy, or None where it is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def liger_applies(
+    head: torch.nn.Module, device: torch.device, position_loss: PositionLoss, installed: bool
+) -> bool:
+    """Whether liger's kernel scores this batch: plain cross-entropy, on CUDA, with liger installed,
+    and a head that is one whole plain weight (not a LoRA-wrapped head, whose adapter liger would
+    skip; not a weight sharded by FSDP or partitioned by DeepSpeed ZeRO-3, which its kernel would
+    read as it is)."""
+    if not (installed and position_loss is cross_entropy and torch.device(device).type == "cuda"):
+        return False
+    if type(head) is not torch.nn.Linear:
+        return False
+    weight = head.weight
+    return (
+        type(weight.data) is torch.Tensor
+        and tuple(weight.shape) == (head.out_features, head.in_features)
+        and not hasattr(weight, "ds_id")
+    )
+
+
+def liger_loss_sum(head: torch.nn.Linear, config, hidden, targets) -> torch.Tensor:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return liger_cross_entropy_function()(
+        hidden,
+        head.weight,
+        targets["labels"],
+        bias=head.bias,
+        reduction="sum",
+        softcap=getattr(text_config, "final_logit_softcapping", None),
+        accum_dtype=torch.float32,  # the head's gradient summed over chunks in fp32, as autograd does
+    )
+
+
+# -- the loss of a batch ------------------------------------------------------------------------
+def response_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's log-probabilities (fp32) at the positions that predict a response token of a
+    batch, one row each, and their targets: all of them at once, from the model's own logits.
+
+    The path for a family `head_is_exact` refuses, and the reference the chunked loss is tested
+    against; the loss itself never needs all the rows at once."""
+    keep, targets = response_targets(batch)
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (scored, vocab)
+    return F.log_softmax(logits.float(), dim=-1), targets
+
+
+def loss_sum(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    position_loss: PositionLoss = cross_entropy,
+    chunk_positions: int = CHUNK_POSITIONS,
+) -> tuple[torch.Tensor, int]:
+    """The loss summed over the response tokens of a batch, and how many there are: liger's fused
+    kernel for cross-entropy on CUDA where installed, else the chunked head."""
+    if not head_is_exact(model):
+        logprobs, targets = response_logprobs(model, batch)
+        return position_loss(logprobs, targets), len(logprobs)
+    inner = unwrapped(model)
+    head = inner.get_output_embeddings()
+    hidden, targets = response_hidden(model, batch)
+    installed = liger_cross_entropy_function() is not None
+    if liger_applies(head, hidden.device, position_loss, installed):
+        return liger_loss_sum(head, inner.config, hidden, targets), len(hidden)
+    project = lambda rows: finish_logits(inner.config, head(rows))  # noqa: E731
+    loss = chunked_loss_sum(head, project, hidden, targets, position_loss, chunk_positions)
+    return loss, len(hidden)
+
+
+@torch.no_grad()
+def eval_loss(
+    model: torch.nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    accelerator=None,
+) -> float | None:
+    """Mean loss per response token over `examples` (None when there are none). Under several
+    processes each scores its share of every batch, and all run the same number of forwards
+    (sharded models need every process in every forward)."""
+    if not examples:
+        return None
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    model.eval()
+    total, n = 0.0, 0
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
+    for i in range(0, len(ordered), batch_size):
+        part = ordered[i : i + batch_size]
+        mine = part[rank::world]
+        batch = {k: v.to(device) for k, v in collate(mine or part[:1], pad_id).items()}
+        loss, count = loss_sum(model, batch)
+        if mine:
+            total, n = total + loss.item(), n + count
+    model.train()
+    if world > 1:
+        total, n = accelerator.reduce(
+            torch.tensor([total, n], dtype=torch.float64, device=device), "sum"
+        ).tolist()
+    return total / n
