@@ -164,7 +164,7 @@ class Slots:
 
 class RawProtocol(asyncio.Protocol):
     """HTTP/1.1 with keep-alive and Content-Length bodies; the answers on one connection go out in
-    request order (pipelining works, though httpx does not pipeline)."""
+    request order (pipelining works, though neither aiohttp nor httpx pipelines)."""
 
     def __init__(self, slots: Slots, stats: Stats):
         self.slots, self.stats = slots, stats

@@ -42,7 +42,8 @@ Run: `python bench/recipes.py --markdown --out bench-recipes.md` (about 1.5-2 ho
 cores with the defaults; see docs/benchmarks.md). Options: --recipes a,b,... (all six),
 --gen-seconds S (240), --steps N (30), --eval-items N (40), --answer-prompts N (2000), --threads T
 (2: llama.cpp and torch), --seed S, --markdown, --out FILE (also write the tables as Markdown),
---json FILE (the raw figures), --keep DIR (keep the run folders and logs there).
+--json FILE (the raw figures), --keep DIR (keep the run folders and logs there; a reference
+run already there is resumed, so its answers are reused).
 The machine is shared and noisy: compare recipes within one run, on a quiet machine.
 """
 
@@ -168,8 +169,10 @@ def last_line(log: Path) -> str:
 
 # -- the runs -----------------------------------------------------------------------------------
 def run_reference(folder: Path, args: argparse.Namespace) -> dict:
-    """The base student's and the teacher's answers to the evaluation set, once for all."""
-    folder.mkdir(parents=True)
+    """The base student's and the teacher's answers to the evaluation set, once for all. An
+    earlier reference in `folder` (--keep) is resumed: its stored answers are reused as long as
+    their fingerprints match, so it costs seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
     config = write_config(folder / "config.yaml", args, {})
     run, log = folder / "run", folder / "log.txt"
     console.print("[bold]reference[/]: base student and teacher answer the set", highlight=False)
@@ -495,8 +498,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="tutelage-bench-recipes-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        if args.keep and any(folder.iterdir()):
-            raise SystemExit(f"bench/recipes.py: {folder} is not empty; name a new --keep folder")
+        taken = [name for name in args.recipes.split(",") if (folder / name).exists()]
+        if taken:
+            raise SystemExit(
+                f"bench/recipes.py: {folder} already holds {', '.join(taken)}; remove them or "
+                "name another --keep folder (a reference there is reused)"
+            )
         reference = run_reference(folder / "reference", args)
         for name in args.recipes.split(","):
             changes = dict(VARIANTS[name])

@@ -1,6 +1,7 @@
 """Teacher throughput: the HTTP client against a mock server, and the local backends.
 
-1. HTTP (`OpenAITeacher`): a mock OpenAI-compatible server (bench/mock_openai.py, its own process,
+1. HTTP (`OpenAITeacher`, on aiohttp): a mock OpenAI-compatible server (bench/mock_openai.py, its
+   own process,
    127.0.0.1) answers every request after a fixed latency (0.2 s) with `slots` requests at most in
    flight (256), so its capacity is slots / latency = 1,280 requests/s. At concurrency c the ideal
    is min(c, slots) / latency; we send max(20, rounds x c) distinct chat requests (no cache hits)
@@ -8,8 +9,9 @@
    CPU seconds per 1,000 requests (getrusage of this process; the server's CPU is its own). Two
    ways: the bare teacher (`teacher.complete`, teacher concurrency c) and through the request
    ledger as the pipeline calls it (`Ledger(teacher, store, concurrency=c).complete_many`, SQLite
-   writes before and after each request). First the mock alone, driven by a bare asyncio client,
-   shows the ceiling the mock and this way of measuring allow.
+   writes before and after each request); "ledger share" is the part of the client's CPU per
+   request that the ledger adds. First the mock alone, driven by a bare asyncio client, shows the
+   ceiling the mock and this way of measuring allow.
 2. Local backends on the embedded teacher (SmolLM2-135M-Instruct Q4_1, 2 threads): generated
    tokens/s of `LlamaCppTeacher`, bare and through the ledger, against llama-cpp-python called
    directly (goal: at least 0.95); the direct baseline runs in a process of its own (see the note
@@ -189,6 +191,7 @@ def bench_http(
         "fraction",
         f">= {HTTP_GOAL}",
         "client CPU s/1k",
+        "ledger share",
         "server CPU s/1k",
     ):
         table.add_column(col, justify="right")
@@ -209,6 +212,9 @@ def bench_http(
                 )
                 server_cpu = mock.stats()["cpu_s"] - before["cpu_s"]
                 fraction = n / wall / ideal
+                share = ""  # of the client's CPU per request through the ledger, the ledger's
+                if mode == "ledger" and rows and rows[-1]["c"] == c:
+                    share = f"{1 - rows[-1]['cpu_per_1k'] / (1000 * cpu / n):.0%}"
                 rows.append(
                     {
                         "c": c,
@@ -230,6 +236,7 @@ def bench_http(
                     f"{fraction:.3f}",
                     mark(fraction >= HTTP_GOAL),
                     f"{1000 * cpu / n:.2f}",
+                    share,
                     f"{1000 * server_cpu / n:.3f}",
                 )
                 console.print(f"  c={c} {mode}: {n / wall:.0f} req/s", style="dim")

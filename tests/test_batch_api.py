@@ -135,6 +135,118 @@ def test_a_failed_line_fails_its_request_only_and_a_rerun_resubmits_just_that_on
     assert server.files[second["input_file_id"]].count(b"custom_id") == 1
 
 
+def attempts(server: FaultServer) -> list[str | None]:
+    """Each batch's attempt tag, oldest first (None: the first try)."""
+    return [(b["metadata"] or {}).get("tutelage_attempt") for b in server.batches.values()]
+
+
+def test_a_failing_line_goes_again_on_each_rerun_until_max_retries_then_stays_failed(
+    server, tmp_path
+):
+    requests = [chat("task 0"), chat("task FAIL"), chat("task 2")]
+
+    def rerun():
+        with Store(tmp_path / "run") as store:
+            with pytest.raises(TeacherError) as err:
+                ask(Ledger(batch_teacher(server, max_retries=3), store), *requests)
+            return str(err.value), {r["key"]: r for r in rows(store)}
+
+    rerun()  # the first run: two answers, one failure
+    for attempt in (1, 2, 3):  # three reruns in a row: the failed line, alone, tries again
+        error, stored = rerun()
+        assert len(server.batches) == 1 + attempt
+        last = list(server.batches.values())[-1]
+        assert server.files[last["input_file_id"]].count(b"custom_id") == 1
+        assert "HTTP 400: bad request line" in error
+    assert attempts(server) == [None, None, "2", "3"]
+    failed = [r for r in stored.values() if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["attempts"] == 3
+
+    # Failed in max_retries batches: its errors stand, and nothing more is paid for.
+    error, stored = rerun()
+    assert len(server.batches) == 4 and calls(server, "POST", "/files") == 4
+    assert "failed in 3 batches, teacher.max_retries: not sent again" in error
+    assert [r["status"] for r in stored.values()].count("done") == 2
+
+
+def test_a_line_that_fails_twice_is_answered_on_the_second_rerun(server, store):
+    server.flaky_failures = 2
+    requests = [chat("task 0"), chat("task FLAKY")]
+    for _ in range(2):
+        with pytest.raises(TeacherError, match="bad request line"):
+            ask(Ledger(batch_teacher(server), store), *requests)
+    results = ask(Ledger(batch_teacher(server), store), *requests)
+    assert [r.completion.text for r in results] == ["echo: task 0", "echo: task FLAKY"]
+    assert [r.cached for r in results] == [True, False]
+    assert attempts(server) == [None, None, "2"]
+
+
+def test_a_batch_that_ended_before_it_was_collected_is_collected_not_resubmitted(server, store):
+    """The run died after creating the batch; it ended, one line failed, while nobody waited."""
+    teacher = batch_teacher(server)
+    requests = [chat("task 0"), chat("task FAIL")]
+    keys = [Ledger(teacher, store).key(r) for r in requests]
+    created = asyncio.run(teacher.submit(requests, keys))
+    asyncio.run(teacher.wait(created["id"]))  # completed, one answer and one failure
+
+    with pytest.raises(TeacherError, match="bad request line"):
+        ask(Ledger(batch_teacher(server), store), *requests)
+    assert list(server.batches) == [created["id"]]
+    assert [r["status"] for r in rows(store)] == ["done", "failed"]
+
+
+def test_finalizing_is_waited_through(server, store):
+    server.finalizing_polls = 2
+    ledger = Ledger(batch_teacher(server), store)
+    updates = []
+    ledger.on_remote_update = lambda b: updates.append(b["status"])
+    [result] = ask(ledger, chat("a"))
+    assert result.completion.text == "echo: a"
+    assert updates[-2:] == ["finalizing", "completed"]
+
+
+def test_a_cancelled_batch_keeps_what_it_answered_and_the_rest_goes_again(server, store):
+    server.batch_end = "cancelled"
+    requests = [chat(f"task {i}") for i in range(4)]
+    ledger = Ledger(batch_teacher(server), store)
+    updates = []
+    ledger.on_remote_update = lambda b: updates.append(b["status"])
+    with pytest.raises(TeacherError, match="before the batch was cancelled"):
+        ask(ledger, *requests)
+    assert updates[-2:] == ["cancelling", "cancelled"]
+    assert [r["status"] for r in rows(store)] == ["done", "done", "failed", "failed"]
+
+    server.batch_end = "completed"
+    results = ask(Ledger(batch_teacher(server), store), *requests)
+    assert [r.cached for r in results] == [True, True, False, False]
+    assert len(server.batches) == 2
+
+
+def test_the_batch_list_is_paged_to_find_an_unrecorded_batch(server, store):
+    teacher = batch_teacher(server)
+    requests = [chat(f"task {i}") for i in range(2)]
+    keys = [Ledger(teacher, store).key(r) for r in requests]
+    created = asyncio.run(teacher.submit(requests, keys))  # the run died before recording it
+    for i in range(250):  # then the account made 250 more batches
+        server.add_batch("/v1/chat/completions", "file-x", metadata={"other": str(i)})
+
+    results = ask(Ledger(batch_teacher(server), store), *requests)
+    assert [r.completion.text for r in results] == ["echo: task 0", "echo: task 1"]
+    assert calls(server, "POST", "/batches") == 1  # found on the third page, not sent again
+    pages = [r["path"] for r in server.requests if r["path"].startswith("/v1/batches?")]
+    assert len(pages) == 4  # 1 when it was made (the account was empty), 3 to find it again
+    assert "after=batch-" in pages[-1]
+    assert [r["remote_batch"] for r in rows(store)] == [created["id"]] * 2
+
+
+def test_a_batch_answer_without_usage_is_counted_from_the_request_it_answers(server, store):
+    server.send_usage = False
+    [result] = ask(Ledger(batch_teacher(server), store), chat("twelve chars"))
+    c = result.completion
+    assert c.usage_estimated and c.raw["usage_estimated"] and c.raw["batch"]
+    assert c.tokens_in > 0 and c.tokens_out > 0
+
+
 def test_an_expired_batch_keeps_what_it_answered_and_the_rest_goes_again(server, store):
     server.batch_end = "expired"
     requests = [chat(f"task {i}") for i in range(4)]

@@ -175,6 +175,12 @@ def test_operators_are_drawn_uniformly_and_the_same_on_every_run():
         ("**Rewritten task:** Write a haiku.", "stop", ("Write a haiku.", None)),
         ("Created task:\n<<<\nWrite a haiku.\n>>>", "stop", ("Write a haiku.", None)),
         ("Rewritten Prompt\nWrite a haiku.", "stop", ("Write a haiku.", None)),
+        # the starting task repeated, then a label line: the rewrite follows the label
+        (
+            "<<<\nWrite a poem.\n\n**Rewrite:**\nWrite a haiku about frost.",
+            "stop",
+            ("Write a haiku about frost.", None),
+        ),
         # words that only look like a label are the task
         (
             "New task management apps abound: compare three.",
@@ -377,11 +383,12 @@ def test_every_elimination_rule_stores_its_reason_code(cfg, tmp_path, chat):
     )
     # every request evolved its own member, in order, in round 0
     assert [parent_of(p) for p in teacher.prompts] == pool
-    assert [r["evolution"]["parent"] for r in records] == pool
+    assert [r["detail"]["evolution"]["parent"] for r in records] == pool
     assert all(
-        r["evolution"]["round"] == 0 and r["evolution"]["parent_key"] is None for r in records
+        r["detail"]["evolution"]["round"] == 0 and "parent_id" not in r["detail"]["evolution"]
+        for r in records
     )
-    assert [r["evolution"]["operator"] for r in records] == [
+    assert [r["detail"]["evolution"]["operator"] for r in records] == [
         evol_instruct.draw_operator(cfg.seed, 0, j, cfg.generation.operators)
         for j in range(len(pool))
     ]
@@ -424,7 +431,9 @@ def test_survivors_evolve_further_and_an_eliminated_evolution_keeps_its_parent(c
 
     # round 1 rewrites the survivors: member 0's evolution, and the parents of the other two
     assert [parent_of(p) for p in teacher.prompts] == [*POOL, evo0, POOL[1], POOL[2]]
-    assert [(r["evolution"]["round"], r["evolution"]["parent"]) for r in records] == [
+    assert [
+        (r["detail"]["evolution"]["round"], r["detail"]["evolution"]["parent"]) for r in records
+    ] == [
         (0, POOL[0]),
         (0, POOL[1]),
         (0, POOL[2]),
@@ -432,9 +441,11 @@ def test_survivors_evolve_further_and_an_eliminated_evolution_keeps_its_parent(c
         (1, POOL[1]),
         (1, POOL[2]),
     ]
-    assert [r["evolution"]["parent_key"] for r in records] == [None] * 3 + [("new", 0, 0)] + [
-        None
-    ] * 2  # request 0's task, or a file prompt
+    # the stored parent: request 0's task, or none for a file prompt
+    first_task = store.examples()[0]["id"]
+    assert [r["detail"]["evolution"].get("parent_id") for r in records] == [None] * 3 + [
+        first_task
+    ] + [None] * 2
     assert [r["reason"] for r in records] == [
         None,
         "no_information_gain",
@@ -467,7 +478,7 @@ def test_the_pool_from_the_seeds_holds_their_inputs(cfg, tmp_path):
         "Name a primary colour.",
     ]
     seed_ids = [s["id"] for s in store.seeds()]
-    assert [r["evolution"]["parent_key"] for r in records[:2]] == [("id", i) for i in seed_ids]
+    assert [r["detail"]["evolution"]["parent_id"] for r in records[:2]] == seed_ids
 
 
 def test_the_pool_from_a_run_folder_is_its_kept_tasks(cfg, tmp_path):
@@ -629,7 +640,8 @@ def test_concurrency_up_to_the_pool_size_is_deterministic(cfg, tmp_path):
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_evol_instruct_on_the_embedded_teacher(tmp_path):
-    """One round of a few evolutions on SmolLM2-135M through llama.cpp, twice: the same dataset."""
+    """One round of two evolutions on SmolLM2-135M through llama.cpp, every step stored. In chat:
+    continuing a completion prompt, the 135M model runs on past the task to the token limit."""
     from tutelage.generate.explain import explain
     from tutelage.teachers import make_teacher  # loads llama.cpp
 
@@ -639,27 +651,22 @@ def test_evol_instruct_on_the_embedded_teacher(tmp_path):
             "generation.recipe": "evol-instruct",
             "generation.target": 2,
             "generation.rounds": 1,
-            "generation.max_requests": 3,
+            "generation.max_requests": 2,
             "generation.answer_sampling.max_tokens": 64,
+            "teacher.chat": True,
             "teacher.threads": 2,
-            "teacher.sampling.max_tokens": 96,
+            "teacher.sampling.max_tokens": 64,
         },
     )
     c.run_dir = tmp_path / "run"
     store = open_run(c)
-    teacher = make_teacher(c.teacher)
-    first = generate(store, c, teacher)
-    assert first.requests >= 1 and first.stop_reason in ("target", "max_requests")
+    result = generate(store, c, make_teacher(c.teacher))
+    assert result.requests == 2 and result.stop_reason in ("target", "max_requests")
     records = store.machine_records()
-    assert len(records) == first.requests  # one evolution a request, kept or not
+    assert len(records) == 2  # one evolution a request, kept or not
     assert all(r["reason"] for r in records if r["status"] == "rejected")
     steps = {r["purpose"]: r["requests"] for r in store.request_totals_by_purpose()}
+    assert steps["generate"] == 2
     assert steps.get("answer", 0) == sum(evol_instruct.in_pool(r) for r in records)
-    assert first.kept == len(store.examples())
+    assert result.kept == len(store.examples())
     assert any(line.startswith("instructions:") for line in explain(store))
-
-    twin = reference_run(c, tmp_path / "twin", teacher)
-    assert dataset(twin) == dataset(store)
-    assert [(r["instruction"], r["reason"]) for r in twin.machine_records()] == [
-        (r["instruction"], r["reason"]) for r in records
-    ]

@@ -24,6 +24,7 @@ from tutelage.filter import (
     rouge_l_f1,
     tokenize,
 )
+from tutelage.filter.answers import ANSWER_CODES, NOT_BEST
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 POOL_FILE = SHARED / "instructions-19k.jsonl"
@@ -303,7 +304,9 @@ FAILING = {
 
 def test_every_reason_code_has_a_failing_example():
     duplicate_codes = {"rouge_duplicate", "minhash_duplicate", "embedding_duplicate"}
-    assert set(FAILING) | duplicate_codes == set(REASON_CODES)
+    # the answer rules' codes have their failing examples in test_answers_filter.py
+    answer_codes = {*ANSWER_CODES, NOT_BEST}
+    assert set(FAILING) | duplicate_codes | answer_codes == set(REASON_CODES)
     rules = QualityRules(check_output_colon=True)
     for code, example in FAILING.items():
         assert rules.check_instance(*example) == code, code

@@ -64,3 +64,40 @@ def test_filter_stage_keeps_self_instruct_decisions_and_splits_by_instruction(si
     for e in store.examples():
         splits.setdefault(e["instruction"], set()).add(e["split"])
     assert all(len(s) == 1 and None not in s for s in splits.values())  # every instance, one split
+
+
+# -- recipes that answer in chat: the filter stage keeps the answers' verdicts ------------------
+def test_the_filter_stage_keeps_magpies_decisions_and_re_decides_the_screens(tmp_path):
+    import test_magpie
+
+    cfg = test_magpie.cfg.__wrapped__(tmp_path)
+    store = open_run(cfg)
+    generate(store, cfg, test_magpie.MagpieTeacher(test_magpie.QUERIES, test_magpie.ANSWERS))
+    def kept():  # the dataset, without the split the filter stage assigns
+        return [{k: v for k, v in r.items() if k != "split"} for r in store.examples()]
+
+    before, examples = store.funnel(), kept()
+    result = filter_stage(store, cfg)
+    # refusals, loops and the rest stay rejected; the same two tasks are kept
+    assert result.funnel == before and kept() == examples
+    # a stricter threshold re-decides the screen's part only: answered tasks can become
+    # duplicates, while the answers' own rejections stay as they were
+    cfg.filter.rouge_threshold = 0.05
+    result = filter_stage(store, cfg)
+    assert result.funnel["kept"] < before["kept"]
+    assert {r["instruction"] for r in kept()} < {r["instruction"] for r in examples}
+    # (a task the screen rejected at generation was never answered: no threshold brings it back)
+    cfg.filter.rouge_threshold = None
+    assert filter_stage(store, cfg).funnel == before
+
+
+def test_the_filter_stage_keeps_the_answer_recipes_decisions(tmp_path):
+    import test_answer_recipe as t
+
+    rows = [{"instruction": text} for text in [*t.RULE_REPLIES, t.GOOD]]
+    cfg = t.answer_config(tmp_path, t.write_jsonl(tmp_path / "p.jsonl", rows))
+    store = open_run(cfg)
+    generate(store, cfg, t.rule_teacher())
+    before = store.funnel()
+    assert filter_stage(store, cfg).funnel == before
+    assert [r[0] for r in t.dataset(store)] == [t.GOOD]

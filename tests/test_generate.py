@@ -1184,3 +1184,13 @@ def test_ledgers_on_one_account_share_its_cap(tmp_path):
                 Ledger(ScriptedTeacher([]), store, account=account, budget_usd=1.0)
 
     asyncio.run(spend())
+
+
+def test_list_answers_never_make_the_responder(responder_cfg, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # making it would fail
+    responder_cfg.generation.answer = "list"
+    store = open_run(responder_cfg)
+    teacher = ReAnsweringTeacher([unique_blocks(i) for i in range(9)])
+    assert generate(store, responder_cfg, teacher).stop_reason == "target"
+    assert teacher.chat_requests == []
+    assert {r["purpose"] for r in request_rows(store)} == {"generate"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -261,6 +263,217 @@ def test_a_400_naming_an_unknown_model_says_so(message):
     response = httpx.Response(400, json={"error": {"message": message}})
     with pytest.raises(TeacherError, match="unknown model: check teacher.model"):
         teacher._check(response, "here")
+
+
+# -- today's OpenAI models: reasoning models, refused fields, answers without text ---------------
+SAMPLED = {"max_tokens": 10, "temperature": 0.7, "top_p": 0.5, "presence_penalty": 2.0}
+# What a reasoning model answers with a 400 (as OpenAI does), and what the fault server imitates.
+REASONING_REFUSES = {
+    "temperature": "unsupported_value",
+    "top_p": "unsupported_value",
+    "presence_penalty": "unsupported_parameter",
+    "frequency_penalty": "unsupported_parameter",
+    "max_tokens": "unsupported_parameter",
+}
+
+
+def sampled_chat(i: int, **sampling) -> Request:
+    return Request.make(
+        messages=[{"role": "user", "content": f"task number {i}"}],
+        sampling={**SAMPLED, **sampling},
+    )
+
+
+def test_a_reasoning_model_is_sent_only_what_it_takes(server, store):
+    server.refuse = REASONING_REFUSES
+    teacher = OpenAITeacher(
+        "o4-mini", base_url=server.url, api_key_env=KEY_ENV, reasoning_effort="low"
+    )
+    result = ask(Ledger(teacher, store), sampled_chat(1, stop=["\n\n"]))
+    assert result.completion.text == "echo: task number 1" and server.hits == 1
+    assert server.requests[0]["body"] == {
+        "model": "o4-mini",
+        "messages": [{"role": "user", "content": "task number 1"}],
+        "max_completion_tokens": 10,
+        "reasoning_effort": "low",
+        "stop": ["\n\n"],
+    }
+    # The ledger keys and stores the request as asked: the same key whatever was sent.
+    [row] = rows(store)
+    assert json.loads(row["body_json"])["sampling"]["temperature"] == 0.7
+    assert row["key"] == sampled_chat(1, stop=["\n\n"]).key("openai", "o4-mini")
+
+
+def test_an_unknown_model_that_refuses_fields_is_asked_again_without_them_for_the_run(
+    server, store
+):
+    server.refuse = {
+        "temperature": "unsupported_value",
+        "max_tokens": "unsupported_parameter",
+        "top_p": "unsupported_value",
+    }
+    teacher = OpenAITeacher("router/new-thinker", base_url=server.url, api_key_env=KEY_ENV)
+    ledger = Ledger(teacher, store)
+    first = ask(ledger, sampled_chat(0))
+    # One 400 per refused field, each answered by sending the request again without it.
+    assert server.hits == 4 and first.completion.text == "echo: task number 0"
+    assert first.completion.raw["resent_without"] == ["temperature", "max_tokens", "top_p"]
+    assert "max_completion_tokens" in server.requests[-1]["body"]
+    [row] = rows(store)
+    assert row["status"] == "done" and row["attempts"] == 1
+
+    # The lessons hold for the run: the next requests go out right at once.
+    ask(ledger, *(sampled_chat(i) for i in range(1, 4)))
+    assert server.hits == 7
+    for sent in server.requests[4:]:
+        assert {"temperature", "top_p", "max_tokens"}.isdisjoint(sent["body"])
+        assert sent["body"]["presence_penalty"] == 2.0  # never refused: still sent
+
+    # A 400 about a field the request does not carry, or one no request goes without, is an
+    # ordinary failure, not a lesson.
+    def refusing(param: str) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"code": "unsupported_value", "param": param}})
+
+    assert teacher.learn(refusing("logprobs"), {"model": "x"}) is None
+    assert teacher.learn(refusing("messages"), {"model": "x", "messages": []}) is None
+    # A model that takes neither name of the token limit is sent none.
+    assert teacher.learn(refusing("max_completion_tokens"), {"max_completion_tokens": 1})
+    assert {"max_tokens", "max_completion_tokens"}.isdisjoint(teacher._body(sampled_chat(9)))
+
+
+def test_reasoning_tokens_are_counted_priced_and_kept(server, tmp_path):
+    server.reasoning_tokens = 5
+    price = Price(input=1.0, output=2.0)
+    with Store(tmp_path / "run") as store:
+        teacher = OpenAITeacher("o3", base_url=server.url, api_key_env=KEY_ENV)
+        result = ask(Ledger(teacher, store, price=price), chat(1))  # max_tokens 10
+        c = result.completion
+        assert c.text == "echo: task number 1" and c.finish_reason == "stop"
+        assert (c.tokens_in, c.tokens_out, c.reasoning_tokens) == (3, 4 + 5, 5)
+        assert result.cost_usd == pytest.approx((3 * 1.0 + 9 * 2.0) / 1e6)  # billed as output
+    with Store(tmp_path / "run") as store:  # from the store, as a rerun reads it
+        again = ask(
+            Ledger(OpenAITeacher("o3", base_url=server.url, api_key_env=KEY_ENV), store), chat(1)
+        )
+        assert again.cached and again.completion.reasoning_tokens == 5
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("refusal", "refusal"),
+        ("filtered", "content_filter"),
+        ("null", "null_content"),
+        ("thinking", "length_empty"),  # the token limit ran out while the model thought
+    ],
+)
+def test_an_answer_without_text_is_stored_with_its_reason(server, store, fault, reason):
+    if fault == "thinking":
+        server.reasoning_tokens = 50
+    else:
+        server.faults.append(fault)
+    result = ask(Ledger(http_teacher(server), store), chat(1))
+    assert (result.completion.text, result.completion.finish_reason) == ("", reason)
+    assert reason in Completion.EMPTY_REASONS
+    [row] = rows(store)
+    assert (row["status"], row["text"], row["finish_reason"]) == ("done", "", reason)
+    # What the server said is kept: the refusal's words, the filtered half answer.
+    stored = json.loads(row["response_json"])["response"]["choices"][0]
+    if fault == "refusal":
+        assert stored["message"]["refusal"].startswith("I'm sorry")
+    if fault == "filtered":
+        assert stored["message"]["content"] == "echo: task"
+
+
+def test_a_completion_with_null_text_says_so(server, store):
+    server.faults.append("null")
+    result = ask(Ledger(http_teacher(server), store), Request.make(prompt="go on"))
+    assert (result.completion.text, result.completion.finish_reason) == ("", "null_content")
+
+
+# -- answers without usage ------------------------------------------------------------------------
+def byte_encoding():
+    """A tiktoken encoding with one token per UTF-8 byte: tiktoken's own code, no download."""
+    import tiktoken
+
+    ranks = {bytes([i]): i for i in range(256)}
+    return tiktoken.Encoding(
+        name="bytes", pat_str=r"[\s\S]", mergeable_ranks=ranks, special_tokens={}
+    )
+
+
+def test_an_answer_without_usage_is_counted_with_the_model_tokenizer(server, store, monkeypatch):
+    from tutelage.teachers import prices
+
+    monkeypatch.setitem(prices._encodings, "o200k_base", byte_encoding())
+    server.send_usage = False
+    price = price_for("openai", "gpt-4o-mini", None)
+    teacher = OpenAITeacher("gpt-4o-mini", base_url=server.url, api_key_env=KEY_ENV)
+    result = ask(Ledger(teacher, store, price=price), chat(1))
+    c = result.completion
+    # One token a byte: the answer's 19 bytes; the message's role "user" (4) and content (13),
+    # plus OpenAI's framing: 3 tokens a message, 3 for the answer's start.
+    assert (c.tokens_in, c.tokens_out) == (4 + 13 + 3 + 3, len("echo: task number 1"))
+    assert c.usage_estimated and result.cost_usd > 0
+    [row] = rows(store)
+    raw = json.loads(row["response_json"])
+    assert raw["usage_estimated"] is True and raw["usage_counted_by"] == "tiktoken o200k_base"
+    assert row["cost_usd"] == pytest.approx(result.cost_usd)
+
+
+def test_without_usage_or_tokenizer_the_tokens_are_estimated(server, store, monkeypatch):
+    from tutelage.teachers import prices
+
+    def offline(name):
+        raise OSError("no network")
+
+    import tiktoken
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(prices, "_encodings", {})
+    monkeypatch.setattr(prices, "_loaders", {})
+    server.send_usage = False
+    for model in ("gpt-4o-mini", "my-local-model"):  # tiktoken offline; a model it does not know
+        teacher = OpenAITeacher(model, base_url=server.url, api_key_env=KEY_ENV)
+        c = ask(Ledger(teacher, store), Request.make(prompt=f"{model} x" * 4)).completion
+        assert c.usage_estimated and c.raw["usage_counted_by"] == "estimate: characters/4"
+        assert c.tokens_out == -(-len(c.text) // 4) and c.tokens_in == -(
+            -len(f"{model} x" * 4) // 4
+        )
+    assert prices._encodings["o200k_base"] is None  # tried once, then estimated for the run
+
+
+def test_a_budget_needs_a_price_for_every_hosted_model():
+    from tutelage.config import Config, ConfigError
+    from tutelage.teachers.prices import require_price
+
+    def config(**sections) -> Config:
+        return Config.model_validate(sections)
+
+    hosted = {"backend": "openai", "model": "my-finetune", "base_url": "http://127.0.0.1:9/v1"}
+    require_price(config(teacher=hosted))  # no budget: nothing to protect
+    with pytest.raises(ConfigError, match=r"^teacher\.price: .*'my-finetune'.*set teacher\.price"):
+        require_price(config(teacher=hosted, generation={"budget_usd": 5}))
+    priced = {**hosted, "price": {"input": 1, "output": 2}}
+    require_price(config(teacher=priced, generation={"budget_usd": 5}))
+    listed = {**hosted, "model": "gpt-4o-mini"}
+    require_price(config(teacher=listed, generation={"budget_usd": 5}))
+    require_price(config(generation={"budget_usd": 5}))  # the local embedded teacher costs $0
+    with pytest.raises(ConfigError, match=r"^evaluation\.judge\.price: "):
+        require_price(
+            config(teacher=listed, generation={"budget_usd": 5}, evaluation={"judge": hosted})
+        )
+    with pytest.raises(ConfigError, match=r"^generation\.responder\.price: "):
+        require_price(config(teacher=listed, generation={"budget_usd": 5, "responder": hosted}))
+
+
+def test_a_teacher_used_from_two_event_loops_closes_each_session(server, store):
+    teacher = http_teacher(server)
+    ask(Ledger(teacher, store), chat(1))
+    first = teacher._client
+    assert first.closed  # closed as its loop ended, though nobody called aclose()
+    ask(Ledger(teacher, store), chat(2))
+    assert teacher._client is not first and teacher._client.closed
 
 
 # -- budget -----------------------------------------------------------------------------------
@@ -583,33 +796,26 @@ def test_a_request_asked_twice_at_once_counts_one_hit(server, store):
     assert server.hits == 1 and store.request_totals()["cache_hits"] == 1
 
 
-SCHEMA_2_REQUESTS = """
-CREATE TABLE requests (
-    key TEXT PRIMARY KEY, backend TEXT NOT NULL, model TEXT NOT NULL, body_json TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')), text TEXT,
-    finish_reason TEXT, response_json TEXT, tokens_in INTEGER NOT NULL DEFAULT 0,
-    tokens_out INTEGER NOT NULL DEFAULT 0, cost_usd REAL NOT NULL DEFAULT 0, latency_s REAL,
-    attempts INTEGER NOT NULL DEFAULT 0, error TEXT, purpose TEXT NOT NULL DEFAULT 'generate',
-    created_at REAL NOT NULL, completed_at REAL, remote_batch TEXT
-);
-INSERT INTO requests (key, backend, model, body_json, status, text, cost_usd, created_at)
-    VALUES ('old', 'openai', 'gpt-test', '{}', 'done', 'an old answer', 0.5, 0);
-PRAGMA user_version = 2;
-"""
-
-
 def test_a_schema_2_store_gains_cache_hits(tmp_path):
+    """A store as schema 2 wrote it (tests/data/schema2.db) counts cache hits once opened."""
     path = tmp_path / "tutelage.db"
+    shutil.copy(Path(__file__).parent / "data" / "schema2.db", path)
     with sqlite3.connect(path) as old:
-        old.executescript(SCHEMA_2_REQUESTS)
+        old.execute(
+            "INSERT INTO requests (key, backend, model, body_json, status, text, cost_usd,"
+            " created_at) VALUES ('old', 'openai', 'gpt-test', '{}', 'done', 'an old answer',"
+            " 0.5, 0)"
+        )
     old.close()
 
     with Store(path) as store:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] >= 3
         assert store.get_request("old")["cache_hits"] == 0
-        assert store.request_totals()["cache_hits"] == 0
+        before = store.request_totals()
+        assert before["cache_hits"] == 0
         store.count_cache_hit("old")
         totals = store.request_totals()
-        assert (totals["cache_hits"], totals["saved_usd"]) == (1, 0.5)
+        assert totals["cache_hits"] == 1
+        assert totals["saved_usd"] == pytest.approx(before["saved_usd"] + 0.5)
     with Store(path) as store:  # reopening a migrated store changes nothing
         assert store.get_request("old")["cache_hits"] == 1

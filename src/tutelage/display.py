@@ -107,7 +107,7 @@ def report_spinner():
 
 # -- a stage's outcome ---------------------------------------------------------------------------
 def print_generated(result: GenerateResult) -> None:
-    colour = "green" if result.stop_reason == "target" else "yellow"
+    colour = "green" if result.status == "done" else "yellow"
     console.print(f"[{colour}]generate:[/] {result.message}", highlight=False)
 
 

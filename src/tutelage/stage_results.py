@@ -45,14 +45,15 @@ class GenerateResult(StageResult):
     target: int = 0
     requests: int = 0  # main requests ingested in total, this run and earlier ones
     new_requests: int = 0  # main requests ingested by this call
-    stop_reason: str = ""  # target, budget, stalled, max_requests
+    # target, exhausted (nothing more to ask), budget, stalled, max_requests
+    stop_reason: str = ""
     message: str = ""
     cost_usd: float = 0.0
     funnel: dict = field(default_factory=dict)
 
     @property
     def status(self) -> str:
-        return "done" if self.stop_reason == "target" else "stopped"
+        return "done" if self.stop_reason in ("target", "exhausted") else "stopped"
 
     @property
     def note(self) -> str:

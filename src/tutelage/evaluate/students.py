@@ -15,12 +15,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import Config
 from ..store import Store
 from ..student_prompt import prompt_ids, student_prompt
+from ..train.data import IGNORE
+from ..train.loss import loss_sum
 from .answers import SECTION_MARKERS, cut_answer, reference_scores, unanswered
 from .sets import EvalItem
 
@@ -62,14 +63,17 @@ def generate_answers(
 @torch.no_grad()
 def reference_nll(model, tokenizer, prompt: str, reference: str, style: str) -> tuple[float, int]:
     """Mean NLL per token of `reference` + EOS after `prompt` (prompt tokens are not scored), and
-    the number of tokens scored. EOS counts: knowing where the answer ends is part of the answer."""
+    the number of tokens scored. EOS counts: knowing where the answer ends is part of the answer.
+    Training's loss scores it: only the reference's positions reach the output head, a chunk at a
+    time (with a 262k vocabulary, a long reference's logits would cost gigabytes)."""
     context = prompt_ids(tokenizer, prompt, style)
     target = tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = torch.tensor([context + target])
-    # Keep only the logits that predict the reference: over the whole prompt a 262k vocabulary
-    # costs gigabytes. Position t predicts token t+1, so drop the last kept position.
-    logits = model(ids, logits_to_keep=len(target) + 1).logits[0, :-1].float()
-    return F.cross_entropy(logits, torch.tensor(target)).item(), len(target)
+    batch = {
+        "input_ids": torch.tensor([context + target]),
+        "labels": torch.tensor([[IGNORE] * len(context) + target]),
+    }
+    total, n = loss_sum(model, batch)
+    return total.item() / n, n
 
 
 def model_fingerprint(path: Path, config: Config) -> str:

@@ -15,8 +15,9 @@ each surviving rewrite is then answered in chat (`answering.ask_answer`, greedy 
 An evolution is eliminated, with its reason code, when
 - it cannot be read: parse_error (nothing left), length_truncated (cut at the token limit);
 - it leaks the prompt's scaffolding ("#Rewritten Prompt#", "given prompt", our own "Starting
-  task" ...): prompt_leak. A label the teacher only put in front of its rewrite ("#Rewritten
-  Prompt#:", "Rewritten task:") is stripped first: it labels the answer, it is not part of it;
+  task" ...): prompt_leak. A label the teacher put in front of its rewrite ("#Rewritten
+  Prompt#:", "Rewritten task:", or such a line after a repeat of the starting task) is stripped
+  first, with what comes before it: it labels the answer, it is not part of it;
 - it gains no information over its parent: no_information_gain. The paper asks ChatGPT whether
   the two are equal; we count the rewrite's ROUGE tokens outside its longest common subsequence
   with the parent, and call fewer than 3 no gain (an identical text, one reworded by a word or
@@ -31,7 +32,9 @@ Rounds under concurrency: with N members, request i evolves member i % N in roun
 members evolve as N independent chains and request i depends only on request i - N, the same
 chain's previous link. The loop launches request i once request i - window is stored, so with
 window <= N that link's fate, answer included, is known whenever request i is built, on every
-run. A resumed run rebuilds the chains from the stored statuses and ends with the same dataset.
+run (more in flight than N is refused). A resumed run rebuilds the chains from the stored
+statuses, after checking that the starting pool is the one the run began with, and ends with the
+same dataset. After the last round `build_request` returns None: the loop stops as "exhausted".
 """
 
 from __future__ import annotations
@@ -104,6 +107,13 @@ _LABEL = re.compile(
     r"[#*\s]*(?:rewritten|created|new|evolved)[ \t]+(?:prompt|task)"
     r"(?:[ \t]*#[#*]*[ \t]*:?|[ \t]*\**[ \t]*:|[ \t]*(?=\n|$))[*#]*[ \t]*\n?",
     re.IGNORECASE,
+)
+# A label on a line of its own after some text (the teacher repeated the starting task first):
+# the rewrite is what follows the last one.
+_LABEL_LINE = re.compile(
+    r"^[#*\t ]*(?:(?:rewritten|created|new|evolved)[ \t]+(?:prompt|task|version)|rewrite)"
+    r"[#*\t ]*:?[#*\t ]*$",
+    re.IGNORECASE | re.MULTILINE,
 )
 # A chat teacher's opening words about its reply ("Sure! Here is the rewritten task:").
 _PREAMBLE = re.compile(r"(?:sure|certainly|of course|okay|ok|here)\b[^\n]*:[ \t]*\n", re.IGNORECASE)
@@ -198,10 +208,13 @@ def draw_operator(seed: int, round_: int, slot: int, operators: list[str]) -> st
 
 def parse(text: str, finish_reason: str | None) -> Parsed:
     """The rewritten task in an answer: between the delimiters when the teacher wrote them,
-    without a label or a chat preamble in front of it."""
+    after the last label line, without a label or a chat preamble in front of it."""
     raw = text.strip()
     body = text.split(OPEN, 1)[1] if OPEN in text else text
     body = body.split(CLOSE, 1)[0].strip()
+    labels = list(_LABEL_LINE.finditer(body))
+    if labels:
+        body = body[labels[-1].end() :].strip()
     body = _PREAMBLE.sub("", body, count=1) if _PREAMBLE.match(body) else body
     body = _LABEL.sub("", body, count=1).strip() if _LABEL.match(body) else body
     body = _tidy(body)
@@ -305,11 +318,11 @@ def answer_elimination(answer: str) -> str | None:
 def _chains(ctx: Context) -> Chains:
     """This run's chains, built on first use: the starting pool, moved on by every stored
     evolution that survived (the store holds exactly what was committed)."""
-    chains = getattr(ctx, "_evol_instruct_chains", None)
+    chains = ctx.state.get(NAME)
     if chains is None:
         chains = _restore(ctx)
         # Context has no slot for a recipe's own state: kept on the object, one per loop.
-        ctx._evol_instruct_chains = chains  # type: ignore[attr-defined]
+        ctx.state[NAME] = chains
     return chains
 
 

@@ -52,6 +52,9 @@ RECIPES: dict[str, Recipe] = {
     answer.NAME: answer,
 }
 
+# Record keys recipes set that the store keeps in an instruction's `detail`.
+RECORD_DETAILS = ("category", "input_quality", "conversation_stop", "evolution")
+
 # What to change when a run stalls, by the commonest reason of the stalled stretch.
 STALL_ADVICE = {
     "parse_error": "the teacher's answers do not follow the list format: try a stronger teacher, "
@@ -153,14 +156,18 @@ class GenerationLoop:
         self.ctx.ledger = self.ledger
         self.ledgers = [self.ledger]
         self.side_teachers: list[Teacher] = []  # closed at the end, like the teacher
-        if gen.responder is not None:
+        # Alpaca and Self-Instruct ask for chat answers only with generation.answer: chat.
+        list_answers = gen.answer == "list" and gen.recipe in (alpaca.NAME, self_instruct.NAME)
+        if gen.responder is not None and not list_answers:
             responder = responder or make_teacher(gen.responder)
             self.side_teachers.append(responder)
             self.ctx.responder = self._ledger(gen.responder, responder)
             self.ledgers.append(self.ctx.responder)
         # The judge of several answers to one prompt: the teacher's own ledger when it judges.
         self.ctx.judge = None
-        judge_section = judge_config(config) if gen.samples > 1 else None
+        # Magpie also tags its tasks (category, input quality) when evaluation.judge is set.
+        tags = gen.recipe == "magpie" and config.evaluation.judge is not None
+        judge_section = judge_config(config) if gen.samples > 1 or tags else None
         if judge_section is config.teacher:
             self.ctx.judge = self.ledger
         elif judge_section is not None:
@@ -340,7 +347,7 @@ class GenerationLoop:
                 rec["nearest_pos"] = key[2]
             elif key is not None:
                 rec["nearest_id"] = self.stored_ids[key]
-            rows.append(rec)
+            rows.append(self._with_details(rec))
         ids = self.store.put_batch(idx, request_key, self.recipe.NAME, rows)
         for pos, id_ in enumerate(ids):
             self.stored_ids[("new", idx, pos)] = id_
@@ -349,6 +356,29 @@ class GenerationLoop:
             and (not r.get("instances") or r["instances"][0]["status"] == "kept")
             for r in rows
         )
+
+    def _with_details(self, rec: dict) -> dict:
+        """A record in the store's shape: what a recipe knows of a task beyond its text goes in
+        `detail` (Magpie's tags and why a conversation stopped, an evolution's lineage with its
+        parent's id), a multi-turn conversation in its instance's `messages`."""
+        detail = dict(rec.pop("detail", None) or {})
+        for name in RECORD_DETAILS:
+            if rec.get(name) is not None:
+                detail[name] = rec.pop(name)
+            rec.pop(name, None)
+        evolution = detail.get("evolution")
+        if evolution:
+            parent = evolution.pop("parent_key", None)
+            if parent is not None:
+                evolution["parent_id"] = parent[1] if parent[0] == "id" else self.stored_ids[parent]
+        conversation = rec.pop("conversation", None)
+        if conversation and rec.get("instances"):
+            rec["instances"] = [
+                {**rec["instances"][0], "messages": conversation},
+                *rec["instances"][1:],
+            ]
+        rec["detail"] = detail
+        return rec
 
     def report(self) -> None:
         if not self.progress:

@@ -33,9 +33,13 @@ class Context:
     ledger: Ledger | None = None
     # Who writes chat answers (generation.responder, else the teacher): see `answering`.
     responder: Ledger | None = None
+    # Who judges between answers (several samples) or tags tasks (Magpie), when configured.
+    judge: Ledger | None = None
     window: int = 1  # main requests in flight at most
     # Machine instructions in the novelty pool, in pool order: (request idx, text).
     pool: list[tuple[int, str]] = field(default_factory=list)
+    # A recipe's own state across requests, under its NAME (Evol-Instruct's chains).
+    state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -49,7 +53,11 @@ class Screened:
 
 
 class Recipe(Protocol):
-    """Everything the generation loop calls on a recipe, in the order it calls it."""
+    """Everything the generation loop calls on a recipe, in the order it calls it.
+
+    Two optional members change how the novelty pool is rebuilt on resume: `SEEDS_IN_POOL =
+    False` leaves the seed tasks out of it, and `pool_text(row)` gives the text compared (the
+    answer recipe compares a prompt's instruction and input together)."""
 
     NAME: str  # generation.recipe names the recipe by this
 
@@ -62,8 +70,9 @@ class Recipe(Protocol):
         """Whether a stored instruction is in the novelty pool, to rebuild the pool on resume."""
         ...
 
-    def build_request(self, idx: int, ctx: Context) -> Request:
-        """The main request number idx, built when it is launched."""
+    def build_request(self, idx: int, ctx: Context) -> Request | None:
+        """The main request number idx, built when it is launched; None when there is nothing
+        more to ask (the prompts ran out, the last round is done): the loop stops, "exhausted"."""
         ...
 
     def screen(self, idx: int, result: LedgerResult, ctx: Context) -> Screened:

@@ -62,7 +62,13 @@ HINTS = {
 # Reasoning models: o1, o3, o4-mini, gpt-5, gpt-5-mini, ... (not gpt-5-chat, a plain chat model).
 REASONING_MODEL = re.compile(r"^(o\d|gpt-5(?!.*-chat))")
 # What they refuse (OpenAI's reasoning guide); anything else they refuse is learnt from the 400.
-REASONING_REFUSES = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty"})
+REASONING_REFUSES = frozenset(
+    {"max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty"}
+)
+# The answer's token limit, by the names servers take, in order of preference.
+LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
+# Never dropped, whatever a 400 says: without them there is no request.
+ESSENTIAL_FIELDS = frozenset({"model", "messages", "prompt"})
 # The error codes of a 400 that names one field (`param`) the model does not take.
 REFUSED_FIELD = {"unsupported_parameter", "unsupported_value"}
 # Servers that answer an unknown model with 400 rather than 404 (LiteLLM, some routers).
@@ -276,11 +282,10 @@ class OpenAITeacher:
         self.concurrency, self.rpm, self.tpm = concurrency, rpm, tpm
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.reasoning_effort = reasoning_effort
-        # What this model is known not to take, from its name and then from its 400s (the
-        # lessons last as long as this teacher: one run). max_tokens is renamed, not dropped.
+        # The fields this model is known not to take, from its name and then from its 400s (the
+        # lessons last as long as this teacher: one run).
         reasoning = bool(REASONING_MODEL.match(model.rsplit("/", 1)[-1].lower()))
         self.refused: set[str] = set(REASONING_REFUSES) if reasoning else set()
-        self.max_tokens_field = "max_completion_tokens" if reasoning else "max_tokens"
         self._urls: dict[str, yarl.URL] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: aiohttp.ClientSession
@@ -357,8 +362,12 @@ class OpenAITeacher:
             body.pop("stop", None)
         if self.reasoning_effort:
             body["reasoning_effort"] = self.reasoning_effort
-        if "max_tokens" in body and self.max_tokens_field != "max_tokens":
-            body[self.max_tokens_field] = body.pop("max_tokens")
+        if (limit := body.pop("max_tokens", None)) is not None:
+            # Under the first name the model takes: a refused limit is renamed, not dropped.
+            for name in LIMIT_FIELDS:
+                if name not in self.refused:
+                    body[name] = limit
+                    break
         for name in self.refused.intersection(body):
             del body[name]
         if request.is_chat:
@@ -371,12 +380,9 @@ class OpenAITeacher:
         """A 400 refusing a field that `body` carries: remember not to send it (max_tokens: send
         max_completion_tokens instead) and return its name; else None."""
         name = refused_field(response)
-        if name is None or name not in body:
+        if name is None or name not in body or name in ESSENTIAL_FIELDS:
             return None
-        if name == "max_tokens":
-            self.max_tokens_field = "max_completion_tokens"
-        else:
-            self.refused.add(name)
+        self.refused.add(name)
         log.warning(
             "%s refused %s (%s): sending it without from now on",
             self.model,
@@ -440,7 +446,8 @@ class OpenAITeacher:
                 problem, wait = str(e), e.wait
             problem = self._scrub(problem)
             if attempt > self.max_retries:
-                raise APIError(f"{where}: gave up after {attempt} attempts; last: {problem}", attempt)
+                message = f"{where}: gave up after {attempt} attempts; last: {problem}"
+                raise APIError(message, attempt)
             if wait is None:  # exponential backoff with full jitter
                 wait = random.uniform(0, min(BACKOFF_CAP_S, self.backoff_s * 2**attempt / 2))
             log.warning("%s: %s; retry %d in %.1fs", where, problem, attempt, wait)

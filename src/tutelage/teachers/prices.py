@@ -162,7 +162,8 @@ def _load_encoding(name: str) -> None:
         import tiktoken
 
         _encodings[name] = tiktoken.get_encoding(name)
-    except Exception as e:  # offline: requests' ConnectionError; anything else, the same way out
+    # Offline: requests' ConnectionError (an OSError); a corrupt download: ValueError.
+    except (OSError, ValueError, ImportError) as e:
         log.warning(
             "tiktoken cannot load %s (%s): answers without usage are estimated at %d characters "
             "a token",
@@ -175,7 +176,7 @@ def _load_encoding(name: str) -> None:
 
 async def load_tokenizer(model: str, wait_s: float = TOKENIZER_WAIT_S) -> None:
     """Load the model's tiktoken encoding, once per process, in a thread of its own (the first
-    load may download it): waits at most `wait_s`, and counts estimate until it is there."""
+    load may download it): waits at most `wait_s` (counts are estimated until it is there)."""
     name = encoding_name(model)
     if name is None or name in _encodings:
         return

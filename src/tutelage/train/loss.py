@@ -1,32 +1,33 @@
 """The loss of a batch: the student's log-probabilities at the response positions, scored by one
 per-position loss summed over them (today cross-entropy on the labels).
 
-The output head is where the memory goes. Gemma 3's is 262,144 x 640: one fp32 row of logits per
-position is 1 MB, so a batch's 1,000-odd response positions make a gigabyte per logits tensor, and
-the log-softmax and the backward hold several. So the head never sees a whole batch:
+The output head is where the memory goes. Gemma 3's is 262,144 x 640: one fp32 row of logits is
+1 MB, so a batch's 1,000-odd response positions make a gigabyte per logits tensor, and the
+log-softmax and the backward pass hold several. So the head never sees a whole batch:
 
-  1. the model runs once, through its own forward (and through whatever wraps it: peft, DDP,
-     FSDP), and a hook on its output head takes the final hidden states of the scored positions,
-     letting the head itself project none of them (`response_hidden`);
+  1. the model runs once, through its own forward (and through what wraps it: peft, DDP), and a
+     hook on its output head takes the final hidden states of the scored positions, handing the
+     head itself none of them (`response_hidden`);
   2. the hidden states go through the head a chunk of positions at a time; each chunk's logits
-     are scored by the per-position loss and freed before the next chunk, and recomputed in the
-     backward pass (`torch.utils.checkpoint`), so at most one chunk's [positions x vocab] exists
-     at a time (`chunked_loss_sum`).
+     are scored, differentiated and freed before the next chunk (`ChunkedHeadLoss`), so at most
+     one chunk's [positions x vocab] exists at a time, in the forward pass and the backward.
 
-The per-position loss is a plain function of rows: the chunk's log-probs (positions, vocab) and its
+The per-position loss is a plain function of rows: a chunk's log-probs (positions, vocab) and its
 targets, a dict of tensors sliced row for row alongside. Cross-entropy reads `labels`; a
 distillation loss reads a teacher's top-k log-probs from the same dict and plugs in the same way.
 
 On CUDA with liger-kernel installed (the `gpu` extra), plain cross-entropy goes through liger's
-fused linear cross-entropy instead, which does the same chunking in Triton kernels. A family whose
-forward changes the logits after the head in a way `finish_logits` does not know is checked once
-(`head_is_exact`) and scored the old way, its response positions' logits all at once.
+fused linear cross-entropy instead, the same chunking in Triton kernels. Two cases keep the old
+way, every response position's logits at once from the model's own forward: a head whose weights
+FSDP or DeepSpeed hold (`head_is_sharded`), and a family whose forward changes the logits after the
+head in a way `finish_logits` does not know (`head_is_exact`, checked once per model).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -36,9 +37,10 @@ from .data import IGNORE, Example, collate
 # (positions, vocab) and what each position is scored against, row for row: {"labels": ...}.
 PositionLoss = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
-# Positions projected onto the vocabulary at once. With Gemma's 262k vocabulary one fp32 logits
-# tensor of a chunk is 256 MB; the backward of a chunk holds about three.
-CHUNK_POSITIONS = 256
+# How many logits one chunk holds: 32M, 128 MB in fp32. A chunk's forward and backward hold about
+# three such tensors. With Gemma's 262k vocabulary that is 128 positions a chunk; with a 49k one,
+# 682. Big enough that the head's matrix product runs at full speed on a CPU.
+CHUNK_LOGITS = 2**25
 
 # What a batch feeds the model; every other tensor in it is a per-token target laid out like
 # `labels` (index t describes token t, so the position before it is scored against it).
@@ -65,11 +67,24 @@ def response_targets(
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP's or DeepSpeed's wrapper (peft's wrapper and FSDP2 pass through:
-    they answer `get_output_embeddings` and `config` themselves)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
+    """The model inside DDP's wrapper (peft's wrapper passes through: it answers
+    `get_output_embeddings` and `config` itself)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
     return model
+
+
+def head_is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP (1 or 2) or DeepSpeed holds the weights: they gather a module's weights only
+    inside its forward, so the chunks, which call the head after the model's forward, would find
+    them missing or in pieces."""
+    if type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine"):
+        return True
+    head = unwrapped(model).get_output_embeddings()
+    return any(
+        hasattr(p, "ds_id") or type(p.data) is not torch.Tensor  # ZeRO-3; FSDP2's DTensor
+        for p in head.parameters()
+    )
 
 
 def response_hidden(
@@ -104,13 +119,21 @@ def response_hidden(
     return taken[0], targets
 
 
-def finish_logits(config, logits: torch.Tensor) -> torch.Tensor:
-    """What a causal LM's forward does to the head's output: Gemma 2 and 3 cap the logits softly
-    (tanh) where the config says so; the other families tested use them as they are."""
+def logit_softcap(config) -> float | None:
+    """The soft cap on the logits (Gemma 2 and 3, where the config sets one), or None."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    cap = getattr(text_config, "final_logit_softcapping", None)
+    return getattr(text_config, "final_logit_softcapping", None)
+
+
+def finish_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What a causal LM's forward does to the head's output, the same operations in the same
+    order: Gemma 2 and 3 cap the logits softly (tanh) where the config sets a cap; the other
+    families `head_is_exact` accepts use them as they are."""
+    cap = logit_softcap(config)
     if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
     return logits
 
 
@@ -179,8 +202,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         wants_hidden, wants_params = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
         wanted = [p for p, wants in zip(params, wants_params) if wants]
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
-        # fp32 sums over the chunks, as autograd's one product over all rows would accumulate
-        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in wanted]
+        grad_params = [None] * len(wanted)  # summed over the chunks in fp32
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, len(hidden), chunk_positions):
             rows = slice(start, start + chunk_positions)
@@ -193,26 +215,34 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 )
                 if wants_hidden:
                     grad_hidden[rows], grads = grads[0], grads[1:]
-                for into, grad in zip(grad_params, grads):
-                    into += grad
+                for i, grad in enumerate(grads):
+                    if grad_params[i] is None:
+                        grad_params[i] = grad.float()
+                    else:
+                        grad_params[i].add_(grad)
             total += loss.detach()
+        # Kept on ctx, not saved: they are ours, and backward scales them in place and lets go, so
+        # that a fully trained head's gradient exists once, not twice.
+        ctx.grad_hidden = grad_hidden
+        ctx.grad_params = [g if g is None else g.to(p.dtype) for p, g in zip(wanted, grad_params)]
         ctx.wants_params = wants_params
-        ctx.save_for_backward(
-            grad_hidden, *(g.to(p.dtype) for p, g in zip(wanted, grad_params))
-        )
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, *grad_params = ctx.saved_tensors
-        grad_params = iter(grad_params)
+        grad_hidden, grad_params = ctx.grad_hidden, iter(ctx.grad_params)
+        ctx.grad_hidden = ctx.grad_params = None
+
+        def scaled(grad):
+            return None if grad is None else grad.mul_(grad_total)
+
         return (
-            None if grad_hidden is None else grad_hidden * grad_total,
+            scaled(grad_hidden),
             None,
             None,
             None,
             None,
-            *(next(grad_params) * grad_total if wants else None for wants in ctx.wants_params),
+            *(scaled(next(grad_params)) if wants else None for wants in ctx.wants_params),
         )
 
 
@@ -226,11 +256,12 @@ def chunked_loss_sum(
     hidden: torch.Tensor,
     targets: dict[str, torch.Tensor],
     position_loss: PositionLoss = cross_entropy,
-    chunk_positions: int = CHUNK_POSITIONS,
+    chunk_positions: int | None = None,
 ) -> torch.Tensor:
     """`position_loss` summed over all rows of `hidden` (positions, hidden), projected onto the
-    vocabulary by `project` (the output `head` and what the model does after it)
-    `chunk_positions` rows at a time, never more."""
+    vocabulary by `project` (the output `head`, then what the model's forward does after it)
+    `chunk_positions` rows at a time (default: CHUNK_LOGITS logits a chunk), never more."""
+    chunk_positions = chunk_positions or max(1, CHUNK_LOGITS // head.weight.shape[0])
     if not torch.is_grad_enabled():  # evaluation: score the chunks, keep nothing
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, len(hidden), chunk_positions):
@@ -254,32 +285,30 @@ def liger_cross_entropy_function():
 def liger_applies(
     head: torch.nn.Module, device: torch.device, position_loss: PositionLoss, installed: bool
 ) -> bool:
-    """Whether liger's kernel scores this batch: plain cross-entropy, on CUDA, with liger installed,
-    and a head that is one whole plain weight (not a LoRA-wrapped head, whose adapter liger would
-    skip; not a weight sharded by FSDP or partitioned by DeepSpeed ZeRO-3, which its kernel would
-    read as it is)."""
-    if not (installed and position_loss is cross_entropy and torch.device(device).type == "cuda"):
-        return False
-    if type(head) is not torch.nn.Linear:
-        return False
-    weight = head.weight
+    """Whether liger's kernel scores a batch: liger installed, plain cross-entropy (its kernel
+    knows no other loss), on CUDA (Triton), and a head that is a plain linear layer (a LoRA-wrapped
+    head's adapter is not in the one weight liger reads; sharded heads never get here)."""
     return (
-        type(weight.data) is torch.Tensor
-        and tuple(weight.shape) == (head.out_features, head.in_features)
-        and not hasattr(weight, "ds_id")
+        installed
+        and position_loss is cross_entropy
+        and torch.device(device).type == "cuda"
+        and type(head) is torch.nn.Linear
     )
 
 
-def liger_loss_sum(head: torch.nn.Linear, config, hidden, targets) -> torch.Tensor:
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+def liger_loss_sum(
+    head: torch.nn.Linear, config, hidden: torch.Tensor, targets: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Summed cross-entropy of the labels, by liger's fused linear cross-entropy: the head's
+    projection, the soft cap and the loss in chunks, the gradients computed in the forward pass."""
     return liger_cross_entropy_function()(
         hidden,
         head.weight,
         targets["labels"],
         bias=head.bias,
         reduction="sum",
-        softcap=getattr(text_config, "final_logit_softcapping", None),
-        accum_dtype=torch.float32,  # the head's gradient summed over chunks in fp32, as autograd does
+        softcap=logit_softcap(config),
+        accum_dtype=torch.float32,  # the head's gradient summed over chunks in fp32
     )
 
 
@@ -290,8 +319,8 @@ def response_logprobs(
     """The student's log-probabilities (fp32) at the positions that predict a response token of a
     batch, one row each, and their targets: all of them at once, from the model's own logits.
 
-    The path for a family `head_is_exact` refuses, and the reference the chunked loss is tested
-    against; the loss itself never needs all the rows at once."""
+    The path for a sharded head or a family `head_is_exact` refuses, and the reference the chunked
+    loss is tested against."""
     keep, targets = response_targets(batch)
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (scored, vocab)
@@ -302,20 +331,27 @@ def loss_sum(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     position_loss: PositionLoss = cross_entropy,
-    chunk_positions: int = CHUNK_POSITIONS,
+    chunk_positions: int | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """The loss summed over the response tokens of a batch, and how many there are: liger's fused
-    kernel for cross-entropy on CUDA where installed, else the chunked head."""
-    if not head_is_exact(model):
+    """The loss summed over the response tokens of a batch, and how many there are.
+
+    Cross-entropy on CUDA with liger installed: liger's fused kernel. Otherwise the chunked head,
+    `chunk_positions` positions a chunk (default: CHUNK_LOGITS logits a chunk). A sharded head or
+    an unknown logits transform: the whole batch's response logits at once."""
+    if head_is_sharded(model) or not head_is_exact(model):
         logprobs, targets = response_logprobs(model, batch)
         return position_loss(logprobs, targets), len(logprobs)
     inner = unwrapped(model)
     head = inner.get_output_embeddings()
     hidden, targets = response_hidden(model, batch)
-    installed = liger_cross_entropy_function() is not None
-    if liger_applies(head, hidden.device, position_loss, installed):
+    if liger_applies(
+        head, hidden.device, position_loss, liger_cross_entropy_function() is not None
+    ):
         return liger_loss_sum(head, inner.config, hidden, targets), len(hidden)
-    project = lambda rows: finish_logits(inner.config, head(rows))  # noqa: E731
+
+    def project(rows: torch.Tensor) -> torch.Tensor:
+        return finish_logits(inner.config, head(rows))
+
     loss = chunked_loss_sum(head, project, hidden, targets, position_loss, chunk_positions)
     return loss, len(hidden)
 
