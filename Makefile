@@ -35,6 +35,8 @@ demo: install
 	$(VENV)/bin/tutelage demo
 
 test: install
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(PY) -m pytest -q
 
 bench: install

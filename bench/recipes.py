@@ -38,13 +38,14 @@ ROUGE-L minus alpaca's tuned student's, paired per item, its share of refusals, 
 answer words of base / tuned / teacher; the teacher's and the base student's own figures once; the
 wall time of each phase.
 
-Run: `python bench/recipes.py --markdown --out bench-recipes.md` (about 1.5-2 hours on 2 idle
-cores with the defaults; see docs/benchmarks.md). Options: --recipes a,b,... (all six),
+Run: `python bench/recipes.py --markdown --out bench-recipes.md` (about 2-2.5 hours on a quiet
+2-core machine with the defaults). Options: --recipes a,b,... (all six),
 --gen-seconds S (240), --steps N (30), --eval-items N (40), --answer-prompts N (2000), --threads T
 (2: llama.cpp and torch), --seed S, --markdown, --out FILE (also write the tables as Markdown),
 --json FILE (the raw figures), --keep DIR (keep the run folders and logs there; a reference
 run already there is resumed, so its answers are reused).
-The machine is shared and noisy: compare recipes within one run, on a quiet machine.
+The machine is shared and noisy: compare recipes within one run, on a quiet machine. On a busy
+one, --threads 1 is several times faster (llama.cpp's threads spin-wait for each other).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ NEVER = 10**9  # a target, request cap and stall count that generation never rea
 SHARED_ROLES = ("base", "teacher")  # answered once, in the reference run
 SET = "builtin"
 
-console = Console(width=None if sys.stdout.isatty() else 200)
+console = Console(width=None if sys.stdout.isatty() else 320)  # a log: no wrapping
 BOX = box.HEAVY_HEAD  # box.MARKDOWN with --markdown
 
 
@@ -372,35 +373,47 @@ def tables(rows: list[dict], reference: dict, args: argparse.Namespace) -> list[
         )
 
     ref = reference["metrics"]
-    words = {role: median_words(reference["rows"], role) for role in SHARED_ROLES}
     student = Table(
         title=(
             f"The student after {args.steps} steps, on {args.eval_items} built-in instructions "
-            f"(base ROUGE-L {ci(ref, 'rouge_l', 'base')}, NLL {ci(ref, 'nll', 'base')}, refusals "
-            f"{share_ci(ref, 'refusal', 'base')}; teacher ROUGE-L {ci(ref, 'rouge_l', 'teacher')}, "
-            f"refusals {share_ci(ref, 'refusal', 'teacher')})"
+            "(means with bootstrap 95% intervals; differences paired per item)"
         ),
         box=BOX,
     )
     for col in (
-        "recipe",
+        "model",
         "trained on",
-        "ROUGE-L tuned",
+        "ROUGE-L",
         "ROUGE-L tuned - base",
         f"ROUGE-L tuned - {BASELINE}'s tuned",
-        "NLL tuned",
+        "NLL",
         "NLL tuned - base",
-        "refusals tuned",
-        "median words base / tuned / teacher",
-        "shared answers",
+        "refusals",
+        "median words",
+        "base and teacher answers",
     ):
-        student.add_column(col, justify="left" if col == "recipe" else "right")
+        student.add_column(col, justify="left" if col == "model" else "right")
+    # The models every recipe shares first: what the tuned students start from and aim at.
+    for role, label in (("base", "base student (untrained)"), ("teacher", "teacher")):
+        words = median_words(reference["rows"], role)
+        student.add_row(
+            label,
+            "-",
+            ci(ref, "rouge_l", role),
+            "-",
+            "-",
+            ci(ref, "nll", role),
+            "-",
+            share_ci(ref, "refusal", role),
+            f"{words:.0f}" if words is not None else "-",
+            "reference run",
+        )
     for r in done:
         if "metrics" not in r:
             continue
         m = r["metrics"]
         student.add_row(
-            r["recipe"],
+            f"tuned on {r['recipe']}",
             f"{r['train_split']:,}",
             ci(m, "rouge_l", "tuned"),
             ci(m, "rouge_l", "delta"),
@@ -408,10 +421,7 @@ def tables(rows: list[dict], reference: dict, args: argparse.Namespace) -> list[
             ci(m, "nll", "tuned"),
             ci(m, "nll", "delta"),
             share_ci(m, "refusal", "tuned"),
-            " / ".join(
-                f"{w:.0f}" if w is not None else "-"
-                for w in (words["base"], r["tuned_words"], words["teacher"])
-            ),
+            f"{r['tuned_words']:.0f}" if r["tuned_words"] is not None else "-",
             "reused" if r["reused"] else "ANSWERED AGAIN",
         )
 
@@ -448,6 +458,19 @@ def paired_against(row: dict, base: dict | None, args: argparse.Namespace) -> st
         return "-"
     mean, low, high = bootstrap_ci(both, 1000, args.seed)
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def markdown(shown: list[Table]) -> str:
+    """The tables as Markdown for docs/benchmarks.md: each title a line of its own, no padding."""
+    parts = []
+    for table in shown:
+        text = io.StringIO()
+        title, table.title, table.box = table.title, None, box.MARKDOWN
+        Console(file=text, width=1000).print(table)
+        table.title = title
+        lines = [line.rstrip() for line in text.getvalue().splitlines() if line.strip()]
+        parts.append(f"{title}\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -535,12 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         highlight=False,
     )
     if args.out:
-        text = io.StringIO()
-        out = Console(file=text, width=400)
-        for table in shown:
-            table.box = box.MARKDOWN
-            out.print(table)
-        args.out.write_text(text.getvalue(), encoding="utf-8")
+        args.out.write_text(markdown(shown), encoding="utf-8")
         console.print(f"written {args.out}")
     if args.json:
         raw = {

@@ -13,7 +13,7 @@ keys a request as asked, not as sent. An answer without text (cut at the token l
 filtered, refused, or null) comes back with empty text and a finish reason saying why
 (`Completion.EMPTY_REASONS`); an answer without `usage` is counted here and marked as estimated.
 
-The HTTP client is aiohttp: about a sixth of httpx's CPU per request (see docs/benchmarks.md),
+The HTTP client is aiohttp: a quarter to a sixth of httpx's CPU per request (docs/benchmarks.md),
 which is what limits a client at high concurrency against a fast server.
 Batch mode (/v1/files + /v1/batches, half price within 24 hours) is
 `openai_batch.OpenAIBatchTeacher`.

@@ -11,6 +11,8 @@ log-softmax and the backward pass hold several. So the head never sees a whole b
   2. the hidden states go through the head a chunk of positions at a time; each chunk's logits
      are scored, differentiated and freed before the next chunk (`ChunkedHeadLoss`), so at most
      one chunk's [positions x vocab] exists at a time, in the forward pass and the backward.
+     Cross-entropy's gradient with respect to the logits is computed in closed form (softmax
+     minus one-hot, in place): one such tensor a chunk instead of three.
 
 The per-position loss is a plain function of rows: a chunk's log-probs (positions, vocab) and its
 targets, a dict of tensors sliced row for row alongside. Cross-entropy reads `labels`; a
@@ -25,6 +27,7 @@ head in a way `finish_logits` does not know (`head_is_exact`, checked once per m
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 
@@ -182,16 +185,54 @@ def chunk_loss(
     return position_loss(F.log_softmax(project(hidden).float(), dim=-1), targets)
 
 
+def cross_entropy_and_gradient(
+    logits: torch.Tensor, targets: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cross_entropy` of the logits' log-softmax, and its gradient with respect to the logits in
+    closed form, softmax minus one-hot: one [positions x vocab] tensor, turned from log-probs into
+    the gradient in place, where autograd through log-softmax and the loss would hold three (and
+    spend a tenth of the head's time on their backward)."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    rows, labels = torch.arange(len(logprobs), device=logprobs.device), targets["labels"]
+    loss = -logprobs[rows, labels].sum()
+    gradient = logprobs.exp_()
+    gradient[rows, labels] -= 1
+    return loss, gradient
+
+
+# Per-position losses whose gradient with respect to the logits has a closed form.
+CLOSED_FORM_GRADIENTS = {cross_entropy: cross_entropy_and_gradient}
+
+
+def loss_and_logits_gradient(
+    logits: torch.Tensor,
+    position_loss: PositionLoss,
+    targets: dict[str, torch.Tensor],
+    differentiate: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's loss (detached) and, when `differentiate`, its gradient with respect to the
+    chunk's logits: in closed form where there is one, else by autograd."""
+    if position_loss in CLOSED_FORM_GRADIENTS and differentiate:
+        loss, gradient = CLOSED_FORM_GRADIENTS[position_loss](logits, targets)
+        return loss, gradient
+    logits = logits.requires_grad_(differentiate)
+    with torch.enable_grad():
+        loss = position_loss(F.log_softmax(logits.float(), dim=-1), targets)
+    gradient = torch.autograd.grad(loss, logits)[0] if differentiate else None
+    return loss.detach(), gradient
+
+
 class ChunkedHeadLoss(torch.autograd.Function):
     """The summed loss of all rows of `hidden`, a chunk at a time, its gradients computed in the
-    forward pass: each chunk's logits are made, scored, differentiated (with respect to the
-    chunk's hidden states and the head's trainable parameters) and freed before the next chunk.
-    The backward pass only scales the stored gradients by the incoming one (the loss is a sum).
+    forward pass: each chunk's logits are made, scored, differentiated (the loss with respect to
+    the logits, then the logits with respect to the chunk's hidden states and the head's
+    trainable parameters) and freed before the next chunk. The backward pass only scales the
+    stored gradients by the incoming one (the loss is a sum).
 
     So at most one chunk's [positions x vocab] exists at a time, and nothing is recomputed: the
-    same matrix products as projecting everything at once (recomputing the chunks in the backward
-    pass, as a checkpoint would, costs one more head projection, which is more than the whole rest
-    of Gemma-270M's forward). Dropout on a LoRA-wrapped head is drawn once, in the forward.
+    same matrix products as projecting everything at once. (Recomputing each chunk in the backward
+    pass, as a checkpoint would, costs one more head projection, more than the whole rest of
+    Gemma-270M's forward.) Dropout on a LoRA-wrapped head is drawn once, in the forward.
 
     Inputs: hidden (positions, hidden), targets (a dict sliced row for row), project (hidden rows
     -> logits, through the head's own module), position_loss, chunk_positions, then the head's
@@ -208,10 +249,18 @@ class ChunkedHeadLoss(torch.autograd.Function):
             rows = slice(start, start + chunk_positions)
             chunk = hidden[rows].detach().requires_grad_(wants_hidden)
             with torch.enable_grad():
-                loss = chunk_loss(project, position_loss, chunk, slice_rows(targets, rows))
-            if wants_hidden or wanted:
+                logits = project(chunk)
+            differentiate = wants_hidden or bool(wanted)
+            loss, grad_logits = loss_and_logits_gradient(
+                logits.detach(), position_loss, slice_rows(targets, rows), differentiate
+            )
+            if differentiate:
                 grads = torch.autograd.grad(
-                    loss, [chunk] * wants_hidden + wanted, allow_unused=True, materialize_grads=True
+                    logits,
+                    [chunk] * wants_hidden + wanted,
+                    grad_outputs=grad_logits.to(logits.dtype),
+                    allow_unused=True,
+                    materialize_grads=True,
                 )
                 if wants_hidden:
                     grad_hidden[rows], grads = grads[0], grads[1:]
@@ -220,7 +269,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
                         grad_params[i] = grad.float()
                     else:
                         grad_params[i].add_(grad)
-            total += loss.detach()
+            total += loss
+            del logits, grad_logits  # before the next chunk's are made
         # Kept on ctx, not saved: they are ours, and backward scales them in place and lets go, so
         # that a fully trained head's gradient exists once, not twice.
         ctx.grad_hidden = grad_hidden
@@ -273,6 +323,7 @@ def chunked_loss_sum(
 
 
 # -- liger-kernel's fused linear cross-entropy, on CUDA -----------------------------------------
+@functools.cache  # a failed import is not cached by Python: it would search the path every step
 def liger_cross_entropy_function():
     """liger-kernel's functional fused linear cross-entropy, or None where it is not installed."""
     try:
