@@ -27,8 +27,8 @@ Recipes (--recipes picks some): alpaca (the baseline: the demo's recipe, answers
 alpaca-chat (alpaca with `generation.answer: chat`), self-instruct, magpie, evol-instruct, answer
 (the teacher answers a fixed sample of --answer-prompts instructions from
 ../shared/data/instructions-19k.jsonl, shuffled with --seed, any built-in evaluation instruction
-left out). A recipe that tutelage does not register (tutelage.generate.loop.RECIPES) is skipped
-with a note.
+left out), answer-seeds (the teacher answers tutelage's own seed tasks, inputs included). A
+recipe that tutelage does not register (tutelage.generate.loop.RECIPES) is skipped with a note.
 
 Reported per recipe: kept tasks per minute of generation (and the ratio to alpaca's), teacher
 tokens (in + out) per kept task, the share of generated records rejected as parse_error and the
@@ -40,8 +40,11 @@ wall time of each phase.
 
 Run: `python bench/recipes.py --markdown --out bench-recipes.md` (about 2-2.5 hours on a quiet
 2-core machine with the defaults). Options: --recipes a,b,... (all six),
---gen-seconds S (240), --steps N (30), --eval-items N (40), --answer-prompts N (2000), --threads T
-(2: llama.cpp and torch), --seed S, --markdown, --out FILE (also write the tables as Markdown),
+--gen-seconds S (240), --clock wall|cpu (what --gen-seconds counts: wall time, or the generate
+process's CPU time, fair between recipes on a busy machine; use it with --threads 1; kept tasks
+are then per CPU minute), --steps N (30), --eval-items N (40), --answer-prompts N (2000),
+--threads T (2: llama.cpp and torch), --seed S, --markdown, --out FILE (also write the tables as
+Markdown),
 --json FILE (the raw figures), --keep DIR (keep the run folders and logs there; a reference
 run already there is resumed, so its answers are reused).
 The machine is shared and noisy: compare recipes within one run, on a quiet machine. On a busy
@@ -69,6 +72,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+import tutelage
 from tutelage.config import load_config
 from tutelage.evaluate.sets import BUILTIN_SET, load_eval_file
 from tutelage.evaluate.stats import bootstrap_ci
@@ -78,6 +82,7 @@ from tutelage.templating import TEMPLATE_DIR
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT.parent / "shared" / "data" / "instructions-19k.jsonl"
 DEMO_CONFIG = TEMPLATE_DIR / "tutelage.yaml"
+SEED_TASKS = Path(tutelage.__file__).parent / "data" / "seed_tasks.jsonl"
 BASELINE = "alpaca"
 # Each variant: the recipe it runs and the configuration it changes.
 VARIANTS = {
@@ -85,8 +90,22 @@ VARIANTS = {
     "alpaca-chat": {"generation.recipe": "alpaca", "generation.answer": "chat"},
     "self-instruct": {"generation.recipe": "self-instruct"},
     "magpie": {"generation.recipe": "magpie"},
-    "evol-instruct": {"generation.recipe": "evol-instruct"},
+    # Rewrites are asked in chat (the embedded teacher continues a completion prompt with more
+    # rewrite prompts); no ROUGE-L novelty filter: WizardLM has none, and an in-depth rewrite
+    # shares most of its words with its parent by design (no_information_gain guards instead).
+    "evol-instruct": {
+        "generation.recipe": "evol-instruct",
+        "teacher.chat": True,
+        "filter.rouge_threshold": None,
+    },
     "answer": {"generation.recipe": "answer"},  # generation.prompts: the sample, set in main
+    # The answer recipe on tutelage's own seed tasks (one prompt per seed instance, inputs
+    # included): what a demo can ship, since the outside instructions cannot be.
+    "answer-seeds": {
+        "generation.recipe": "answer",
+        "generation.prompts": str(SEED_TASKS),
+        "filter.rouge_threshold": None,
+    },
 }
 NEVER = 10**9  # a target, request cap and stall count that generation never reaches
 SHARED_ROLES = ("base", "teacher")  # answered once, in the reference run
@@ -143,9 +162,17 @@ def tutelage_command(stage: str, config: Path, run: Path) -> list[str]:
     return [sys.executable, "-m", "tutelage", stage, "-c", str(config), "--run-dir", str(run)]
 
 
-def generate_for(seconds: float, config: Path, run: Path, log: Path) -> tuple[str, float]:
-    """`tutelage generate`, killed after `seconds` unless it ends first: (how it ended, s)."""
+def generate_for(
+    seconds: float, config: Path, run: Path, log: Path, clock: str = "wall"
+) -> tuple[str, float]:
+    """`tutelage generate`, killed after `seconds` unless it ends first: (how it ended, the
+    seconds it spent on `clock`).
+
+    clock "wall": seconds of wall time. clock "cpu": seconds of the process's CPU time (the
+    in-process llama.cpp teacher's work included): on a machine other jobs share, every recipe
+    then gets the same teacher work, where wall time would give each whatever the load left."""
     start = time.perf_counter()
+    used = 0.0  # CPU seconds, last seen
     with log.open("a", encoding="utf-8") as out:
         # Its own process group: the kill reaches it and whatever it started, nothing else.
         proc = subprocess.Popen(
@@ -154,13 +181,33 @@ def generate_for(seconds: float, config: Path, run: Path, log: Path) -> tuple[st
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            rc = proc.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
+        rc = None
+        if clock == "wall":
+            try:
+                rc = proc.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            import psutil
+
+            watched = psutil.Process(proc.pid)
+            while rc is None:
+                try:
+                    rc = proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    try:
+                        used = sum(watched.cpu_times()[:2])
+                    except psutil.NoSuchProcess:
+                        continue
+                    if used >= seconds:
+                        break
+        if rc is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return "killed", time.perf_counter() - start
-    return ("ended" if rc == 0 else f"failed (exit {rc})"), time.perf_counter() - start
+    spent = time.perf_counter() - start if clock == "wall" else used
+    if rc is None:
+        return "killed", spent
+    return ("ended" if rc == 0 else f"failed (exit {rc})"), spent
 
 
 def last_line(log: Path) -> str:
@@ -207,7 +254,7 @@ def run_variant(
         row["seconds"][label] = seconds
         console.print(f"  {name}: {label} {seconds:.0f} s", highlight=False)
 
-    ended, seconds = generate_for(args.gen_seconds, config, run, log)
+    ended, seconds = generate_for(args.gen_seconds, config, run, log, args.clock)
     phase("generate", seconds)
     row["generation_end"] = ended
     if ended.startswith("failed") or not (run / "tutelage.db").exists():
@@ -340,7 +387,11 @@ def tables(rows: list[dict], reference: dict, args: argparse.Namespace) -> list[
     base = next((r for r in done if r["recipe"] == BASELINE), None)
 
     generation = Table(
-        title=f"Generation: {args.gen_seconds:.0f} s of the embedded teacher per recipe", box=BOX
+        title=(
+            f"Generation: {args.gen_seconds:.0f} s ({args.clock} clock) of the embedded teacher "
+            "per recipe"
+        ),
+        box=BOX,
     )
     for col in (
         "recipe",
@@ -348,7 +399,7 @@ def tables(rows: list[dict], reference: dict, args: argparse.Namespace) -> list[
         "teacher requests",
         "generated",
         "kept",
-        "kept / min",
+        "kept / CPU min" if args.clock == "cpu" else "kept / min",
         f"vs {BASELINE}",
         "teacher tokens / kept",
         "parse errors",
@@ -480,6 +531,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--recipes", default=",".join(VARIANTS), help="a subset, comma-separated")
     parser.add_argument("--gen-seconds", type=float, default=240, help="generation per recipe")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="--gen-seconds of wall time, or of the generate process's CPU time (a busy machine)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="training steps per recipe")
     parser.add_argument("--eval-items", type=int, default=40, help="built-in instructions")
     parser.add_argument("--answer-prompts", type=int, default=2000, help="the answer recipe's")
@@ -536,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
                 console.print(f"  {name}: {note}", highlight=False)
                 rows.append({"recipe": name, "skipped": note})
                 continue
-            if recipe == "answer":
+            if name == "answer":
                 if not PROMPTS.exists():
                     rows.append({"recipe": name, "skipped": f"skipped: no {PROMPTS}"})
                     continue

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -35,6 +36,7 @@ CONFIG = textwrap.dedent("""
       save_every: 2
     evaluation:
       builtin_limit: 2
+      ifeval_limit: 2
       max_new_tokens: 12
       bootstrap: 50
 """)
@@ -137,8 +139,21 @@ def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
         "tuned",
         "teacher",
     }
-    # Every item judged for both pairs (a verdict or a recorded failure), through the ledger.
-    items = db_rows(run, "SELECT COUNT(DISTINCT set_name || item_key) FROM eval_items")[0][0]
+    # Every item judged for both pairs (a verdict or a recorded failure), through the ledger;
+    # IFEval's prompts are checked by program instead, for every model, tuned minus base too.
+    items = db_rows(
+        run,
+        "SELECT COUNT(DISTINCT set_name || item_key) FROM eval_items WHERE set_name != 'ifeval'",
+    )[0][0]
+    checked = db_rows(
+        run, "SELECT model_role FROM eval_summary WHERE metric='ifeval_prompt_strict'"
+    )
+    assert {r[0] for r in checked} == {"base", "tuned", "teacher", "delta"}
+    assert sorted(p.name for p in (run / "eval").glob("*.json")) == [
+        "base.json",
+        "teacher.json",
+        "tuned.json",
+    ]
     assert (
         db_rows(run, "SELECT COUNT(*) FROM eval_judgements WHERE kind='pairwise'")[0][0]
         == 2 * items
@@ -204,3 +219,61 @@ def test_kill_during_generation_then_run_to_the_end(tmp_path, embedded_models):
     assert sum(len(s) for s in load_from_disk(str(tmp_path / "d_hf")).values()) == kept
     r = tutelage("export", str(run), "--model", "-o", str(tmp_path / "student"))
     assert r.returncode == 0 and (tmp_path / "student" / "config.json").exists()
+
+
+# One short generation per new recipe on the embedded teacher: the recipe's requests reach the
+# real model, its answers parse, and every record lands with a status (and a reason when
+# rejected). The teacher is tiny, so only the mechanics are asserted, not the quality.
+RECIPE_CONFIGS = {
+    "magpie": """
+        generation: {recipe: magpie, target: 2, max_requests: 8, stall_requests: 8}
+    """,
+    "evol-instruct": """
+        teacher: {chat: true}
+        generation: {recipe: evol-instruct, target: 2, rounds: 1, max_requests: 10,
+                     stall_requests: 10}
+        filter: {rouge_threshold: null}
+    """,
+    "answer": """
+        generation: {recipe: answer, target: 2, prompts: PROMPTS, max_requests: 6,
+                     stall_requests: 6}
+        filter: {rouge_threshold: null}
+    """,
+}
+OWN_PROMPTS = [
+    {"instruction": "Name three colours of a rainbow."},
+    {"instruction": "Give one tip for sleeping better."},
+    {"instruction": "Turn this sentence into the past tense.", "input": "I walk to the shop."},
+]
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_CONFIGS))
+def test_each_new_recipe_generates_on_the_embedded_teacher(tmp_path, embedded_models, recipe):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in OWN_PROMPTS))
+    chosen = yaml.safe_load(
+        textwrap.dedent(RECIPE_CONFIGS[recipe]).replace("PROMPTS", str(prompts))
+    )
+    chosen["seed"] = 1
+    chosen.setdefault("teacher", {})["threads"] = 1  # faster than two on a busy machine
+    chosen["generation"]["answer_sampling"] = {"temperature": 0, "max_tokens": 320}
+    config = tmp_path / "tutelage.yaml"
+    config.write_text(yaml.safe_dump(chosen))
+    run = tmp_path / "run"
+    done = tutelage("generate", "-c", str(config), "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rows = db_rows(
+        run,
+        "SELECT i.status, i.reason, i.text, n.output FROM instructions i "
+        "LEFT JOIN instances n ON n.instruction_id = i.id WHERE i.source = 'machine'",
+    )
+    assert rows, "no record stored"
+    assert all(status in ("kept", "rejected") for status, *_ in rows)
+    assert all(reason for status, reason, *_ in rows if status == "rejected")
+    kept = [(text, output) for status, _, text, output in rows if status == "kept"]
+    assert kept and all(text.strip() and output and output.strip() for text, output in kept)
+    if recipe == "answer":  # the instructions are the user's own, word for word
+        assert {text for text, _ in kept} <= {p["instruction"] for p in OWN_PROMPTS}
+    explained = tutelage("generate", "--explain", str(run))
+    assert explained.returncode == 0 and "kept" in explained.stdout, explained.stderr[-2000:]

@@ -73,6 +73,7 @@ def test_the_filter_stage_keeps_magpies_decisions_and_re_decides_the_screens(tmp
     cfg = test_magpie.cfg.__wrapped__(tmp_path)
     store = open_run(cfg)
     generate(store, cfg, test_magpie.MagpieTeacher(test_magpie.QUERIES, test_magpie.ANSWERS))
+
     def kept():  # the dataset, without the split the filter stage assigns
         return [{k: v for k, v in r.items() if k != "split"} for r in store.examples()]
 

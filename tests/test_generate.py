@@ -1194,3 +1194,13 @@ def test_list_answers_never_make_the_responder(responder_cfg, monkeypatch):
     assert generate(store, responder_cfg, teacher).stop_reason == "target"
     assert teacher.chat_requests == []
     assert {r["purpose"] for r in request_rows(store)} == {"generate"}
+
+
+@pytest.mark.parametrize("reason", sorted(Completion.EMPTY_REASONS))
+@pytest.mark.parametrize("continued", [True, False])
+def test_empty_answers_keep_their_reason_in_both_list_recipes(reason, continued):
+    # A filtered, refused or cut-off answer with no text is one rejected piece under its reason,
+    # never an empty list (lost) nor a parse error (the teacher's fault, not the format's).
+    for parse in (alpaca.parse, self_instruct.parse):
+        (piece,) = parse("", reason, continued=continued, first_number=4)
+        assert piece.error == reason

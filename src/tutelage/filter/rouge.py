@@ -25,7 +25,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import accumulate, chain, pairwise
 
 import numpy as np
 import regex
@@ -190,7 +190,7 @@ def _inner_lcs(codes: list[str]) -> np.ndarray:
     count = len(codes)
     lcs = np.zeros((count, count), np.int32)
     cuts = [count * k // 4 for k in range(5)]
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in pairwise(cuts):
         if a < b:
             lcs[a:b, :b] = process.cdist(
                 codes[a:b], codes[:b], scorer=LCSseq.similarity, dtype=np.int32
@@ -381,7 +381,7 @@ class _Pool:
             bounds = np.cumsum(np.bincount(rank)).tolist()
             dense = self.dense
             overlap[: bounds[0]] = dense[d_rows[: bounds[0]], :size]
-            for a, b in zip(bounds, bounds[1:]):
+            for a, b in pairwise(bounds):
                 overlap[: b - a] += dense[d_rows[a:b], :size]
         # Sparse features: their postings, one fancy increment per rank (no repeated index).
         sparse = ~is_dense

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ..config import Config
 from ..filter.quality import control_characters, leaked_list_marker
 from ..filter.screen import Screen, Verdict
-from ..teachers.base import Request
+from ..teachers.base import Completion, Request
 from ..teachers.ledger import LedgerResult
 from .answering import ask_answer
 from .recipe import (
@@ -199,6 +199,8 @@ def parse(text: str, finish_reason: str | None, continued: bool, first_number: i
     `continued`: the response continues a prompt that ended with "N. Instruction:" (completion
     teachers), so its first characters are the first instruction.
     """
+    if finish_reason in Completion.EMPTY_REASONS:  # no text, and why: stored under that reason
+        return [Parsed("", error=finish_reason, raw=text)]
     text = SEPARATOR.sub("", text)
     # A continuation starts inside the open block, unless the teacher restarted it with a marker.
     if continued and not FIELD.match(text.lstrip("\n")):

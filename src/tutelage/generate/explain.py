@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..filter.answers import ANSWER_CODES, NOT_BEST
 from ..store import Store
+from .evol_instruct import ANSWER_STAGE_CODES
 
 WIDTH = 70  # characters of an example shown
 # What a duplicate's nearest_score measures, by the filter that rejected it.
@@ -17,8 +18,10 @@ SCORE_NAMES = {
     "rouge_duplicate": "ROUGE-L",
     "minhash_duplicate": "Jaccard",
     "embedding_duplicate": "cosine",
+    "no_information_gain": "ROUGE-L to its parent",
 }
-ANSWER_REASONS = (*ANSWER_CODES, NOT_BEST)  # about the answer: its example shows the answer
+# About the answer: its example shows the answer.
+ANSWER_REASONS = (*ANSWER_CODES, *ANSWER_STAGE_CODES, NOT_BEST)
 
 
 def explain(store: Store) -> list[str]:

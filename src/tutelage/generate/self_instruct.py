@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 
 from ..config import Config
-from ..teachers.base import Request
+from ..teachers.base import Completion, Request
 from ..teachers.ledger import LedgerResult
 from .answering import ask_answer
 from .instances import filter_instances, parse_input_first, parse_output_first
@@ -134,6 +134,8 @@ def parse(text: str, finish_reason: str | None, continued: bool, first_number: i
     """The new instructions in one answer. A completion teacher continues "9." directly; a chat
     teacher's words before its first numbered item, and after a blank line that ends an item,
     are talk about the list, not part of it."""
+    if finish_reason in Completion.EMPTY_REASONS:  # no text, and why: stored under that reason
+        return [Parsed("", finish_reason, text)]
     if continued:
         text = f"{first_number}. " + text.lstrip(" \t")
     marks = list(_ITEM.finditer(text))
