@@ -9,9 +9,11 @@
    CPU seconds per 1,000 requests (getrusage of this process; the server's CPU is its own). Two
    ways: the bare teacher (`teacher.complete`, teacher concurrency c) and through the request
    ledger as the pipeline calls it (`Ledger(teacher, store, concurrency=c).complete_many`, SQLite
-   writes before and after each request); "ledger share" is the part of the client's CPU per
-   request that the ledger adds. First the mock alone, driven by a bare asyncio client, shows the
-   ceiling the mock and this way of measuring allow.
+   writes before and after each request, committed in groups); "ledger share" is the part of the
+   client's CPU per request that the ledger adds. `--ledger-commits both` also runs the ledger
+   with a commit for every write (its way before issue 16), right after the grouped one. First
+   the mock alone, driven by a bare asyncio client, shows the ceiling the mock and this way of
+   measuring allow.
 2. Local backends on the embedded teacher (SmolLM2-135M-Instruct Q4_1, 2 threads): generated
    tokens/s of `LlamaCppTeacher`, bare and through the ledger, against llama-cpp-python called
    directly (goal: at least 0.95); the direct baseline runs in a process of its own (see the note
@@ -22,7 +24,8 @@
 Run: `python bench/teachers.py` (about 4-5 minutes on 2 cores; `make bench` runs it).
 Options: --quick (a smoke run, about a minute), --skip-http, --skip-local, --skip-hf,
 --only http|llama|hf, --markdown,
---levels 1,16,64,256, --rounds N or --requests N, --server uvicorn, --jitter J (HTTP),
+--levels 1,16,64,256, --rounds N or --requests N, --server uvicorn, --jitter J,
+--ledger-commits grouped|both (HTTP),
 --prompts/--max-tokens/--repeats (llama.cpp), --hf-tokens/--hf-repeats (transformers).
 The machine is noisy: compare the ratios within one run. Each section runs in a fresh process.
 """
@@ -60,6 +63,11 @@ if TYPE_CHECKING:
 console = Console(width=None if sys.stdout.isatty() else 160)
 BOX = box.HEAVY_HEAD  # box.MARKDOWN with --markdown
 HTTP_GOAL = 0.90
+PATHS = {
+    "bare": "bare teacher",
+    "ledger": "through Ledger",
+    "ledger-each": "through Ledger, a commit per write",
+}
 LOCAL_GOAL = 0.95
 
 # Completion-style prompts the 135M teacher continues for a while (instructions often get an
@@ -108,14 +116,16 @@ async def http_pass(
     """One pass at concurrency c: (wall seconds, client CPU seconds)."""
     teacher = make_teacher(url, c)
     requests = chat_requests(n, tag)
-    store = Store(folder / f"{tag}.db") if mode == "ledger" else None
+    store = Store(folder / f"{tag}.db") if mode.startswith("ledger") else None
     try:
         # One request first, not measured: the client is made (an SSL context alone costs ~30 ms
         # here) and one connection opened. The other c - 1 connections open during the pass.
         await teacher.complete(chat_requests(1, f"{tag} first"))
         cpu0, start = cpu_s(), time.perf_counter()
         if store is not None:
-            results = await Ledger(teacher, store, concurrency=c).complete_many(requests)
+            grouped = mode != "ledger-each"
+            ledger = Ledger(teacher, store, concurrency=c, group_commits=grouped)
+            results = await ledger.complete_many(requests)
             answers = [r.completion for r in results]
         else:
             answers = await teacher.complete(requests)
@@ -200,12 +210,13 @@ def bench_http(
         tempfile.TemporaryDirectory(prefix="tutelage-bench-") as tmp,
     ):
         # Warm up: lazy imports (anyio backends, sqlite) and the first connection, not measured.
-        for mode in ("bare", "ledger"):
+        modes = ("bare", "ledger") + (("ledger-each",) if args.ledger_commits == "both" else ())
+        for mode in modes:
             asyncio.run(http_pass(make_teacher, mock.url, 4, 8, mode, f"warm-{mode}", Path(tmp)))
         for c in args.levels:
             n = args.requests or max(20, args.rounds * c)
             ideal = min(c, args.slots) / args.latency
-            for mode in ("bare", "ledger"):
+            for mode in modes:
                 before = mock.stats()
                 wall, cpu = asyncio.run(
                     http_pass(make_teacher, mock.url, c, n, mode, f"{mode}-{c}", Path(tmp))
@@ -213,8 +224,9 @@ def bench_http(
                 server_cpu = mock.stats()["cpu_s"] - before["cpu_s"]
                 fraction = n / wall / ideal
                 share = ""  # of the client's CPU per request through the ledger, the ledger's
-                if mode == "ledger" and rows and rows[-1]["c"] == c:
-                    share = f"{1 - rows[-1]['cpu_per_1k'] / (1000 * cpu / n):.0%}"
+                bare = [r for r in rows if r["c"] == c and r["mode"] == "bare"]
+                if mode != "bare" and bare:
+                    share = f"{1 - bare[-1]['cpu_per_1k'] / (1000 * cpu / n):.0%}"
                 rows.append(
                     {
                         "c": c,
@@ -228,7 +240,7 @@ def bench_http(
                 )
                 table.add_row(
                     str(c),
-                    "bare teacher" if mode == "bare" else "through Ledger",
+                    PATHS[mode],
                     str(n),
                     f"{wall:.2f}",
                     f"{n / wall:.0f}",
@@ -532,6 +544,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.2, help="mock latency, seconds")
     parser.add_argument("--slots", type=int, default=256, help="mock capacity in requests at once")
     parser.add_argument("--server", choices=["raw", "uvicorn"], default="raw")
+    parser.add_argument(
+        "--ledger-commits",
+        choices=["grouped", "both"],
+        default="grouped",
+        help="HTTP: 'both' also runs the ledger with a commit for every write (the old way)",
+    )
     parser.add_argument(
         "--jitter",
         type=float,

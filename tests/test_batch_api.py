@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -92,11 +93,22 @@ def test_a_run_stopped_while_its_batch_is_pending_waits_on_it_after_a_restart(se
     server.batch_polls = 10**6  # the batch never ends while the first run waits
     requests = [chat(f"task {i}") for i in range(4)]
 
+    def recorded() -> int:  # requests the store already ties to a remote batch (own connection)
+        with sqlite3.connect(tmp_path / "run" / "tutelage.db") as con:
+            sql = "SELECT COUNT(*) FROM requests WHERE remote_batch IS NOT NULL"
+            return con.execute(sql).fetchone()[0]
+
     async def first_run():
         with Store(tmp_path / "run") as store:
             ledger = Ledger(batch_teacher(server), store)
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(ledger.complete_many(requests), 0.5)
+            waiting = asyncio.ensure_future(ledger.complete_many(requests))
+            deadline = time.monotonic() + 60  # stopped once the batch is recorded, however slow
+            while recorded() < len(requests) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not waiting.done()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
 
     asyncio.run(first_run())
     with Store(tmp_path / "run") as store:

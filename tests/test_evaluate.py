@@ -48,11 +48,13 @@ def make_run(tmp_path: Path, tiny: dict[str, Path], sets: list[Path] = ()) -> tu
         student={"model": str(tiny["base"])},
         evaluation={
             "builtin_set": False,
+            "ifeval": False,
             "sets": list(sets),
             "max_new_tokens": 5,
             "bootstrap": 200,
             "include_teacher": False,
             "pairs": [],
+            "judge_mode": "text",  # the scripted judge writes its verdicts
         },
     )
     store = Store(run_dir)

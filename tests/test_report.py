@@ -390,7 +390,10 @@ def test_cost_training_and_evaluation(report):
     ).replace("_", r"\_") in md
     assert "| -0.600 [-0.700, -0.500] | better |" in md  # a lower nll is better
     # The judge's win rates have their own table, not columns of the metric table.
-    assert "| tuned vs base | 0.750 [0.600, 0.900] | 0.700 [0.450, 0.850] | tuned wins | 12 |" in md
+    assert (
+        "| tuned vs base | 0.750 [0.600, 0.900] | 0.700 [0.450, 0.850] | – | tuned wins | 12 |"
+        in md
+    )  # no position bias stored for this pair: a dash
     assert "| tuned | 0.500 [0.250, 0.750] | 12 |" in md  # the rubric's acceptable share
     assert "tuned:base" not in md
     for text in (

@@ -135,8 +135,15 @@ def fresh(tmp_path) -> Path:
 
 
 def test_the_migrations_are_numbered_in_order(fresh):
-    assert SCHEMA_VERSION == len(MIGRATIONS) == 4
-    assert [m.__name__[:4] for m in MIGRATIONS] == ["m001", "m002", "m003", "m004"]
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 6
+    assert [m.__name__[:4] for m in MIGRATIONS] == [
+        "m001",
+        "m002",
+        "m003",
+        "m004",
+        "m005",
+        "m006",
+    ]
     assert user_version(fresh) == SCHEMA_VERSION
 
 

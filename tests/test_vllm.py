@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from tutelage.teachers import Ledger, Request, TeacherError
 from tutelage.teachers.vllm import INSTALL_HINT, VLLMTeacher, resolve_vllm_model
 
 DEFAULT = object()
+HUB = Path("/hub-cache/snapshots")
 ENGINE_ARGS = {"seed", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype"}
 
 
@@ -81,6 +83,10 @@ class FakeLLM:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
+    # A Hub id's snapshot, as model_files finds it in the Hub cache (tests/test_hub.py tests that).
+    monkeypatch.setattr(
+        "tutelage.model_files.hub_snapshot", lambda repo_id, field, repo_type="model": HUB / repo_id
+    )
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
@@ -155,7 +161,7 @@ def test_engine_args_go_to_the_engine(fake_vllm):
         "org/big-model", seed=3, engine_args={"tensor_parallel_size": 2, "max_model_len": 8192}
     )
     assert (teacher.backend, teacher.model, teacher.max_batch) == ("vllm", "org/big-model", 256)
-    assert teacher.llm.model == "org/big-model"
+    assert teacher.llm.model == str(HUB / "org/big-model")  # its snapshot, named by its id
     assert teacher.llm.kwargs == {"seed": 3, "tensor_parallel_size": 2, "max_model_len": 8192}
     with pytest.raises(TeacherError, match="teacher.engine_args: .*unexpected keyword"):
         VLLMTeacher("org/big-model", engine_args={"tensor_paralel_size": 2})
@@ -171,7 +177,8 @@ def test_model_folders_hub_names_and_missing_models(fake_vllm, tmp_path):
     teacher = VLLMTeacher(str(folder))
     assert (teacher.llm.model, teacher.model) == (str(folder), "my-teacher")
 
-    assert resolve_vllm_model("Qwen/Qwen2.5-7B-Instruct") == ("Qwen/Qwen2.5-7B-Instruct",) * 2
+    hub_id = "Qwen/Qwen2.5-7B-Instruct"
+    assert resolve_vllm_model(hub_id) == (str(HUB / hub_id), hub_id)
     for missing in (tmp_path / "nope.gguf", tmp_path / "nope", "./nope", "~/nope-vllm-teacher"):
         with pytest.raises(ModelNotFound, match="teacher.model"):
             VLLMTeacher(str(missing))

@@ -166,12 +166,13 @@ def template_markers(template: ChatTemplate) -> list[str]:
 def load_chat_template(teacher: TeacherConfig) -> ChatTemplate:
     """The chat template of the teacher section `teacher` (see the module docstring). Raises a
     one-line ConfigError when there is none."""
-    return _load(teacher.chat_template, teacher.model)
+    # A hosted model's name may read like a Hub id ("openai/gpt-4o"): only local backends load one.
+    return _load(teacher.chat_template, teacher.model, teacher.backend != "openai")
 
 
 @cache
-def _load(chat_template: str | None, model: str) -> ChatTemplate:
-    found = _from_model(model)
+def _load(chat_template: str | None, model: str, local: bool = True) -> ChatTemplate:
+    found = _from_model(model, local)
     if chat_template:
         text, source = _given_template(chat_template)
         bos, eos = (found.bos_token, found.eos_token) if found else ("", "")
@@ -199,12 +200,15 @@ def _given_template(value: str) -> tuple[str, str]:
         ) from None
 
 
-def _from_model(model: str) -> ChatTemplate | None:
-    """The template a model carries, or None (a hosted model's name, a folder without one)."""
-    if model == EMBEDDED:
-        from .model_files import embedded_teacher_gguf
+def _from_model(model: str, local: bool = True) -> ChatTemplate | None:
+    """The template a model carries, or None (a hosted model's name, a folder without one).
+    `local`: the model runs here, so a Hub id is its snapshot in the Hub cache."""
+    from .model_files import embedded_teacher_gguf, hub_snapshot, is_hub_id
 
+    if model == EMBEDDED:
         return from_gguf(embedded_teacher_gguf())
+    if local and is_hub_id(model):
+        return from_folder(hub_snapshot(model, "teacher.model"))
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return from_gguf(path)

@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,12 @@ import typer
 
 from . import __version__
 from .display import (
+    capture_progress,
     console,
     evaluate_progress,
+    filter_progress,
     generate_progress,
+    print_captured,
     print_comparison,
     print_evaluated,
     print_explanation,
@@ -38,6 +42,7 @@ from .templating import TEMPLATE_DIR
 if TYPE_CHECKING:
     from .config import Config
     from .stage_results import (
+        CaptureResult,
         EvaluateResult,
         FilterResult,
         GenerateResult,
@@ -81,6 +86,13 @@ BudgetOpt = Annotated[
 MaxStepsOpt = Annotated[
     int | None, typer.Option("--max-steps", help="Training steps (overrides epochs).")
 ]
+ReportToOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--report-to",
+        help="Log training to this tracker (repeatable): tensorboard, wandb, mlflow, trackio.",
+    ),
+]
 
 
 class Fail(Exception):
@@ -93,27 +105,43 @@ class Fail(Exception):
 
 # A decorator on every command rather than the app callback: the callback returns before the
 # command runs, so the command's exceptions never pass through it.
+# Commands that load no configuration, run or model: they import only what they use (`tutelage
+# dedup` is a plain file filter, and its whole run is timed).
+PLAIN_COMMANDS = frozenset({"dedup"})
+# Bad input, reported as one line with exit code 2: each module's own error, by module.
+BAD_INPUT = {
+    "config": "ConfigError",
+    "seeds": "SeedError",
+    "pipeline": "RunError",
+    "model_files": "ModelNotFound",
+}
+
+
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """The bad-input errors of the modules imported so far: one never imported raised none."""
+    modules = (sys.modules.get(f"{__package__}.{name}") for name in BAD_INPUT)
+    return tuple(
+        getattr(module, error)
+        for module, error in zip(modules, BAD_INPUT.values(), strict=True)
+        if module is not None
+    )
+
+
 def one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
     """Bad input and failed stages end in one readable line and a non-zero exit, not a traceback."""
 
     @functools.wraps(command)
     def run_command(*args, ctx: typer.Context, **kwargs) -> None:
-        # Here, not at the top: they load the configuration models and the pipeline, which `--help`
-        # does without. The pipeline's import also makes the model libraries offline before any
-        # stage loads one.
-        from .config import ConfigError
-        from .model_files import ModelNotFound
-        from .pipeline import RunError
-        from .seeds import SeedError
+        if command.__name__ not in PLAIN_COMMANDS:
+            # Here, not at the top: `--help` does without it. Its import quiets the model
+            # libraries' progress bars and warnings before any stage loads one.
+            from . import pipeline  # noqa: F401
 
         try:
             command(*args, **kwargs)
         except Fail as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(e.code) from None
-        except (ConfigError, SeedError, RunError, ModelNotFound) as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print(
                 "[yellow]interrupted[/]: everything finished so far is stored; rerun to resume"
@@ -121,6 +149,9 @@ def one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
             raise typer.Exit(130) from None
         # The command's outermost boundary, so every error must end here.
         except Exception as e:  # noqa: BLE001 - one line, the details with --debug
+            if isinstance(e, bad_input_errors()):
+                console.print(f"[bold red]error:[/] {e}", highlight=False)
+                raise typer.Exit(2) from None
             from .teachers.base import TeacherError
 
             debug = ctx.meta.get(DEBUG_KEY, False)
@@ -157,8 +188,17 @@ def open_run(cfg: Config) -> Store:
 
 
 def require_run_folder(folder: Path) -> None:
-    if not (folder / "tutelage.db").exists():
-        raise Fail(f"{folder}: not a run folder (no tutelage.db)", 2)
+    """One line and exit 2, creating nothing, unless `folder` holds a run."""
+    from .pipeline import require_run
+
+    require_run(folder)
+
+
+def require_price(cfg: Config) -> None:
+    """A budget with a hosted model of unknown price refuses to start (one line, exit 2)."""
+    from .teachers.prices import require_price
+
+    require_price(cfg)
 
 
 def launched_rank() -> int:
@@ -179,8 +219,18 @@ def do_generate(store: Store, cfg: Config) -> GenerateResult:
 def do_filter(store: Store, cfg: Config) -> FilterResult:
     from .pipeline import filter_stage, staged
 
-    result = staged(store, "filter", lambda: filter_stage(store, cfg))
+    with filter_progress() as progress:
+        result = staged(store, "filter", lambda: filter_stage(store, cfg, progress))
     print_filtered(result)
+    return result
+
+
+def do_capture(store: Store, cfg: Config) -> CaptureResult:
+    from .pipeline import capture_stage, staged
+
+    with capture_progress() as progress:
+        result = staged(store, "capture", lambda: capture_stage(store, cfg, progress))
+    print_captured(result)
     return result
 
 
@@ -194,8 +244,15 @@ def do_train(store: Store, cfg: Config) -> TrainResult:
 
 
 def do_evaluate(store: Store, cfg: Config) -> EvaluateResult:
-    from .pipeline import evaluate_stage, staged
+    from .pipeline import evaluate_stage, staged, trained_student
 
+    if trained_student(cfg.run_dir) is None:  # said at once: the stage takes minutes
+        who = "the base model" + (" and the teacher" if cfg.evaluation.include_teacher else "")
+        console.print(
+            f"[yellow]note:[/] no trained student in {cfg.run_dir}/student yet: evaluating {who} "
+            "only (train first to compare the tuned student)",
+            highlight=False,
+        )
     with evaluate_progress() as progress:
         result = staged(store, "evaluate", lambda: evaluate_stage(store, cfg, progress))
     print_evaluated(result, Path(cfg.run_dir) / "evaluation.json")
@@ -218,12 +275,16 @@ def run_all(cfg: Config) -> None:
             "and the other stages in one process",
             2,
         )
+    require_price(cfg)
     store = open_run(cfg)
     timings = {}
     try:
+        # The teacher's distributions are captured only for distillation (training.distill).
+        capture = [("capture", do_capture)] if cfg.training.distill is not None else []
         for name, fn in (
             ("generate", do_generate),
             ("filter", do_filter),
+            *capture,
             ("train", do_train),
             ("evaluate", do_evaluate),
             ("report", do_report),
@@ -285,9 +346,11 @@ def run(
     target: TargetOpt = None,
     budget_usd: BudgetOpt = None,
     max_steps: MaxStepsOpt = None,
+    report_to: ReportToOpt = None,
 ):
-    """Run every stage: generate, filter, train, evaluate, report. On an existing run folder it
-    resumes where it stopped, paying for no stored teacher answer twice.
+    """Run every stage: generate, filter, capture (only with training.distill), train, evaluate,
+    report. On an existing run folder it resumes where it stopped, paying for no stored teacher
+    answer twice.
 
     Example: [cyan]tutelage run -c tutelage.yaml --run-dir runs/first[/]
     """
@@ -295,6 +358,7 @@ def run(
         "generation.target": target,
         "generation.budget_usd": budget_usd,
         "training.max_steps": max_steps,
+        "training.report_to": report_to,
     }
     run_all(resolve_config(config, run_dir, **overrides))
 
@@ -346,6 +410,7 @@ def generate(
         return
     overrides = {"generation.target": target, "generation.budget_usd": budget_usd}
     cfg = resolve_config(config, run_dir, **overrides)
+    require_price(cfg)
     with open_run(cfg) as store:
         do_generate(store, cfg)
 
@@ -370,14 +435,40 @@ def filter_cmd(
 
 @app.command()
 @one_line_errors
-def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, max_steps: MaxStepsOpt = None):
+def capture(run: RunArg = None, config: ConfigOpt = None, run_dir: RunDirOpt = None):
+    """Have the teacher score every kept answer and store its top-k next-token log-probs, for
+    distillation (training.distill). Scores only what is not stored yet.
+
+    Example: [cyan]tutelage capture runs/first[/]
+    """
+    cfg = resolve_config(config, run_dir or run)
+    if cfg.training.distill is None:
+        raise Fail(
+            "training.distill is not set: there is nothing to capture (set training.distill, "
+            "e.g. {loss: forward_kl}, in the configuration)",
+            2,
+        )
+    require_price(cfg)
+    with open_run(cfg) as store:
+        do_capture(store, cfg)
+
+
+@app.command()
+@one_line_errors
+def train(
+    config: ConfigOpt = None,
+    run_dir: RunDirOpt = None,
+    max_steps: MaxStepsOpt = None,
+    report_to: ReportToOpt = None,
+):
     """Fine-tune the student on the kept training split (LoRA by default).
 
     Examples: [cyan]tutelage train --run-dir runs/first --max-steps 100[/];
     on 8 GPUs: [cyan]accelerate launch --config_file configs/accelerate/fsdp.yaml -m tutelage \\
     train --run-dir runs/first[/]
     """
-    cfg = resolve_config(config, run_dir, **{"training.max_steps": max_steps})
+    overrides = {"training.max_steps": max_steps, "training.report_to": report_to}
+    cfg = resolve_config(config, run_dir, **overrides)
     if launched_rank() > 0:  # one of several processes: the main one reports and records
         from .pipeline import train_stage
         from .store import Store
@@ -399,8 +490,8 @@ def evaluate(
         list[Path] | None,
         typer.Option(
             "--set",
-            help="An evaluation file (repeatable): Self-Instruct JSONL, Alpaca JSON or "
-            '{"instruction"} rows.',
+            help="An evaluation file (repeatable): Self-Instruct JSONL, Alpaca JSON, "
+            '{"instruction"} rows, or IFEval JSONL (key, prompt, instruction_id_list, kwargs).',
         ),
     ] = None,
     rubric: Annotated[
@@ -447,8 +538,10 @@ def evaluate(
         return
     overrides = {"evaluation.rubric": rubric, "evaluation.include_teacher": teacher}
     cfg = resolve_config(config, run_dir or run, **overrides)
+    require_run_folder(Path(cfg.run_dir))
     if sets:
         cfg.evaluation.sets = [*cfg.evaluation.sets, *sets]
+    require_price(cfg)
     with open_run(cfg) as store:
         do_evaluate(store, cfg)
 
@@ -465,6 +558,7 @@ def report(
     Example: [cyan]tutelage report runs/first[/]
     """
     cfg = resolve_config(config, run_dir or run)
+    require_run_folder(Path(cfg.run_dir))
     with open_run(cfg) as store:
         do_report(store, cfg)
 
@@ -473,7 +567,15 @@ def report(
 @one_line_errors
 def export(
     run: Annotated[Path, typer.Argument(help="The run folder.", file_okay=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="File or folder to write.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="File or folder to write (with --push-to-hub: the folder prepared for upload, "
+            "default RUN/hub).",
+        ),
+    ] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="alpaca | jsonl | hf")] = "alpaca",
     model: Annotated[
         bool, typer.Option("--model", help="Export the trained student instead.")
@@ -486,17 +588,50 @@ def export(
             "Ollama.",
         ),
     ] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub",
+            help="Publish the student (with a model card written from the run) as the Hub model "
+            "REPO and the kept dataset as the Hub dataset REPO; the token is huggingface_hub's "
+            "(HF_TOKEN or `hf auth login`).",
+            metavar="REPO",
+        ),
+    ] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="With --push-to-hub: private repositories.")
+    ] = False,
 ):
     """Write the kept dataset (Alpaca JSON, JSONL, or a `datasets` folder) or the trained student
     (a plain HF folder, LoRA merged).
 
     Examples: [cyan]tutelage export runs/first --format jsonl -o data.jsonl[/];
-    [cyan]tutelage export runs/first --model -o student/ --gguf q8_0[/]
+    [cyan]tutelage export runs/first --model -o student/ --gguf q8_0[/];
+    [cyan]tutelage export runs/first --push-to-hub me/my-student --private[/]
     """
     from .export import export_data, export_model
     from .gguf import OUTTYPES, gguf_path
 
     require_run_folder(run)
+    if push_to_hub is not None:
+        from .hub import check_repo_id, prepare_upload, upload
+
+        if model or gguf is not None:
+            raise Fail("--push-to-hub: publishes both the student and the dataset; drop --model", 2)
+        try:
+            check_repo_id(push_to_hub)
+        except ValueError as e:
+            raise Fail(str(e), 2) from None
+        folder = prepare_upload(run, push_to_hub, output)
+        visibility = "private" if private else "public"
+        console.print(f"prepared {folder}; uploading to {push_to_hub} ({visibility})")
+        urls = upload(folder, push_to_hub, private)
+        console.print(f"published the student at {urls['model']} and the data at {urls['dataset']}")
+        return
+    if private:
+        raise Fail("--private: only with --push-to-hub", 2)
+    if output is None:
+        raise Fail("-o/--output: required (the file or folder to write)", 2)
     if gguf is not None and not model:
         raise Fail("--gguf: only with --model", 2)
     if model:

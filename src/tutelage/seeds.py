@@ -4,7 +4,8 @@ Accepted, decided by content rather than by extension:
 - Self-Instruct JSONL: {"id", "name", "instruction", "instances": [{"input", "output"}],
   "is_classification"}
 - Alpaca: a JSON list of {"instruction", "input", "output"}
-- JSONL of either row shape (or the JSON-list form of either).
+- JSONL of either row shape (or the JSON-list form of either);
+- a Hugging Face Hub dataset (`org/name`) of either row shape.
 Every task comes out as {"name", "instruction", "is_classification",
 "instances": [{"input", "output"}]}.
 """
@@ -25,7 +26,7 @@ class SeedError(ValueError):
 def load_seeds(path: Path | None = None) -> list[dict]:
     path = Path(path) if path is not None else BUILTIN_SEEDS
     try:
-        rows = list(read_rows(path))
+        rows = list(read_rows(path, "seeds.path"))
     except ValueError as e:
         raise SeedError(str(e)) from None
     if not rows:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 # The stages of `tutelage run`, in order.
-PIPELINE = ("generate", "filter", "train", "evaluate", "report")
+PIPELINE = ("generate", "filter", "capture", "train", "evaluate", "report")
 
 
 @dataclass
@@ -49,6 +49,8 @@ class GenerateResult(StageResult):
     stop_reason: str = ""
     message: str = ""
     cost_usd: float = 0.0
+    # Of cost_usd, what answers without the server's token counts cost (counted here: estimated).
+    estimated_usd: float = 0.0
     funnel: dict = field(default_factory=dict)
 
     @property
@@ -65,6 +67,29 @@ class FilterResult(StageResult):
     stage: ClassVar[str] = "filter"
     funnel: dict = field(default_factory=dict)  # Store.funnel(): generated, kept, rejected
     splits: dict = field(default_factory=dict)  # train, valid, test: kept tasks in each
+
+
+@dataclass
+class CaptureResult(StageResult):
+    """The teacher's top-k distributions over the kept answers (training.distill only)."""
+
+    stage: ClassVar[str] = "capture"
+    teacher: str = ""  # backend and model
+    top_k: int = 0
+    examples: int = 0  # kept examples (train, valid and test)
+    captured: int = 0  # of them, with a capture stored
+    scored: int = 0  # scored by this call (the others were stored already)
+    tokens: int = 0  # answer tokens stored
+    bytes: int = 0  # of arrays stored
+    bytes_per_token: float | None = None
+    scored_tokens: int = 0  # answer tokens scored by this call
+    tokens_per_s: float | None = None  # answer tokens scored a second, this call
+    seconds: float | None = None
+    cost_usd: float = 0.0  # spent on scoring by this call
+
+    @property
+    def note(self) -> str:
+        return f"{self.captured} of {self.examples} examples, top {self.top_k}"
 
 
 @dataclass
@@ -105,9 +130,12 @@ class EvaluateResult(StageResult):
     models: dict = field(default_factory=dict)  # role -> model path or label
     notes: list = field(default_factory=list)
     judge: str | None = None
+    judge_mode: str | None = None  # "logprobs" or "text" (evaluation.judge_mode, resolved)
     pairs: list = field(default_factory=list)  # judged pairs, e.g. ["tuned", "base"]
     # set name -> {"n_items", "metrics": {metric: {role: ci}}, ...}
     sets: dict = field(default_factory=dict)
+    # role -> RUN/eval/ROLE.json, the answers as AlpacaEval model_outputs
+    outputs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -134,7 +162,14 @@ class StageFailed(StageResult):
 
 RESULTS: dict[str, type[StageResult]] = {
     cls.stage: cls
-    for cls in (GenerateResult, FilterResult, TrainResult, EvaluateResult, ReportResult)
+    for cls in (
+        GenerateResult,
+        FilterResult,
+        CaptureResult,
+        TrainResult,
+        EvaluateResult,
+        ReportResult,
+    )
 }
 
 

@@ -30,6 +30,13 @@ DB_NAME = "tutelage.db"
 _CACHE_TOTALS = (
     "COALESCE(SUM(cache_hits),0) AS cache_hits, COALESCE(SUM(cost_usd * cache_hits),0) AS saved_usd"
 )
+# Answers that came without the server's token counts (`usage`): counted here, so their cost is an
+# estimate (the ledger stores response["usage_estimated"]).
+_ESTIMATED = "json_extract(response_json, '$.usage_estimated') = 1"
+_ESTIMATED_TOTALS = (
+    f"COALESCE(SUM({_ESTIMATED}),0) AS estimated,"
+    f" COALESCE(SUM(CASE WHEN {_ESTIMATED} THEN cost_usd END),0) AS estimated_usd"
+)
 
 
 class Store:
@@ -69,7 +76,12 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction. A transaction opened inside another joins it: the outer one commits
+        (or rolls back) both, which is how the ledger commits a group of writes at once."""
         with self._lock:
+            if self.db.in_transaction:
+                yield self.db
+                return
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
@@ -191,23 +203,24 @@ class Store:
 
     def request_totals(self) -> dict:
         """The run's requests: counts by status, tokens, cost and latency of what was sent, plus
-        `cache_hits` (answers reused from the store) and `saved_usd` (what they would have cost
-        had they been sent again)."""
+        `cache_hits` (answers reused from the store), `saved_usd` (what they would have cost
+        had they been sent again), and `estimated` answers (without the server's token counts)
+        with their cost, `estimated_usd`."""
         row = self._one(
             "SELECT COUNT(*) AS requests, SUM(status='done') AS done,"
             " SUM(status='failed') AS failed,"
             " COALESCE(SUM(tokens_in),0) AS tokens_in, COALESCE(SUM(tokens_out),0) AS tokens_out,"
             " COALESCE(SUM(cost_usd),0) AS cost_usd, COALESCE(SUM(latency_s),0) AS latency_s,"
-            f" {_CACHE_TOTALS} FROM requests"
+            f" {_CACHE_TOTALS}, {_ESTIMATED_TOTALS} FROM requests"
         )
         return {k: (v or 0) for k, v in row.items()}
 
     def request_totals_by_purpose(self) -> list[dict]:
-        """The done requests' totals by purpose, with `cache_hits` and `saved_usd` as above."""
+        """The done requests' totals by purpose, with the cache and estimate totals as above."""
         return self._all(
             "SELECT purpose, COUNT(*) AS requests, COALESCE(SUM(tokens_in),0) AS tokens_in,"
             " COALESCE(SUM(tokens_out),0) AS tokens_out, COALESCE(SUM(cost_usd),0) AS cost_usd,"
-            f" COALESCE(SUM(latency_s),0) AS latency_s, {_CACHE_TOTALS}"
+            f" COALESCE(SUM(latency_s),0) AS latency_s, {_CACHE_TOTALS}, {_ESTIMATED_TOTALS}"
             " FROM requests WHERE status='done' GROUP BY purpose ORDER BY purpose"
         )
 
@@ -614,6 +627,51 @@ class Store:
 
     def eval_summary(self) -> list[dict]:
         return self._all("SELECT * FROM eval_summary ORDER BY set_name, metric, model_role")
+
+    # -- captures (the teacher's top-k distributions, tutelage.capture) -------------------------
+    def capture_keys(self) -> dict[int, str]:
+        """The request key each stored capture was scored by, by instance id."""
+        rows = self._all("SELECT instance_id, request_key FROM captures")
+        return {r["instance_id"]: r["request_key"] for r in rows}
+
+    def put_capture(
+        self,
+        instance_id: int,
+        request_key: str,
+        vocab_hash: str,
+        top_k: int,
+        n_tokens: int,
+        blobs: tuple[bytes, bytes, bytes],
+    ) -> None:
+        """Store (or replace) one instance's capture: answer_ids, topk_ids, topk_logprobs."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO captures (instance_id, request_key, vocab_hash, top_k,"
+                " n_tokens, answer_ids, topk_ids, topk_logprobs, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (instance_id, request_key, vocab_hash, top_k, n_tokens, *blobs, time.time()),
+            )
+
+    def drop_captures(self, instance_ids: Iterable[int]) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM captures WHERE instance_id=?", [(i,) for i in instance_ids])
+
+    def captures(self) -> list[dict]:
+        """Every stored capture of a kept instance, blobs included, by instance id."""
+        return self._all(
+            "SELECT c.* FROM captures c JOIN instances n ON n.id = c.instance_id"
+            " WHERE n.status='kept' ORDER BY c.instance_id"
+        )
+
+    def capture_totals(self) -> dict:
+        """Stored captures of kept instances: count, answer tokens, and bytes of their arrays."""
+        row = self._one(
+            "SELECT COUNT(*) AS captures, COALESCE(SUM(c.n_tokens),0) AS tokens,"
+            " COALESCE(SUM(LENGTH(c.answer_ids) + LENGTH(c.topk_ids) + LENGTH(c.topk_logprobs)),"
+            "0) AS bytes FROM captures c JOIN instances n ON n.id = c.instance_id"
+            " WHERE n.status='kept'"
+        )
+        return dict(row)
 
     # -- stages ---------------------------------------------------------------------------------
     def stage_started(self, name: str) -> None:

@@ -1,12 +1,14 @@
 """Evaluation: the base and the tuned student answer the same tasks, and we measure how they differ.
 
 The modules, in the order the stage (`stage.evaluate`) uses them:
-- sets: the evaluation sets (held-out examples, the built-in set, the user's files) as EvalItems;
+- sets: the evaluation sets (held-out examples, the built-in sets, the user's files) as EvalItems;
+- ifeval: verifiable instruction following (IFEval's checkers, prompts and scores);
 - answers: what student and teacher answers share (cutting the template's echo, reference scores);
 - students: the students' greedy answers and the reference NLL (the only part that needs torch);
 - teacher: the teacher's answers, asked through the run's ledger;
 - judge / judging: the judge's prompts and parsing / judging every pair and grading every answer;
-- summary and stats: means, bootstrap intervals, win rates;
+- summary and stats: means, bootstrap intervals, IFEval accuracies, win rates, position bias;
+- outputs: the answers as AlpacaEval model_outputs files (RUN/eval/ROLE.json);
 - compare: two runs' stored answers side by side (`tutelage evaluate --compare`).
 
 Each name below is imported from its module on first use (the module `__getattr__`), so importing
@@ -25,6 +27,8 @@ _EXPORTS = {
     "EvalItem": "sets",
     "eval_sets": "sets",
     "load_eval_file": "sets",
+    "IFEVAL_SET": "sets",
+    "ifeval_items": "sets",
     "SECTION_MARKERS": "answers",
     "cut_answer": "answers",
     "answer_with_students": "students",
@@ -38,6 +42,9 @@ _EXPORTS = {
     "judge_answers": "judging",
     "judge_fingerprint": "judging",
     "judge_label": "judging",
+    "judge_mode": "judging",
+    "write_model_outputs": "outputs",
+    "IFEVAL_METRICS": "summary",
     "ANSWER_METRICS": "summary",
     "answer_metric": "summary",
     "summarise": "summary",

@@ -8,6 +8,7 @@ from ..config import Config
 from ..filter import rouge_l_f1, tokenize
 from ..filter.answers import is_refusal
 from ..store import Store
+from .ifeval import check_response
 from .sets import EvalItem
 
 # The Alpaca template starts every section ("### Instruction:", "### Response:") with this.
@@ -41,11 +42,19 @@ def unanswered(
 
 def reference_scores(item: EvalItem, answer: str, config: Config) -> dict:
     """The scores every answerer's answer gets: ROUGE-L against the item's reference (None without
-    one) and `refusal`, 1.0 when the answer refuses or apologises instead of answering.
+    one), `refusal`, 1.0 when the answer refuses or apologises instead of answering, and for an
+    IFEval item `ifeval`, {instruction id: [strict, loose]} (ifeval.check_response).
 
     Why refusal: a student copies its teacher's refusals (the embedded teacher's chat answers were
     32% refusals, and a student trained on them refused 110 of 252 unseen tasks)."""
     refusal = 1.0 if is_refusal(answer) else 0.0
+    if item.ifeval is not None:
+        checks = check_response(item.ifeval, answer)
+        return {
+            "rouge_l": None,
+            "refusal": refusal,
+            "ifeval": {k: list(v) for k, v in checks.items()},
+        }
     if item.reference is None:
         return {"rouge_l": None, "refusal": refusal}
     # The filter's tokenizer choice: unicode=False drops non-ASCII words.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..store import Store
 from .stats import bootstrap_ci
-from .summary import ANSWER_METRICS
+from .summary import ANSWER_METRICS, ifeval_checks, ifeval_cis, ifeval_deltas
 from .summary import answer_metric as _value  # an answer's metric: the stage's own definition
 
 
@@ -69,6 +69,15 @@ def compare_runs(
                 "b": _ci(ys, n_resamples, seed),
                 "delta": _ci([y - x for x, y in pairs], n_resamples, seed),
             }
+        # IFEval's accuracies over the prompts both runs answered, from the stored verdicts.
+        checked = [(ifeval_checks(rows_a[k]), ifeval_checks(rows_b[k])) for k in keys]
+        checked = [(x, y) for x, y in checked if x and y]
+        if checked:
+            xs, ys = zip(*checked)
+            (cis_a, _), (cis_b, _) = (ifeval_cis(c, n_resamples, seed) for c in (xs, ys))
+            deltas = ifeval_deltas(xs, ys, n_resamples, seed)
+            for metric, delta in deltas.items():
+                metrics[metric] = {"a": cis_a[metric], "b": cis_b[metric], "delta": delta}
         judged = sorted(
             {pair for (s, pair) in wins[0] if s == set_name}
             | {pair for (s, pair) in wins[1] if s == set_name}

@@ -14,6 +14,14 @@ that does not parse is asked again, and since identical requests are answered fr
 retry must be a different request: attempt k uses sample_index=k and a sampling temperature. What
 still does not parse is a failed judgement (None), never a win, a loss or a grade.
 
+Log-prob verdicts (`judge_pair_logprobs`, evaluation.judge_mode "logprobs"): the judge is asked
+for one letter after a fixed prefix, and instead of reading what it wrote we read how likely it
+found "A" and "B" as that token (its top log-probs, every variant of a letter summed: "A", " A").
+Each order gives P(first better) = P(its letter) / (P("A") + P("B")), and the item scores the
+mean of the two orders, a probability in [0, 1]. Nothing can fail to parse: a judge that puts no
+mass on either letter is undecided (0.5). The two orders disagreeing (each preferring the answer
+shown first, say) is the judge's position bias, which the summary reports.
+
 Everything the models wrote is data: it is placed into the prompt between tags (tags inside it are
 broken first) and only ever parsed with regular expressions.
 """
@@ -21,16 +29,20 @@ broken first) and only ever parsed with regular expressions.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..teachers.base import Request
+from ..teachers.base import Request, TeacherError
 from ..teachers.ledger import Ledger
 from ..templating import TEMPLATE_DIR, render_template
 
 PAIRWISE_TEMPLATE = TEMPLATE_DIR / "evaluate" / "pairwise.jinja"
 RUBRIC_TEMPLATE = TEMPLATE_DIR / "evaluate" / "rubric.jinja"
+LOGPROBS_TEMPLATE = TEMPLATE_DIR / "evaluate" / "pairwise_logprobs.jinja"
+# How many of the verdict token's candidates are read: OpenAI's chat API gives at most 20.
+TOP_LOGPROBS = 20
 MAX_TOKENS = 512  # a few sentences and the verdict line; a judge that rambles past it is retried
 RETRY_TEMPERATURE = 0.7  # a retry at temperature 0 would likely repeat the unparseable answer
 GRADES = ("A", "B", "C", "D")
@@ -260,6 +272,124 @@ async def judge_pair(
             for position, a in zip(("A", "B"), asked)
         )
     )
+
+
+# -- pairwise, from log-probs -------------------------------------------------------------------
+# Around a letter in a token: "A", " A", "A.", "**A", "(A)". A lower-case "a" is the article.
+_LETTER_WRAPPING = " \t\n*_`\"'()[]{}<>.,:;"
+
+
+def letter_probabilities(top: list[tuple[str, float]]) -> tuple[float, float]:
+    """P("A") and P("B") as the next token: the probabilities of every candidate token that is
+    the letter, alone or wrapped in spaces, quotes, brackets or emphasis, summed."""
+    p = {"A": 0.0, "B": 0.0}
+    for token, logprob in top:
+        letter = token.strip(_LETTER_WRAPPING)
+        if letter in p:
+            p[letter] += math.exp(logprob)
+    return p["A"], p["B"]
+
+
+@dataclass
+class LogprobOrder:
+    """The one-token verdict with `first` shown in one position."""
+
+    first_as: str  # "A" or "B": where the first answer was shown
+    p_a: float  # P("A") as the judge's next token, every variant summed
+    p_b: float
+    keys: list[str]  # the ledger key of the request
+
+    @property
+    def mass(self) -> float:
+        """How much of the judge's next-token probability went to either letter."""
+        return self.p_a + self.p_b
+
+    @property
+    def score(self) -> float:
+        """P(the first answer is the better one), the two letters renormalised; 0.5 when the
+        judge gave neither letter any mass (undecided, never unparseable)."""
+        if self.mass <= 0:
+            return 0.5
+        return (self.p_a if self.first_as == "A" else self.p_b) / self.mass
+
+    @property
+    def verdict(self) -> str | None:
+        """The more likely letter ("A" or "B"), None when both are equally likely."""
+        return None if self.p_a == self.p_b else "A" if self.p_a > self.p_b else "B"
+
+
+@dataclass
+class LogprobPairJudgement:
+    """Both orders of one pair. `score` is the mean of the orders' P(first better): a
+    probability, never None."""
+
+    orders: tuple[LogprobOrder, LogprobOrder]
+
+    @property
+    def score(self) -> float:
+        return sum(o.score for o in self.orders) / 2
+
+    @property
+    def consistent(self) -> bool:
+        """Both orders prefer the same answer (or both are undecided). False is position bias:
+        the judge's choice followed where an answer was shown, not which answer it was."""
+        a, b = (o.score for o in self.orders)
+        return (a > 0.5 and b > 0.5) or (a < 0.5 and b < 0.5) or a == b == 0.5
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": "logprobs",
+            "score": self.score,
+            "consistent": self.consistent,
+            "orders": [
+                asdict(o) | {"mass": o.mass, "score": o.score, "verdict": o.verdict}
+                for o in self.orders
+            ],
+        }
+
+
+async def judge_pair_logprobs(
+    ledger: Ledger,
+    *,
+    chat: bool,
+    instruction: str,
+    input: str = "",
+    first: str,
+    second: str,
+    reference: str | None = None,
+) -> LogprobPairJudgement:
+    """Judge `first` against `second` in both orders (first shown as A, then as B), each a
+    one-token greedy request for the top log-probs of the verdict letter."""
+    task = {
+        "instruction": _fence(instruction),
+        "input": _fence(input),
+        "reference": _fence(reference) if reference else None,
+        "chat": chat,
+    }
+    first, second = _fence(first), _fence(second)
+    prompts = [
+        render_template(LOGPROBS_TEMPLATE, answer_a=a, answer_b=b, **task).rstrip()
+        for a, b in ((first, second), (second, first))
+    ]
+    asked = {"sampling": {"temperature": 0.0, "max_tokens": 1}, "top_logprobs": TOP_LOGPROBS}
+    requests = [
+        Request.make(messages=[{"role": "user", "content": p}], **asked)
+        if chat
+        else Request.make(prompt=p, **asked)
+        for p in prompts
+    ]
+    results = await _gather(*(ledger.complete(r, purpose="judge") for r in requests))
+    orders = []
+    for position, result in zip(("A", "B"), results):
+        top = result.completion.top_logprobs
+        if top is None:
+            teacher = ledger.teacher
+            raise TeacherError(
+                f"evaluation.judge_mode: logprobs, but the judge {teacher.backend}:{teacher.model} "
+                "returned no log-probs; set evaluation.judge_mode: text"
+            )
+        orders.append(LogprobOrder(position, *letter_probabilities(top), [result.key]))
+    return LogprobPairJudgement(tuple(orders))
 
 
 # -- rubric -------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 they differ.
 
 Sets: `held_out` (generated examples the filter set aside and training never saw; the reference is
-the teacher's answer), `builtin` (our own evaluation instructions) and any file the user names
-(`sets`). Two scores per answer, both against the item's reference when it has one: ROUGE-L and
-the reference's NLL (`students`). Every answer is stored as soon as it is made, so a killed
-evaluation resumes where it stopped. The summary gives each mean a bootstrap 95% interval, and the
-paired tuned-minus-base delta its own (`summary`).
+the teacher's answer), `builtin` (our own evaluation instructions), `ifeval` (our own prompts with
+constraints a program checks) and any file the user names (`sets`). Two scores per answer, both
+against the item's reference when it has one: ROUGE-L and the reference's NLL (`students`); an
+IFEval answer is checked against its constraints instead. Every answer is stored as soon as it is
+made, so a killed evaluation resumes where it stopped. The summary gives each mean a bootstrap 95%
+interval, and the paired tuned-minus-base delta its own (`summary`). The answers also go out as
+AlpacaEval model_outputs files, RUN/eval/ROLE.json (`outputs`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from ..config import Config
 from ..model_files import ModelNotFound, resolve_base_student
 from ..stage_results import EvaluateResult
 from ..store import Store
-from ..teachers import Teacher
-from .judging import judge_answers, judge_fingerprint, judge_label
+from ..teachers import BudgetExceeded, Teacher
+from .judging import judge_answers, judge_fingerprint, judge_label, judge_mode
+from .outputs import write_model_outputs
 from .sets import eval_sets
 from .students import answer_with_students, model_fingerprint
 from .summary import summarise
@@ -75,16 +78,24 @@ def evaluate(
     if store.get_meta("eval_fingerprint_judge") != judge_print:
         store.clear_judgements()
         store.set_meta("eval_fingerprint_judge", judge_print)
+    mode = judge_mode(config) if pairs else None
+    store.set_meta("eval_judge_mode", mode)  # the report says how the verdicts were read
 
     if judge is None and ev.judge is None:
         judge = teacher
     answer_with_students(store, config, sets, models, progress)
-    if ev.include_teacher:
-        asyncio.run(answer_with_teacher(store, config, sets, progress, teacher))
-    if pairs or ev.rubric:
-        asyncio.run(
-            judge_answers(store, config, sets, pairs, roles if ev.rubric else [], progress, judge)
-        )
+    # The run's budget (generation.budget_usd) caps the teacher's answers and the judge's verdicts
+    # too. At the cap the paid work stops; what is stored is summarised, and a note says so.
+    paid = "the teacher's answers"
+    try:
+        if ev.include_teacher:
+            asyncio.run(answer_with_teacher(store, config, sets, progress, teacher))
+        paid = "judging"
+        if pairs or ev.rubric:
+            graded = roles if ev.rubric else []
+            asyncio.run(judge_answers(store, config, sets, pairs, graded, progress, judge))
+    except BudgetExceeded as e:
+        notes.append(f"{paid} stopped at the {e}")
 
     table = summarise(store, sets, roles, pairs, config)
     store.put_eval_summary(
@@ -103,13 +114,34 @@ def evaluate(
             for role, ci in by_role.items()
             if ci.get("mean") is not None
         ]
+        # IFEval's plain shares per constraint kind (no interval: a kind has few instructions).
+        + [
+            {
+                "set_name": name,
+                "model_role": role,
+                "metric": f"ifeval_kind_{level}:{kind}",
+                "value": shares[level],
+                "ci_low": None,
+                "ci_high": None,
+                "n": shares["n"],
+            }
+            for name, s in table.items()
+            for role, kinds in s.get("ifeval_by_kind", {}).items()
+            for kind, shares in kinds.items()
+            for level in ("strict", "loose")
+        ]
     )
     result = EvaluateResult(
         models={role: str(path) for role, path in models.items()},
         notes=notes,
         judge=judge_label(config) if pairs or ev.rubric else None,
+        judge_mode=mode,
         pairs=pairs,
         sets=table,
+        outputs={
+            role: str(path)
+            for role, path in write_model_outputs(store, sets, roles, run_dir).items()
+        },
     )
     if ev.include_teacher:
         result.models["teacher"] = f"{config.teacher.backend}:{config.teacher.model}"

@@ -5,6 +5,10 @@ batches, and each answer is scored by ROUGE-L and by the NLL of the item's refer
 - nll: mean negative log-likelihood per token of the *reference* given the prompt (teacher-forced).
   It needs no generation, so it shows how much of the teacher's answers the student has learned
   even when its greedy answer drifts. Lower is better.
+- kl_teacher: where the teacher's distributions over a held-out answer were captured (logit
+  distillation), the mean KL(teacher || student) per answer token, over the teacher's top-k and
+  its remaining mass as one bucket (`train.loss.Distillation`, forward KL at temperature 1). How
+  close the student's beliefs are to the teacher's, not only its top choice. Lower is better.
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import Config
+from ..model_files import vocabulary_hash
 from ..store import Store
 from ..student_prompt import prompt_ids, student_prompt
 from ..train.data import IGNORE
-from ..train.loss import loss_sum
+from ..train.loss import Distillation, loss_sum
 from .answers import SECTION_MARKERS, cut_answer, reference_scores, unanswered
 from .sets import EvalItem
 
@@ -76,6 +82,49 @@ def reference_nll(model, tokenizer, prompt: str, reference: str, style: str) -> 
     return total.item() / n, n
 
 
+@torch.no_grad()
+def teacher_kl(model, tokenizer, prompt: str, capture, style: str) -> tuple[float, int]:
+    """Mean KL(teacher || student) per token of the teacher's answer after `prompt`, over the
+    teacher's top-k and a tail bucket, and the number of tokens scored. `capture`: the teacher's
+    distributions over its own tokens of the answer (a tutelage.capture CapturedAnswer), which
+    are the student's tokens too (same vocabulary)."""
+    context = prompt_ids(tokenizer, prompt, style)
+    answer = [int(t) for t in capture.answer_ids]
+    ids = torch.from_numpy(np.array(capture.topk_ids, dtype=np.int64))
+    logprobs = torch.from_numpy(np.array(capture.topk_logprobs, dtype=np.float32))
+    width, k = len(context) + len(answer), ids.shape[1]
+    teacher_ids, teacher_logprobs = (
+        torch.zeros(1, width, k, dtype=torch.long),
+        torch.zeros(1, width, k),
+    )
+    teacher_ids[0, len(context) :], teacher_logprobs[0, len(context) :] = ids, logprobs
+    batch = {
+        "input_ids": torch.tensor([context + answer]),
+        "labels": torch.tensor([[IGNORE] * len(context) + answer]),
+        "teacher_ids": teacher_ids,
+        "teacher_logprobs": teacher_logprobs,
+        "teacher_mask": torch.tensor([[False] * len(context) + [True] * len(answer)]),
+    }
+    kl = Distillation("forward_kl", alpha=0.0, temperature=1.0)
+    total, n = loss_sum(model, batch, kl)
+    return total.item() / n, n
+
+
+def held_out_captures(store: Store) -> dict[str, object]:
+    """The teacher's captured distributions over the held-out answers, by evaluation item key
+    (single exchanges only: a conversation's capture is of its last turn, after turns the
+    held-out prompt does not hold). Empty where nothing was captured; a student trained without
+    distillation is measured too when its run holds captures."""
+    from ..capture.storage import load_captures
+
+    captures = load_captures(store)
+    return {
+        EvalItem(row["instruction"], row["input"], row["output"]).key: captures[row["instance_id"]]
+        for row in store.examples(split="test")
+        if row["instance_id"] in captures and not row["messages"]
+    }
+
+
 def model_fingerprint(path: Path, config: Config) -> str:
     """What a model's stored answers depend on: its files (names, sizes, modification times) and
     how it was asked. Any change makes those answers stale."""
@@ -90,14 +139,20 @@ def model_fingerprint(path: Path, config: Config) -> str:
 def answer_with_students(
     store: Store, config: Config, sets: dict[str, list[EvalItem]], models: dict[str, Path], progress
 ) -> None:
-    """Greedy answers, ROUGE-L and the teacher's reference NLL for each student model."""
+    """Greedy answers, ROUGE-L and the teacher's reference NLL for each student model, and the
+    KL to the teacher on the held-out answers it was captured on."""
     style = config.training.prompt_format
     todo = {role: unanswered(store, sets, role) for role in models}
     total, done = sum(map(len, todo.values())), 0
+    captures = held_out_captures(store) if any(todo.values()) else {}
     for role, work in todo.items():
         if not work:
             continue
         model, tokenizer = load_student(models[role])  # one model in memory at a time
+        # A student of another vocabulary cannot be compared with the teacher token by token.
+        # (No hash: a teacher whose tokenizer was not at hand, checked by the capture instead.)
+        hashes = {c.teacher_vocab_hash for c in captures.values()} - {""}
+        same_vocabulary = bool(captures) and hashes <= {vocabulary_hash(tokenizer)}
         # Similar lengths share a batch: less padding to compute.
         work.sort(key=lambda w: len(w[1].instruction) + len(w[1].input))
         for start in range(0, len(work), BATCH_SIZE):
@@ -117,6 +172,10 @@ def answer_with_students(
                 if item.reference is not None:
                     scores["nll"], scores["n_ref_tokens"] = reference_nll(
                         model, tokenizer, prompt, item.reference, style
+                    )
+                if name == "held_out" and same_vocabulary and item.key in captures:
+                    scores["kl_teacher"], _ = teacher_kl(
+                        model, tokenizer, prompt, captures[item.key], style
                     )
                 store.put_eval_item(
                     name,

@@ -9,6 +9,7 @@ run without asking the teacher anything.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from ..config import Config
 from ..stage_results import FilterResult
@@ -31,7 +32,9 @@ SCREEN_CODES = frozenset(
 CHAT_ANSWER_RECIPES = ("magpie", "evol-instruct", "answer")
 
 
-def filter_stage(store: Store, config: Config) -> FilterResult:
+def filter_stage(
+    store: Store, config: Config, progress: Callable[[int, int], None] | None = None
+) -> FilterResult:
     """Re-decide every machine task in generation order with the current filter settings, then
     split the kept ones into train / valid / test.
 
@@ -40,7 +43,8 @@ def filter_stage(store: Store, config: Config) -> FilterResult:
     is kept iff generation kept one of its instances (the instance filters are the recipe's own
     step). A task answered in chat (Magpie, Evol-Instruct, `answer`, and Alpaca with
     `generation.answer: chat`) has its instruction re-judged, and keeps its answer's verdict.
-    All kept instances of an instruction share its split."""
+    All kept instances of an instruction share its split. `progress(done, total)` hears of each
+    task re-decided."""
     # the recipe modules' screens for the user's prompts and for chat-answered Alpaca tasks
     from ..generate import alpaca
     from ..generate.answer import screen_prompt
@@ -60,7 +64,9 @@ def filter_stage(store: Store, config: Config) -> FilterResult:
     for s in seeds:
         screen.add_reference(s["instruction"], ("id", s["id"]))
     decisions = []
-    for r in records:
+    for done, r in enumerate(records, start=1):
+        if progress:
+            progress(done, len(records))
         if r["instance_id"] is None:  # unparseable or truncated: nothing to re-judge
             continue
         recipe, key = recipes[r["batch"]], ("id", r["id"])

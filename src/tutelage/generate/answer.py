@@ -1,11 +1,11 @@
 """The `answer` recipe: the teacher answers your own prompts (distillation on your own data, as
 in OpenAI's distillation guide; Alpaca-GPT4 re-answered Alpaca's 52K instructions this way).
 
-Request idx answers prompt idx of `generation.prompts` (a file, a `datasets` folder or another
-run's kept instructions: `prompt_sources.load_prompts`, which asks exact repeats once), in file
-order, as one chat turn; the run ends when the prompts run out (or at the target). Since a request
-is known by its number, a resumed run needs the same prompts: a prompt file may only grow at its
-end between runs of one run folder. Each prompt is screened before its answer counts:
+Request idx answers prompt idx of `generation.prompts` (a file, a `datasets` folder, a Hub dataset
+or another run's kept instructions: `prompt_sources.load_prompts`, which asks exact repeats once),
+in file order, as one chat turn; the run ends when the prompts run out (or at the target). Since a
+request is known by its number, a resumed run needs the same prompts: a prompt file may only grow at
+its end between runs of one run folder. Each prompt is screened before its answer counts:
 - the rules written for generated instructions (too_short, blacklisted_word, write_a_program, ...)
   do not apply, since the user chose these prompts; only control characters reject one;
 - the novelty filter judges the prompt's whole text (instruction and input: a file may hold one
@@ -88,7 +88,7 @@ def check(config: Config) -> None:
     if path.resolve() == Path(config.run_dir).resolve():
         raise ConfigError(f"generation.prompts: {path} is this run's own folder")
     try:
-        _loaded[path] = load_prompts(path)
+        _loaded[path] = load_prompts(path, "generation.prompts")
     except ValueError as e:
         raise ConfigError(f"generation.prompts: {e}") from None
     if gen.samples > 1:

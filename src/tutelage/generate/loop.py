@@ -209,12 +209,10 @@ class GenerationLoop:
         seeds = self.ctx.seeds if getattr(self.recipe, "SEEDS_IN_POOL", True) else []
         pool_text = getattr(self.recipe, "pool_text", None) or (lambda row: row["instruction"])
         past = [r for r in records if self.recipe.in_pool(r)]
-        screen.prepare([s["instruction"] for s in seeds] + [pool_text(r) for r in past])
-        for s in seeds:
-            screen.add_reference(s["instruction"], ("id", s["id"]))
-        for r in past:
-            screen.add_reference(pool_text(r), ("id", r["id"]))
-            self.ctx.pool.append((r["batch"], r["instruction"]))
+        texts = [s["instruction"] for s in seeds] + [pool_text(r) for r in past]
+        screen.prepare(texts)
+        screen.add_references(texts, [("id", row["id"]) for row in [*seeds, *past]])
+        self.ctx.pool.extend((r["batch"], r["instruction"]) for r in past)
 
     def _idle_requests(self, records: list[dict]) -> int:
         """The stored requests in a row, up to the last one, that kept no example."""
@@ -392,6 +390,7 @@ class GenerationLoop:
             {
                 "requests": self.committed,
                 "cost_usd": self.account.spent_usd,
+                "estimated_usd": self.account.estimated_usd,
                 "projected_usd": projected,
                 "cache_hits": sum(one.cache_hits for one in self.ledgers),
                 "remote": self.remote_status,
@@ -443,6 +442,7 @@ class GenerationLoop:
             stop_reason=self.stop_reason,
             message=self.message(),
             cost_usd=self.account.spent_usd,
+            estimated_usd=self.account.estimated_usd,
             funnel=self.store.funnel(),
         )
 

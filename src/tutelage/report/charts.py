@@ -83,18 +83,34 @@ def funnel_chart(funnel: dict) -> Markup:
 
 
 def loss_chart(steps: list[dict]) -> Markup | None:
-    """Training loss per logged step and evaluation loss where it was measured; None if neither."""
-    train = [(s["step"], s["loss"]) for s in steps if s.get("loss") is not None]
-    evals = [(s["step"], s["eval_loss"]) for s in steps if s.get("eval_loss") is not None]
-    if not train and not evals:
+    """Training loss per logged step and evaluation loss where it was measured; with logit
+    distillation also the loss's two parts, the cross-entropy on the data and the divergence from
+    the teacher (and the divergence on the valid split), dashed. None if there is nothing."""
+    lines = [  # (column, label, colour, dashed, measured only now and then)
+        ("loss", "train loss", BLUE, False, False),
+        ("ce_loss", "train cross-entropy", GREEN, True, False),
+        ("divergence", "train divergence", RED, True, False),
+        ("eval_loss", "eval loss", ORANGE, False, True),
+        ("eval_divergence", "eval divergence", GREY, True, True),
+    ]
+    drawn = [
+        (points, label, colour, dashed, sparse)
+        for column, label, colour, dashed, sparse in lines
+        if (points := [(s["step"], s[column]) for s in steps if s.get(column) is not None])
+    ]
+    if not drawn:
         return None
     with _figure("loss", 7.5, 3.4) as fig:
         ax = fig.add_subplot()
-        if train:
-            ax.plot(*zip(*train), color=BLUE, linewidth=1.4, label="train loss")
-        if evals:
+        for points, label, colour, dashed, sparse in drawn:
             ax.plot(
-                *zip(*evals), color=ORANGE, linewidth=1, marker="o", markersize=5, label="eval loss"
+                *zip(*points),
+                color=colour,
+                linewidth=1 if sparse else 1.4,
+                linestyle="--" if dashed else "-",
+                marker="o" if sparse else None,
+                markersize=5,
+                label=label,
             )
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

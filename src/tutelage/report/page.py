@@ -47,14 +47,25 @@ VERB_LIMIT = 5_000
 METRIC_DESCRIPTIONS = {
     "rouge_l": ("ROUGE-L F1 of the greedy answer against the reference", "higher"),
     "nll": ("mean negative log-likelihood per token of the reference answer", "lower"),
+    "kl_teacher": ("mean KL(teacher || student) per token of the teacher's answer", "lower"),
     "answer_words": ("words in the greedy answer", None),
     "refusal": ("share of answers that refuse or apologise", "lower"),
+    "ifeval_prompt_strict": ("share of IFEval prompts whose every constraint is met", "higher"),
+    "ifeval_prompt_loose": (
+        "the same, forgiving a first or last line and markdown emphasis (IFEval's loose)",
+        "higher",
+    ),
+    "ifeval_instruction_strict": ("share of all IFEval constraints met", "higher"),
+    "ifeval_instruction_loose": ("share of all IFEval constraints met, loosely", "higher"),
 }
+# IFEval's per-kind shares: metrics "ifeval_kind_strict:KIND" and "ifeval_kind_loose:KIND".
+IFEVAL_KIND = "ifeval_kind_"
 # The judge's metrics: over pairs of roles ("tuned:base") or, for the rubric, over one role.
 JUDGE_METRICS = {
     "win_rate": "share of items the judge preferred the first answer (ties count half), both "
     "orders averaged",
     "lc_win_rate": "win rate with the answers' length difference regressed out",
+    "position_bias": "share of items whose two orders preferred different answers",
 }
 RUBRIC_METRIC = "rubric_acceptable"
 ROLE_ORDER = ("base", "tuned", "teacher")
@@ -107,6 +118,7 @@ def report_context(store: Store, run_dir: Path) -> dict[str, Any]:
     funnel = _funnel(store.funnel(), kept_rows, store.batch_stats())
     training = _training(store)
     evaluation = _evaluation(store.eval_summary())
+    judge_mode = store.get_meta("eval_judge_mode")
     data = _data(kept_rows, [s["instruction"] for s in store.seeds()], config)
     eval_items, judgements = store.eval_items(), store.judgements()
     context = {
@@ -130,6 +142,7 @@ def report_context(store: Store, run_dir: Path) -> dict[str, Any]:
         "cost": _cost(store.request_totals(), store.request_totals_by_purpose(), funnel["kept"]),
         "training": training,
         "evaluation": evaluation,
+        "judge_mode": judge_mode if any(s["judge"] for s in evaluation) else None,
         "eval_samples": _first_per(
             _answers(eval_items, [], MAX_SAMPLE_CHARS), "set", N_EVAL_SAMPLES
         ),
@@ -253,10 +266,19 @@ def _funnel(funnel: dict, kept_rows: list[dict], batches: dict) -> dict:
 
 
 def _cost(totals: dict, by_purpose: list[dict], kept: int) -> dict:
+    estimated = totals.get("estimated", 0)
     return {
         **totals,
         "by_purpose": by_purpose,
         "per_kept": totals["cost_usd"] / kept if kept else None,
+        # Answers without the server's `usage`: their tokens were counted here (tiktoken, else
+        # characters/4), so their cost is an estimate.
+        "estimated_note": (
+            f"{estimated:,} answers came without the server's token counts: their tokens were "
+            f"counted here, so {usd(totals['estimated_usd'])} of the cost is an estimate."
+            if estimated
+            else None
+        ),
     }
 
 
@@ -303,6 +325,16 @@ def _training(store: Store) -> dict | None:
             "final eval loss": first(
                 eval_losses[-1] if eval_losses else None, metrics.get("eval_loss")
             ),
+            # logit distillation only: the loss's parts (absent from supervised runs)
+            **{
+                label: value
+                for label, value in (
+                    ("final train cross-entropy", metrics.get("train_ce")),
+                    (f"final train {metrics.get('distill')}", metrics.get("train_divergence")),
+                    (f"final eval {metrics.get('distill')}", metrics.get("eval_divergence")),
+                )
+                if value is not None
+            },
         },
     }
 
@@ -318,6 +350,7 @@ def _evaluation(summary: list[dict]) -> list[dict]:
     out = []
     for set_name, metrics in sets.items():
         judged = {m: metrics.pop(m) for m in [*JUDGE_METRICS, RUBRIC_METRIC] if m in metrics}
+        kinds = {m: metrics.pop(m) for m in list(metrics) if m.startswith(IFEVAL_KIND)}
         roles = sorted(
             {r for by_role in metrics.values() for r in by_role if r != "delta"}, key=_role_order
         )
@@ -368,9 +401,33 @@ def _evaluation(summary: list[dict]) -> list[dict]:
                 "has_delta": any(r["delta"] for r in rows),
                 "judge": judge,
                 "rubric": rubric,
+                **_ifeval_kinds(kinds),
             }
         )
     return out
+
+
+def _ifeval_kinds(metrics: dict[str, dict[str, dict]]) -> dict:
+    """IFEval's shares per constraint kind: {"kind_roles": [role, ...], "kinds": [{"kind",
+    "cells": [{"strict", "loose"} or None per role], "n"}]}, kinds by name."""
+    if not metrics:
+        return {"kind_roles": [], "kinds": []}
+    shares: dict[str, dict[str, dict]] = {}
+    for metric, by_role in metrics.items():
+        level, kind = metric.removeprefix(IFEVAL_KIND).split(":", 1)
+        for role, row in by_role.items():
+            cell = shares.setdefault(kind, {}).setdefault(role, {"n": row["n"]})
+            cell[level] = row["value"]
+    roles = sorted({r for by_role in shares.values() for r in by_role}, key=_role_order)
+    kinds = [
+        {
+            "kind": kind,
+            "cells": [by_role.get(role) for role in roles],
+            "n": max(c["n"] for c in by_role.values()),
+        }
+        for kind, by_role in sorted(shares.items())
+    ]
+    return {"kind_roles": roles, "kinds": kinds}
 
 
 def _role_order(role: str) -> tuple[int, str]:
@@ -551,11 +608,18 @@ def _answers(items: list[dict], judgements: list[dict], chars: int) -> list[dict
                 "answers": [],
             },
         )
+        checks = item["scores"].get("ifeval")
         entry["answers"].append(
             {
                 "role": item["model_role"],
                 "answer": clip(item["answer"], chars),
                 "rouge_l": item["scores"].get("rouge_l"),
+                # IFEval: how many of the prompt's constraints the answer met
+                "ifeval": (
+                    {"strict": sum(bool(s) for s, _ in checks.values()), "n": len(checks)}
+                    if checks
+                    else None
+                ),
             }
         )
     out = []
@@ -572,6 +636,9 @@ def _answers(items: list[dict], judgements: list[dict], chars: int) -> list[dict
                         "first_as": o.get("first_as"),
                         "verdict": o.get("verdict"),
                         "rationale": clip(o.get("rationale") or "", chars),
+                        # log-prob verdicts: the judge's P("A") and P("B") as its next token
+                        "p_a": o.get("p_a"),
+                        "p_b": o.get("p_b"),
                     }
                     for o in j["detail"].get("orders", [])
                 ],
@@ -646,7 +713,10 @@ def _glance(context: dict) -> list[tuple[str, str]]:
     f, cost, training = context["funnel"], context["cost"], context["training"]
     glance = [
         ("kept tasks", f"{f['kept']:,} of {f['generated']:,}"),
-        ("teacher cost", usd(cost["cost_usd"])),
+        (
+            "teacher cost, in part estimated" if cost["estimated_note"] else "teacher cost",
+            usd(cost["cost_usd"]),
+        ),
     ]
     if training:
         figures = training["figures"]
@@ -658,6 +728,16 @@ def _glance(context: dict) -> list[tuple[str, str]]:
         if row:
             glance.append(
                 (f"{s['set_name']} ROUGE-L, tuned − base", num(row["delta"]["value"], sign=True))
+            )
+        row = next((r for r in s["rows"] if r["metric"] == "ifeval_prompt_strict"), None)
+        if row:
+            shown = [(role, c) for role, c in zip(s["roles"], row["cells"]) if c]
+            glance.append(
+                (
+                    f"{s['set_name']} IFEval prompts followed (strict), "
+                    + " / ".join(role for role, _ in shown),
+                    " / ".join(pct(c["value"]) for _, c in shown),
+                )
             )
         for j in s["judge"]:
             if j["first"] == "tuned" and j["win_rate"]:

@@ -78,6 +78,7 @@ def make_teacher(config: TeacherConfig) -> Teacher:
             "tpm": config.tpm,
             "timeout_s": config.timeout_s,
             "max_retries": config.max_retries,
+            "reasoning_effort": config.reasoning_effort,
         }
         if config.batch:
             return OpenAIBatchTeacher(

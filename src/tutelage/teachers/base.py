@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -23,6 +23,9 @@ class Request:
     sampling: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs, hashable
     # Distinguishes several samples of the same prompt, so each is its own ledger entry.
     sample_index: int = 0
+    # > 0: also return the k most likely first tokens with their log-probs
+    # (Completion.top_logprobs), as a log-prob judge reads its one-token verdict.
+    top_logprobs: int = 0
 
     @classmethod
     def make(
@@ -32,6 +35,7 @@ class Request:
         messages: Sequence[dict] | None = None,
         sampling: dict | None = None,
         sample_index: int = 0,
+        top_logprobs: int = 0,
     ) -> Request:
         if (prompt is None) == (messages is None):
             raise ValueError("a teacher request needs exactly one of prompt and messages")
@@ -39,7 +43,7 @@ class Request:
         clean = {k: v for k, v in (sampling or {}).items() if v is not None}
         if "stop" in clean:
             clean["stop"] = tuple(clean["stop"])
-        return cls(prompt, msgs, tuple(sorted(clean.items())), sample_index)
+        return cls(prompt, msgs, tuple(sorted(clean.items())), sample_index, top_logprobs)
 
     @property
     def is_chat(self) -> bool:
@@ -60,6 +64,8 @@ class Request:
             "messages": self.message_dicts() if self.messages is not None else None,
             "sampling": self.params(),
             "sample_index": self.sample_index,
+            # Only when asked for: the keys of every other request stay what they were.
+            **({"top_logprobs": self.top_logprobs} if self.top_logprobs else {}),
         }
 
     def key(self, backend: str, model: str) -> str:
@@ -79,6 +85,10 @@ class Completion:
     # The server reported no usage: the tokens were counted (or estimated) here, so the cost is an
     # estimate. HTTP backends also say so in raw["usage_estimated"], which the ledger stores.
     usage_estimated: bool = False
+    # The first generated token's most likely candidates, [(token text, log-prob), ...] most
+    # likely first, when the request asked for them (Request.top_logprobs); else None. Kept in
+    # `raw` too, which the ledger stores: a resumed run reads them back instead of asking again.
+    top_logprobs: list[tuple[str, float]] | None = None
 
     # Why an answer has no text: cut at the token limit before any (a reasoning model that spent
     # it all thinking), filtered, refused (a model's `refusal`), or null content. Never "" alone.
@@ -92,9 +102,24 @@ class Completion:
         if self.raw:
             self.reasoning_tokens = self.reasoning_tokens or self.raw.get("reasoning_tokens", 0)
             self.usage_estimated = self.usage_estimated or self.raw.get("usage_estimated", False)
+            if self.top_logprobs is None and self.raw.get("top_logprobs") is not None:
+                self.top_logprobs = [(t, float(lp)) for t, lp in self.raw["top_logprobs"]]
+        if self.top_logprobs is not None and (self.raw or {}).get("top_logprobs") is None:
+            self.raw = {**(self.raw or {}), "top_logprobs": [list(p) for p in self.top_logprobs]}
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def top_logprobs_of(logits, k: int, token_text: Callable[[int], str]) -> list[tuple[str, float]]:
+    """The k most likely next tokens of one row of logits, as (text, log-prob) pairs, most likely
+    first: what a local backend returns for Request.top_logprobs."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    logprobs = logits - np.logaddexp.reduce(logits)
+    best = np.argsort(-logprobs, kind="stable")[:k]
+    return [(token_text(int(i)), float(logprobs[i])) for i in best]
 
 
 class TeacherError(RuntimeError):
@@ -111,3 +136,7 @@ class Teacher(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+    # Optional, not part of the protocol: `async score(requests: Sequence[ScoreRequest]) ->
+    # list[Scored]`, the teacher's top-k log-probs over given answers (teacher forcing, for the
+    # capture stage; see teachers.scoring). scoring.require_scoring says when a backend lacks it.

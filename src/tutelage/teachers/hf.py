@@ -10,33 +10,28 @@ when the same requests are batched together again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers as hf
 
 from ..config import EMBEDDED
-from ..gguf import gguf_to_hf
-from ..model_files import ModelNotFound, cache_dir, embedded_teacher_hf
-from .base import Completion, Request
+from ..model_files import embedded_teacher_hf, model_folder, model_name
+from .base import Completion, Request, TeacherError, top_logprobs_of
+from .scoring import Scored, ScoreRequest, teacher_forcing
 
 
 def resolve_teacher_folder(model: str | Path) -> Path:
-    """The HF folder for teacher.model: the embedded teacher, an HF folder, or a GGUF file
-    (converted once into the cache)."""
+    """The HF folder for teacher.model: the embedded teacher, a Hub id, an HF folder, or a GGUF
+    file (converted once into the cache)."""
     if str(model) == EMBEDDED:
         return embedded_teacher_hf()
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return gguf_to_hf(path, cache_dir() / "hf" / f"{path.stem}-{path.stat().st_size}")
-    if (path / "config.json").is_file():
-        return path
-    raise ModelNotFound(
-        f"teacher.model: {model}: not an HF model folder (with config.json) or a .gguf file"
-    )
+    return model_folder(str(model), "teacher.model")
 
 
 class OpenAIPenalties(hf.LogitsProcessor):
@@ -63,7 +58,7 @@ class TransformersTeacher:
         if threads:  # torch's threads are per process: teacher.threads sets them for the run
             torch.set_num_threads(threads)
         folder = resolve_teacher_folder(model)
-        self.model = Path(model).name if str(model).endswith(".gguf") else folder.name
+        self.model = model_name(str(model), folder)
         self.max_batch = max_batch
         self.seed = seed
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,7 +82,7 @@ class TransformersTeacher:
         """Requests with the same sampling parameters are generated together, max_batch at once."""
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault(r.sampling, []).append(i)
+            groups.setdefault((r.sampling, r.top_logprobs), []).append(i)
         out: list[Completion | None] = [None] * len(requests)
         for indices in groups.values():
             for start in range(0, len(indices), self.max_batch):
@@ -133,13 +128,28 @@ class TransformersTeacher:
             kwargs["logits_processor"] = hf.LogitsProcessorList(
                 [OpenAIPenalties(prompt_len, presence, frequency)]
             )
+        k = requests[0].top_logprobs  # the same for the whole batch (see complete)
+        if k:  # the raw logits of the first step, before any sampling processor
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         with self._lock, torch.inference_mode():
             torch.manual_seed(params.get("seed", self._batch_seed(requests)))
-            sequences = self.lm.generate(**batch, **kwargs)
-        return [
+            out = self.lm.generate(**batch, **kwargs)
+        sequences = out.sequences if k else out
+        answers = [
             self._completion(row[prompt_len:].tolist(), len(prompt), stop)
             for row, prompt in zip(sequences, ids, strict=True)
         ]
+        if k:
+            answers = [
+                dataclasses.replace(
+                    answer,
+                    top_logprobs=top_logprobs_of(
+                        row.float().cpu().numpy(), k, lambda i: self.tokenizer.decode([i])
+                    ),
+                )
+                for answer, row in zip(answers, out.logits[0], strict=True)
+            ]
+        return answers
 
     def _batch_seed(self, requests: list[Request]) -> int:
         keys = "".join(r.key(self.backend, self.model) for r in requests)
@@ -159,6 +169,43 @@ class TransformersTeacher:
         if n < len(generated):  # the end-of-sequence token, counted as generated
             return Completion(text, "stop", tokens_in, n + 1)
         return Completion(text, "length", tokens_in, n)
+
+    # -- teacher forcing (the capture stage; see teachers.scoring) ---------------------------------
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[Scored]:
+        """Each request's answer tokens scored in one forward pass of its own (no padding)."""
+        return await asyncio.to_thread(lambda: [self._score_one(r) for r in requests])
+
+    def _encode_chat(self, messages: list[dict], header: bool) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise TeacherError(f"teacher.model: {self.model} has no chat template to score in")
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=header, tokenize=False
+        )
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _score_one(self, request: ScoreRequest) -> Scored:
+        forcing = teacher_forcing(request, self._encode_chat, self._encode_text)
+        if len(forcing.ids) > self.lm.config.max_position_embeddings:
+            raise TeacherError(
+                f"{self.model}: an example of {len(forcing.ids)} tokens is longer than the "
+                f"teacher's context ({self.lm.config.max_position_embeddings})"
+            )
+        ids = torch.tensor([forcing.ids], device=self.device)
+        rows = torch.tensor([p - 1 for p in forcing.positions], device=self.device)
+        with self._lock, torch.inference_mode():
+            # Only the rows before answer tokens go through the head, not [length, vocab].
+            logits = self.lm(input_ids=ids, logits_to_keep=rows).logits[0]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            values, top = logprobs.topk(min(request.top_k, logprobs.shape[-1]), dim=-1)
+        return Scored(
+            np.asarray(forcing.answer_ids, dtype=np.int32),
+            top.to(torch.int32).cpu().numpy(),
+            values.to(torch.float16).cpu().numpy(),
+            tokens_in=len(forcing.ids),
+        )
 
     async def aclose(self) -> None:
         return None  # the model is freed with the teacher

@@ -4,6 +4,11 @@ A request is recorded in the store before it is sent and its answer when it come
 whose answer is stored is answered from the store, so a killed or repeated run never pays twice.
 The ledger also keeps the budget (no request starts that could pass it), live totals, and gathers
 concurrent requests into batches for local backends that generate several sequences at once.
+
+Its writes are committed in groups (`GroupCommits`): the requests that start, finish or are
+answered from the store at about the same moment share one SQLite transaction instead of one each.
+A group commits before any of its requests is sent or its answer handed back, so an answer is on
+disk (in the WAL: a killed process loses nothing committed) before the caller can act on it.
 Several ledgers of one run (the teacher's, the responder's, a judge's) share one `Account`: one
 budget caps what they spend together.
 """
@@ -11,16 +16,21 @@ budget caps what they spend together.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import Price
 from ..store import Store
 from .base import Completion, Request, Teacher
 from .prices import cost_usd, worst_case_cost
+
+if TYPE_CHECKING:
+    from .scoring import Scored, ScoreRequest
 
 
 @dataclass
@@ -48,6 +58,8 @@ class Account:
         self.spent_usd: float = totals["cost_usd"]
         self.tokens_in: int = totals["tokens_in"]
         self.tokens_out: int = totals["tokens_out"]
+        # Of spent_usd, what answers without the server's token counts cost (counted here).
+        self.estimated_usd: float = totals.get("estimated_usd", 0.0)
         self.reserved_usd = 0.0  # the worst-case cost of the requests in flight, of every ledger
 
     def reserve(self, worst_usd: float) -> None:
@@ -64,10 +76,95 @@ class Account:
     def release(self, worst_usd: float) -> None:
         self.reserved_usd -= worst_usd
 
-    def charge(self, cost_usd: float, tokens_in: int, tokens_out: int) -> None:
+    def charge(self, cost_usd: float, tokens_in: int, tokens_out: int, estimated: bool) -> None:
         self.spent_usd += cost_usd
         self.tokens_in += tokens_in
         self.tokens_out += tokens_out
+        if estimated:
+            self.estimated_usd += cost_usd
+
+
+class GroupCommits:
+    """The ledger's writes, committed in groups. `write(op)` queues a store call and returns once
+    a transaction holding it has committed; every write queued meanwhile commits in the same one.
+
+    A group commits as soon as it stops growing: once a turn of the event loop has added nothing
+    to it (answers that arrive together join it, a lone one waits a single turn), or once it has
+    waited `max_wait_s` or holds `max_rows`. `grouped=False` commits each write on its own, as
+    before (kept to measure the difference)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        grouped: bool = True,
+        max_wait_s: float = 0.002,
+        max_rows: int = 512,
+    ):
+        self.store = store
+        self.grouped = grouped
+        self.max_wait_s = max_wait_s
+        self.max_rows = max_rows
+        self.commits = 0  # transactions committed, for tests and benchmarks
+        self._queue: list[tuple[Callable[[], None], asyncio.Future]] = []
+        self._check: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the queued writes
+        self._opened = 0.0  # the loop time of the group's first write
+        self._seen = 0  # the group's size at the last check
+
+    async def write(self, op: Callable[[], None]) -> None:
+        """Run `op` (a store write) in a transaction, and return once that has committed."""
+        if not self.grouped:
+            op()
+            self.commits += 1
+            return
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # Writes an earlier event loop left queued (it ended first, cancelled): nobody waits
+            # for them any more, but what they record happened. Committed here, before the new.
+            if self._check is not None:
+                self._check.cancel()
+                self._check = None
+            if self._queue:
+                self._commit([op for op, _ in self._queue])
+                self._queue = []
+            self._loop = loop
+        future = loop.create_future()
+        self._queue.append((op, future))
+        if self._check is None:
+            self._opened, self._seen = loop.time(), len(self._queue)
+            self._check = loop.call_soon(self._commit_when_whole)
+        # A caller cancelled meanwhile cancels only its wait: the write stays queued and commits.
+        await future
+
+    def _commit_when_whole(self) -> None:
+        loop = asyncio.get_running_loop()
+        size = len(self._queue)
+        still_growing = size > self._seen and size < self.max_rows
+        if still_growing and loop.time() - self._opened < self.max_wait_s:
+            self._seen = size
+            self._check = loop.call_soon(self._commit_when_whole)
+            return
+        self._check = None
+        group, self._queue = self._queue, []
+        try:
+            self._commit([op for op, _ in group])
+        except BaseException as e:  # every write of the group failed with it: each caller learns
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for _, future in group:
+            if not future.done():
+                future.set_result(None)
+
+    def _commit(self, ops: list[Callable[[], None]]) -> None:
+        with self.store.transaction():
+            for op in ops:
+                op()
+        self.commits += 1
 
 
 class Ledger:
@@ -78,7 +175,8 @@ class Ledger:
     (the store counts every hit of the run: `store.request_totals()["cache_hits"]`).
 
     `account`: the one shared with the run's other ledgers (its budget caps them together);
-    None opens one of its own, capped at `budget_usd`.
+    None opens one of its own, capped at `budget_usd`. `group_commits=False` commits every write
+    on its own (the old way, kept to measure against).
     """
 
     def __init__(
@@ -91,6 +189,7 @@ class Ledger:
         account: Account | None = None,
         concurrency: int = 8,
         batch_window_s: float = 0.005,
+        group_commits: bool = True,
     ):
         if account is not None and budget_usd is not None:
             raise ValueError("a shared account carries the budget: pass budget_usd to it")
@@ -98,6 +197,7 @@ class Ledger:
         self.store = store
         self.price = price or Price()
         self.account = account or Account(store, budget_usd)
+        self.commits = GroupCommits(store, grouped=group_commits)
         self.max_batch = getattr(teacher, "max_batch", 1)
         self.batch_window_s = batch_window_s
         self.requests_sent = 0
@@ -125,6 +225,10 @@ class Ledger:
         return self.account.spent_usd
 
     @property
+    def estimated_usd(self) -> float:
+        return self.account.estimated_usd
+
+    @property
     def tokens_in(self) -> int:
         return self.account.tokens_in
 
@@ -142,12 +246,12 @@ class Ledger:
             row = self.store.get_request(key)
             if row is not None and row["status"] == "done":
                 self.cache_hits += 1
-                self.store.count_cache_hit(key)  # the run's count, across restarts
+                # The run's count, across restarts: committed with the group of this moment.
+                await self.commits.write(functools.partial(self.store.count_cache_hit, key))
                 return LedgerResult(key, completion_from_row(row), True, row["cost_usd"])
             # A request a remote batch carries is waited for, not sent again.
             remote = row["remote_batch"] if row and row["status"] == "pending" else None
-            async with self._slots:
-                return await self._send(key, request, purpose, remote)
+            return await self._send(key, request, purpose, remote)
 
     async def complete_many(
         self, requests: Sequence[Request], purpose: str = "generate"
@@ -166,40 +270,117 @@ class Ledger:
         """The run's total cost if the rest costs what the part done so far did."""
         return self.spent_usd / done_fraction if done_fraction > 0 else float("inf")
 
+    # -- given answers scored (teacher forcing: the capture stage) -------------------------------
+    async def score_many(
+        self,
+        requests: Sequence[ScoreRequest],
+        save: Callable[[int, str, Scored], None],
+        purpose: str = "capture",
+    ) -> list[Scored]:
+        """Score `requests` in one call to the teacher (`teachers.scoring`), recorded as every
+        request is: in the ledger before it is sent, its worst case held against the budget, its
+        tokens and cost stored once answered. The answer (arrays) is the caller's to keep:
+        `save(i, key, scored)` stores request i's before its ledger row is marked done, so a
+        capture killed in between has it and does not ask again. Nothing is answered from the
+        ledger here: the caller skips what it has saved."""
+        backend, model = self.teacher.backend, self.teacher.model
+        keys = [r.key(backend, model) for r in requests]
+        worst = sum(cost_usd(self.price, r.estimated_tokens(), 0) for r in requests)
+        self.account.reserve(worst)
+        try:
+            for key, request in zip(keys, requests, strict=True):
+                body = request.canonical(backend, model)
+                self.store.begin_request(key, backend, model, body, purpose)
+            self.requests_sent += len(requests)
+            start = time.perf_counter()
+            try:
+                scored = await self.teacher.score(list(requests))
+            except Exception as e:
+                for key in keys:
+                    error = str(e) or type(e).__name__
+                    self.store.fail_request(key, error, getattr(e, "attempts", 1))
+                raise
+            latency_s = (time.perf_counter() - start) / max(len(requests), 1)
+            for i, (key, answer) in enumerate(zip(keys, scored, strict=True)):
+                save(i, key, answer)
+                cost = cost_usd(self.price, answer.tokens_in, 0)
+                self.store.finish_request(
+                    key,
+                    text="",
+                    finish_reason="scored",
+                    tokens_in=answer.tokens_in,
+                    tokens_out=0,
+                    cost_usd=cost,
+                    latency_s=latency_s,
+                    attempts=1,
+                    response={"answer_tokens": len(answer.answer_ids)},
+                )
+                self.account.charge(cost, answer.tokens_in, 0, False)
+        finally:
+            self.account.release(worst)
+        return scored
+
     async def _send(
         self, key: str, request: Request, purpose: str, remote: str | None = None
     ) -> LedgerResult:
-        worst = worst_case_cost(request, self.price)
-        self.account.reserve(worst)
-        backend, model = self.teacher.backend, self.teacher.model
-        # Only the canonical request is stored: never headers, keys or client settings.
-        self.store.begin_request(key, backend, model, request.canonical(backend, model), purpose)
-        self.requests_sent += 1
-        start = time.perf_counter()
-        try:
-            if self.remote:
-                completion = await self._ask_remote(key, request, remote)
-            else:
-                completion = await self._ask(request)
-        except Exception as e:
-            self.store.fail_request(key, str(e) or type(e).__name__, getattr(e, "attempts", 1))
-            raise
-        finally:
-            self.account.release(worst)
+        """Record the request, send it (holding one of the `concurrency` slots), record its answer
+        or its failure; the record commits before the request goes and before the answer is
+        returned. The slot is free once the teacher has answered: the next request need not wait
+        for this one's commit."""
+        async with self._slots:
+            worst = worst_case_cost(request, self.price)
+            self.account.reserve(worst)
+            try:
+                completion, latency_s = await self._record_and_ask(key, request, purpose, remote)
+            except Exception as e:
+                self.account.release(worst)
+                fail = functools.partial(
+                    self.store.fail_request,
+                    key,
+                    str(e) or type(e).__name__,
+                    getattr(e, "attempts", 1),
+                )
+                await self.commits.write(fail)
+                raise
+            except BaseException:
+                self.account.release(worst)
+                raise
         cost = cost_usd(self.price, completion.tokens_in, completion.tokens_out)
-        self.store.finish_request(
+        # Charged before the reservation goes: the budget never sees this request as free.
+        self.account.charge(
+            cost, completion.tokens_in, completion.tokens_out, completion.usage_estimated
+        )
+        self.account.release(worst)
+        finish = functools.partial(
+            self.store.finish_request,
             key,
             text=completion.text,
             finish_reason=completion.finish_reason,
             tokens_in=completion.tokens_in,
             tokens_out=completion.tokens_out,
             cost_usd=cost,
-            latency_s=time.perf_counter() - start,
+            latency_s=latency_s,
             attempts=attempts_of(completion),
             response=completion.raw,
         )
-        self.account.charge(cost, completion.tokens_in, completion.tokens_out)
+        await self.commits.write(finish)  # on disk before anyone uses the answer
         return LedgerResult(key, completion, False, cost)
+
+    async def _record_and_ask(
+        self, key: str, request: Request, purpose: str, remote: str | None
+    ) -> tuple[Completion, float]:
+        backend, model = self.teacher.backend, self.teacher.model
+        # Only the canonical request is stored: never headers, keys or client settings.
+        body = request.canonical(backend, model)
+        begin = functools.partial(self.store.begin_request, key, backend, model, body, purpose)
+        await self.commits.write(begin)
+        self.requests_sent += 1
+        start = time.perf_counter()
+        if self.remote:
+            completion = await self._ask_remote(key, request, remote)
+        else:
+            completion = await self._ask(request)
+        return completion, time.perf_counter() - start
 
     async def _ask(self, request: Request) -> Completion:
         if self.max_batch <= 1:

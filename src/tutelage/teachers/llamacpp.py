@@ -10,8 +10,10 @@ from pathlib import Path
 
 import llama_cpp
 
+from ..chat_template import ChatTemplate
 from ..model_files import ModelNotFound
-from .base import Completion, Request, TeacherError
+from .base import Completion, Request, TeacherError, top_logprobs_of
+from .scoring import Scored, ScoreRequest, teacher_forcing, top_k_of_logits
 
 # OpenAI's defaults, so a request means the same on every backend (llama-cpp-python's own differ:
 # temperature 0.2 for chat and 0.8 for completions, and at most 16 tokens for completions).
@@ -78,11 +80,21 @@ class LlamaCppTeacher:
         # Evaluate every prompt from scratch: reusing the previous request's cached prefix
         # changes the arithmetic slightly, and with it a sampled answer.
         self.llm.reset()
+        top = None
         try:
+            prompt = None if request.is_chat else self._raw_prompt(request.prompt)
+            if request.top_logprobs:
+                tokens = self._prompt_tokens(request, prompt)
+                top = self._next_token_logprobs(tokens, request.top_logprobs)
+                if request.is_chat:
+                    self.llm.reset()  # the chat completion formats and evaluates it again
+                else:
+                    # Evaluated just now: generation samples from these very logits.
+                    prompt = tokens
             if request.is_chat:
                 out = self.llm.create_chat_completion(request.message_dicts(), **kwargs)
             else:
-                out = self.llm.create_completion(self._raw_prompt(request.prompt), **kwargs)
+                out = self.llm.create_completion(prompt, **kwargs)
         except ValueError as e:  # the prompt does not fit the context window
             raise TeacherError(f"{self.model}: {e} (raise teacher.n_ctx)") from None
         choice = out["choices"][0]
@@ -94,6 +106,125 @@ class LlamaCppTeacher:
             usage["prompt_tokens"],
             usage["completion_tokens"],
             raw=out,
+            top_logprobs=top,
+        )
+
+    def _prompt_tokens(self, request: Request, prompt: str | list[int] | None) -> list[int]:
+        """The tokens llama-cpp-python would evaluate for the request: a raw prompt with the
+        model's BOS, or the conversation in the GGUF's own chat template (as its chat handler
+        formats it)."""
+        if not request.is_chat:
+            if isinstance(prompt, list):
+                return prompt
+            return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise TeacherError(f"{self.model}: no chat template in the GGUF for a chat request")
+        model = self.llm._model  # the token texts its chat handler uses
+        formatted = Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(self.llm.token_eos()),
+            bos_token=model.token_get_text(self.llm.token_bos()),
+        )(messages=request.message_dicts())
+        return self.llm.tokenize(
+            formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
+        )
+
+    def _next_token_logprobs(self, tokens: list[int], k: int) -> list[tuple[str, float]]:
+        """The k most likely next tokens after `tokens`, from one evaluation of them. Not
+        llama-cpp-python's `logprobs`: that needs logits_all, a row of logits kept for every
+        position of the context (800 MB for the embedded teacher's 4096 x 49,152)."""
+        import numpy as np
+
+        if len(tokens) >= self.llm.n_ctx():
+            raise ValueError(f"the prompt's {len(tokens)} tokens do not fit {self.llm.n_ctx()}")
+        self.llm.eval(tokens)
+        logits = np.ctypeslib.as_array(
+            self.llm._ctx.get_logits_ith(-1),  # the last position's logits
+            shape=(self.llm.n_vocab(),),
+        )
+        return top_logprobs_of(
+            logits, k, lambda i: self.llm.detokenize([i]).decode("utf-8", errors="replace")
+        )
+
+    # -- teacher forcing (the capture stage; see teachers.scoring) ---------------------------------
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[Scored]:
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(self._thread, self._score_one, r) for r in requests]
+
+    def _score_one(self, request: ScoreRequest) -> Scored:
+        import numpy as np
+
+        forcing = teacher_forcing(request, self._encode_chat, self._encode_text)
+        if len(forcing.ids) > self.llm.n_ctx():
+            raise TeacherError(
+                f"{self.model}: an example of {len(forcing.ids)} tokens does not fit the "
+                f"context of {self.llm.n_ctx()} (raise teacher.n_ctx)"
+            )
+        ids, values = self._top_k_after(forcing.ids, [p - 1 for p in forcing.positions], request)
+        answer = np.asarray(forcing.answer_ids, dtype=np.int32)
+        return Scored(answer, ids, values, tokens_in=len(forcing.ids))
+
+    def _top_k_after(self, tokens: list[int], rows: list[int], request: ScoreRequest):
+        """The top-k of the logits after each of `rows` (ascending indices into `tokens`), from
+        one pass over the tokens in batches: Llama.eval's steps, asking for logits at those rows
+        only, without logits_all's buffer of a row for every position of the context (800 MB
+        for the embedded teacher)."""
+        import numpy as np
+
+        llm, wanted = self.llm, np.asarray(rows)
+        n_vocab = llm.n_vocab()
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        ids, values = [], []
+        try:
+            for start in range(0, len(tokens), llm.n_batch):
+                if start > wanted[-1]:  # the last token is read, never predicted from
+                    break
+                chunk = tokens[start : start + llm.n_batch]
+                here = wanted[(wanted >= start) & (wanted < start + len(chunk))] - start
+                # Logits only where an answer token is predicted: the prompt's rows never pass
+                # through the output layer (but a chunk's last token always does, in llama.cpp).
+                llm._batch.set_batch(batch=chunk, n_past=start, logits_all=False)
+                for i in here:
+                    llm._batch.batch.logits[int(i)] = True
+                llm._ctx.decode(llm._batch)
+                if not len(here):
+                    continue
+                logits = np.stack(
+                    [
+                        np.ctypeslib.as_array(llm._ctx.get_logits_ith(int(i)), shape=(n_vocab,))
+                        for i in here
+                    ]
+                )
+                top_ids, top_values = top_k_of_logits(logits, request.top_k)
+                ids.append(top_ids)
+                values.append(top_values)
+        finally:
+            llm.reset()  # the next request evaluates its prompt from scratch
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        return np.concatenate(ids), np.concatenate(values)
+
+    def _encode_chat(self, messages: list[dict], header: bool) -> list[int]:
+        text = self._chat_template().render(messages, add_generation_prompt=header)
+        # The template writes its own BOS, as llama-cpp-python's chat handler has it.
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def _chat_template(self) -> ChatTemplate:
+        text = self.llm.metadata.get("tokenizer.chat_template")
+        if not text:
+            raise TeacherError(f"{self.model}: no chat template in the GGUF to score in")
+        model = self.llm._model  # the special tokens' texts, as the chat handler takes them
+        return ChatTemplate(
+            text,
+            model.token_get_text(self.llm.token_bos()),
+            model.token_get_text(self.llm.token_eos()),
+            f"{self.model} (GGUF tokenizer.chat_template)",
         )
 
     def _raw_prompt(self, prompt: str) -> str | list[int]:

@@ -49,6 +49,7 @@ from .prices import (
     load_tokenizer,
     max_output_tokens,
 )
+from .scoring import Scored, ScoreRequest, scored_from_prompt_logprobs, teacher_forcing
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 BACKOFF_CAP_S = 60.0
@@ -78,6 +79,14 @@ UNKNOWN_MODEL = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 JSON_HEADERS = {"Content-Type": "application/json"}
+# Scoring given answers (teachers.scoring) needs a vLLM server: its /tokenize, at the server's
+# root, and its completions' prompt_logprobs. APIs known to give neither:
+TOKENIZE = "/tokenize"
+CHAT_ONLY_HOSTS = frozenset({"api.openai.com"})
+SCORING_HINT = (
+    "scoring given answers needs a vLLM server (its /tokenize and the completions' "
+    "prompt_logprobs) or a local backend (llamacpp, transformers, vllm)"
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -252,6 +261,21 @@ def answer_text(choice: dict, chat: bool) -> tuple[str, str]:
     return text, finish
 
 
+def first_top_logprobs(choice: dict, chat: bool) -> list[tuple[str, float]] | None:
+    """The first answer token's top log-probs, most likely first, when the request asked for
+    them: chat `logprobs.content[0].top_logprobs` ([{token, logprob}]), completions
+    `logprobs.top_logprobs[0]` ({token: logprob}). None when the answer has none."""
+    logprobs = choice.get("logprobs") or {}
+    if chat:
+        content = logprobs.get("content") or []
+        first = content[0].get("top_logprobs") if content else None
+        pairs = [(t["token"], float(t["logprob"])) for t in first or ()]
+    else:
+        tops = logprobs.get("top_logprobs") or []
+        pairs = [(t, float(lp)) for t, lp in (tops[0] or {}).items()] if tops else []
+    return sorted(pairs, key=lambda p: -p[1]) or None
+
+
 class OpenAITeacher:
     backend = "openai"
     max_batch = 1  # each request is its own HTTP call; concurrency comes from the ledger
@@ -331,9 +355,14 @@ class OpenAITeacher:
             await session.close()
 
     def url(self, path: str) -> yarl.URL:
-        """base_url/path, parsed once."""
+        """base_url/path, parsed once. A path starting with "/" is from the server's root, the
+        base_url less its /v1 (where vLLM serves /tokenize)."""
         if (url := self._urls.get(path)) is None:
-            url = self._urls[path] = yarl.URL(f"{self.base_url}/{path}")
+            if path.startswith("/"):
+                root = self.base_url.removesuffix("/v1")
+                url = self._urls[path] = yarl.URL(f"{root}{path}")
+            else:
+                url = self._urls[path] = yarl.URL(f"{self.base_url}/{path}")
         return url
 
     async def call(self, method: str, path: str, **options: Any) -> Reply:
@@ -368,6 +397,11 @@ class OpenAITeacher:
                 if name not in self.refused:
                     body[name] = limit
                     break
+        if request.top_logprobs:  # OpenAI's and vLLM's servers; chat allows up to 20
+            if request.is_chat:
+                body.update(logprobs=True, top_logprobs=request.top_logprobs)
+            else:
+                body["logprobs"] = request.top_logprobs
         for name in self.refused.intersection(body):
             del body[name]
         if request.is_chat:
@@ -518,11 +552,94 @@ class OpenAITeacher:
             raw=raw,
             reasoning_tokens=reasoning,
             usage_estimated=estimated,
+            top_logprobs=first_top_logprobs(data["choices"][0], chat),
         )
 
     def _scrub(self, text: str) -> str:
         """Servers may echo the key in an error message; it must not go further."""
         return text.replace(self._key, "[key]") if self._key else text
+
+    # -- teacher forcing against a vLLM server (the capture stage; see teachers.scoring) ---------
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[Scored]:
+        """Each request tokenized by the server itself (/tokenize, in the model's own chat
+        template), then read back through the completions endpoint as token ids with
+        `prompt_logprobs` (vLLM's extension: at every position, the k most likely tokens and the
+        token itself, as {token id: {logprob, rank, decoded_token}}, None first) and `echo`,
+        generating one token."""
+        if urlsplit(self.base_url).hostname in CHAT_ONLY_HOSTS:
+            raise TeacherError(
+                f"teacher.base_url: {self.base_url} is a chat-only API that gives no prompt "
+                f"log-probs, which training.distill needs; {SCORING_HINT}"
+            )
+        return list(await asyncio.gather(*(self._score_one(r) for r in requests)))
+
+    async def _score_one(self, request: ScoreRequest) -> Scored:
+        loop = asyncio.get_running_loop()
+
+        def tokenize(body: dict) -> list[int]:  # called from the worker thread below
+            body = {"model": self.model, "add_special_tokens": False, **body}
+            return asyncio.run_coroutine_threadsafe(self._tokenize(body), loop).result()
+
+        def encode_chat(messages: list[dict], header: bool) -> list[int]:
+            return tokenize({"messages": messages, "add_generation_prompt": header})
+
+        def encode_text(text: str) -> list[int]:
+            return tokenize({"prompt": text})
+
+        forcing = await asyncio.to_thread(teacher_forcing, request, encode_chat, encode_text)
+        where = f"{self.base_url}/completions ({self.model})"
+        body = {
+            "model": self.model,
+            "prompt": forcing.ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "echo": True,
+            "prompt_logprobs": request.top_k,
+            "return_token_ids": True,  # prompt_token_ids, to check what the server read
+        }
+        data = await self._post_for_json("completions", body, where)
+        try:
+            choice = data["choices"][0]
+        except (LookupError, TypeError):
+            raise TeacherError(f"{where}: an answer without choices") from None
+        if not choice.get("prompt_logprobs"):
+            raise TeacherError(f"{where}: the answer has no prompt_logprobs; {SCORING_HINT}")
+        read = choice.get("prompt_token_ids")
+        if read is not None and list(read) != forcing.ids:
+            raise TeacherError(f"{where}: the server read other tokens than it was sent")
+        scored = scored_from_prompt_logprobs(
+            forcing, choice["prompt_logprobs"], request.top_k, where
+        )
+        scored.tokens_in = (data.get("usage") or {}).get("prompt_tokens") or len(forcing.ids)
+        return scored
+
+    async def _tokenize(self, body: dict) -> list[int]:
+        where = f"{self.url(TOKENIZE)} ({self.model})"
+        data = await self._post_for_json(TOKENIZE, body, where)
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list):
+            raise TeacherError(f"{where}: an answer without tokens; {SCORING_HINT}")
+        return tokens
+
+    async def _post_for_json(self, path: str, body: dict, where: str) -> dict:
+        """POST `body`, retried as every request is; the answer's JSON object."""
+
+        async def send(attempt: int) -> dict:
+            response = await self.post_json(path, body)
+            if response.status_code == 404:  # no such endpoint: not a vLLM server
+                raise APIError(f"{where}: HTTP 404; {SCORING_HINT}", attempt)
+            self._check(response, where, attempt)
+            try:
+                data = response.json()
+            except ValueError:
+                raise Transient("malformed response body") from None
+            if not isinstance(data, dict):
+                raise Transient("malformed response body")
+            return data
+
+        self._session()
+        async with self._slots:
+            return await self.with_retries(send, where)
 
     async def aclose(self) -> None:
         if self._loop is not None:

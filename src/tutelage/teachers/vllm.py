@@ -5,10 +5,11 @@ it and says what to install when the backend is asked for. The ledger gathers co
 into one `complete` call, and all of its requests go to the engine at once (one call for chat
 requests, one for raw prompts), which schedules them itself with continuous batching.
 
-`teacher.model` is an HF model folder, a Hugging Face Hub name (vLLM downloads it), the embedded
-teacher, or a GGUF file, which is converted once into an HF folder as for the `transformers` backend
-(vLLM itself no longer loads GGUF files). `engine_args` go to `vllm.LLM` as they are:
-tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype, ...
+`teacher.model` is an HF model folder, a Hugging Face Hub id (fetched into the Hub cache, as for
+every backend: `model_files.hub_snapshot`), the embedded teacher, or a GGUF file, which is converted
+once into an HF folder as for the `transformers` backend (vLLM itself no longer loads GGUF files).
+`engine_args` go to `vllm.LLM` as they are: tensor_parallel_size, gpu_memory_utilization,
+max_model_len, dtype, ...
 
 Every request gets its own sampling parameters, OpenAI's defaults for what it does not set, and its
 own seed (derived from its ledger key when it sets none), so a rerun samples the same answer; vLLM
@@ -28,6 +29,7 @@ from ..chat_template import MARKER
 from ..config import EMBEDDED
 from ..model_files import ModelNotFound
 from .base import Completion, Request, TeacherError
+from .scoring import Scored, ScoreRequest, scored_from_prompt_logprobs, teacher_forcing
 
 INSTALL_HINT = (
     "teacher.backend: vllm needs the vllm package on a CUDA machine: pip install 'tutelage[vllm]'"
@@ -65,13 +67,16 @@ def resolve_vllm_model(model: str | Path) -> tuple[str, str]:
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"teacher.model: {model}: not an HF model folder (no config.json)")
         return str(path), path.name
+    from .. import model_files
+
     text = str(model)
-    if path.exists() or path.is_absolute() or text.startswith((".", "~")):
+    if not model_files.is_hub_id(text):
         raise ModelNotFound(
             f"teacher.model: {model}: not an HF model folder, a .gguf file "
-            "or a Hugging Face Hub name"
+            "or a Hugging Face Hub id (org/name)"
         )
-    return text, text  # a Hub name such as Qwen/Qwen2.5-7B-Instruct: vLLM downloads it
+    # A Hub id such as Qwen/Qwen2.5-7B-Instruct: its snapshot in the Hub cache, named by its id.
+    return str(model_files.hub_snapshot(text, "teacher.model")), text
 
 
 class VLLMTeacher:
@@ -119,6 +124,8 @@ class VLLMTeacher:
         # the same request samples the same answer, which is what makes resumed runs identical.
         key = request.key(self.backend, self.model)
         kwargs["seed"] = params.get("seed", (int(key[:8], 16) + self.seed) % 2**32)
+        if request.top_logprobs:  # the top tokens at each generated position (we keep the first)
+            kwargs["logprobs"] = request.top_logprobs
         return self._vllm.SamplingParams(n=1, **kwargs)
 
     def _complete(self, requests: list[Request]) -> list[Completion]:
@@ -187,12 +194,74 @@ class VLLMTeacher:
         # "stop" covers an end-of-sequence token and a stop string; anything else but "length"
         # (e.g. "repetition") also ended the answer before its budget.
         finish = "length" if reason == "length" else "stop"
-        return Completion(choice.text or "", finish, tokens_in, tokens_out, raw=raw)
+        top = first_top(choice)
+        return Completion(
+            choice.text or "", finish, tokens_in, tokens_out, raw=raw, top_logprobs=top
+        )
+
+    # -- teacher forcing (the capture stage; see teachers.scoring) ---------------------------------
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[Scored]:
+        """All requests go to the engine at once, as token ids, each generating one token and
+        returning its prompt's log-probs (`prompt_logprobs`: the k most likely next tokens at every
+        position, and the token itself)."""
+        return await asyncio.to_thread(self._score, list(requests))
+
+    def _score(self, requests: list[ScoreRequest]) -> list[Scored]:
+        tokenizer = self.llm.get_tokenizer()
+
+        def encode_chat(messages: list[dict], header: bool) -> list[int]:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=header, tokenize=False
+            )
+            return list(tokenizer.encode(text, add_special_tokens=False))
+
+        def encode_text(text: str) -> list[int]:
+            return list(tokenizer.encode(text, add_special_tokens=False))
+
+        forcings = [teacher_forcing(r, encode_chat, encode_text) for r in requests]
+        params = [
+            self._vllm.SamplingParams(
+                n=1, max_tokens=1, temperature=0.0, prompt_logprobs=r.top_k, detokenize=False
+            )
+            for r in requests
+        ]
+        with self._lock:
+            try:
+                outputs = self.llm.generate(
+                    [{"prompt_token_ids": f.ids} for f in forcings],
+                    sampling_params=params,
+                    use_tqdm=False,
+                )
+            except (ValueError, *self._request_errors) as e:  # e.g. k above max_logprobs
+                hint = (
+                    " (raise teacher.engine_args.max_logprobs to training.distill.top_k)"
+                    if "logprobs" in str(e)
+                    else ""
+                )
+                raise TeacherError(f"{self.model}: {e}{hint}") from None
+        if len(outputs) != len(requests):
+            raise RuntimeError(
+                f"{self.model}: vLLM answered {len(outputs)} of {len(requests)} requests"
+            )
+        return [
+            scored_from_prompt_logprobs(f, output.prompt_logprobs or [], r.top_k, self.model)
+            for f, output, r in zip(forcings, outputs, requests, strict=True)
+        ]
 
     async def aclose(self) -> None:
         # Nothing to release early: the engine is freed with the teacher, and a caller may go on
         # using a teacher that a stage has closed (generate() closes its teacher when it ends).
         return None
+
+
+def first_top(choice: Any) -> list[tuple[str, float]] | None:
+    """The first generated position's top log-probs, most likely first, when they were asked
+    for (SamplingParams.logprobs: {token id: Logprob} per position, the sampled token included)."""
+    if not getattr(choice, "logprobs", None):
+        return None
+    first = choice.logprobs[0]
+    pairs = [(lp.decoded_token or "", float(lp.logprob)) for lp in first.values()]
+    return sorted(pairs, key=lambda p: -p[1])
 
 
 def request_errors() -> tuple[type[BaseException], ...]:

@@ -15,9 +15,11 @@ from .data import (
     IGNORE,
     MEGABATCH,
     Example,
+    TeacherTargets,
     batch_plan,
     collate,
     pack,
+    tokenize_distilled,
     tokenize_example,
     tokenize_examples,
 )
@@ -29,7 +31,15 @@ from .loop import (
     torch_threads,
     train,
 )
-from .loss import PositionLoss, cross_entropy, eval_loss, loss_sum, response_logprobs
+from .loss import (
+    Distillation,
+    PositionLoss,
+    cross_entropy,
+    eval_loss,
+    eval_losses,
+    loss_sum,
+    response_logprobs,
+)
 from .model import (
     VARLEN_ATTENTION,
     choose_packing,
@@ -47,9 +57,11 @@ __all__ = [
     "MEGABATCH",
     "NOT_FINGERPRINTED",
     "VARLEN_ATTENTION",
+    "Distillation",
     "Example",
     "LoopState",
     "PositionLoss",
+    "TeacherTargets",
     "batch_plan",
     "checkpoint_hooks",
     "checkpoints",
@@ -57,6 +69,7 @@ __all__ = [
     "collate",
     "cross_entropy",
     "eval_loss",
+    "eval_losses",
     "fingerprint",
     "load_model",
     "loss_sum",
@@ -71,6 +84,7 @@ __all__ = [
     "save_student",
     "student_info",
     "swap_in",
+    "tokenize_distilled",
     "tokenize_example",
     "tokenize_examples",
     "torch_threads",

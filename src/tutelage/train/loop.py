@@ -8,6 +8,10 @@ The recipe, top to bottom (the components live beside this module):
   5. eval loss on the valid split (`loss.eval_loss`), checkpoints (`checkpoints`), and a merged
      plain HF folder at the end (`outputs.save_student`).
 
+With `training.distill` the examples carry the teacher's captured top-k distributions and the loss
+is `loss.Distillation` (cross-entropy and a divergence, both logged per step); without it, plain
+cross-entropy on the teacher's text.
+
 One process or many: the loop runs under `accelerate launch` or `torchrun` (DDP, FSDP, DeepSpeed
 ZeRO-3) through `accelerate.Accelerator`. `training.batch_size` is the global batch of a
 micro-step; each process takes its share of every micro-batch and the loss is normalised by the
@@ -47,12 +51,13 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import Example, batch_plan, collate, pack, tokenize_examples
-from .loss import eval_loss, loss_sum
+from .loss import Distillation, cross_entropy, eval_losses, loss_sum
 from .model import choose_packing, first_line, load_model, plain_model
 from .outputs import save_student, student_info
+from .trackers import check_trackers, log_step, start_trackers
 
 # Fields that change neither the weights nor the data: changing them must not retrain.
-NOT_FINGERPRINTED = {"threads", "eval_every", "save_every", "gguf"}
+NOT_FINGERPRINTED = {"threads", "eval_every", "save_every", "gguf", "report_to"}
 
 
 def train(
@@ -74,7 +79,8 @@ def train(
             "nothing to train on: the store holds no kept training examples; "
             "`tutelage generate` (then `tutelage filter`) must keep examples first"
         )
-    fp = fingerprint(config, train_rows, valid_rows)
+    captures = teacher_captures(store, train_rows) if cfg.distill is not None else None
+    fp = fingerprint(config, train_rows, valid_rows, captures)
     done = store.latest_train_run(status="done", fingerprint=fp)
     info = student_info(run_dir)
     if done and info and (info["run_id"], info["fingerprint"]) == (done["id"], fp):
@@ -99,17 +105,23 @@ def train(
         ) from e
     if tokenizer.eos_token_id is None:  # the student could never learn to stop
         raise ValueError(f"student.model: {config.student.model}: the tokenizer has no EOS token")
+    top_k = None
+    if captures is not None:
+        check_capture_vocabulary(captures, tokenizer)
+        top_k = min(cfg.distill.top_k, *(c.topk_ids.shape[1] for c in captures.values()))
     train_set, dropped, truncated = tokenize_examples(
-        tokenizer, train_rows, cfg.prompt_format, cfg.max_seq_len
+        tokenizer, train_rows, cfg.prompt_format, cfg.max_seq_len, captures, top_k
     )
-    valid_set, _, _ = tokenize_examples(tokenizer, valid_rows, cfg.prompt_format, cfg.max_seq_len)
+    valid_set, _, _ = tokenize_examples(
+        tokenizer, valid_rows, cfg.prompt_format, cfg.max_seq_len, captures, top_k
+    )
     if not train_set:
         raise ValueError(
             f"training.max_seq_len: every training prompt is longer than "
             f"{cfg.max_seq_len} tokens ({dropped} examples); raise it"
         )
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.report_to, run_dir / "logs")
     main = accelerator.is_main_process
     ckpt_dir = run_dir / "checkpoints"
     decision = [
@@ -120,6 +132,7 @@ def train(
     run_id, checkpoint = broadcast_object_list(decision)[0]
 
     try:
+        start_trackers(accelerator, config, run_dir, run_id)
         with torch_threads(cfg.threads):
             model, metrics = _fit(
                 accelerator,
@@ -165,7 +178,42 @@ def train(
         if main:
             store.finish_train_run(run_id, "failed", None, {"error": first_line(e)})
         raise
+    finally:
+        if accelerator.trackers:  # flushes and closes them (and ends the process group)
+            accelerator.end_training()
     return TrainResult.from_metrics(metrics, run_id=run_id, output_dir=str(output), reused=False)
+
+
+def teacher_captures(store: Store, train_rows: list[dict]) -> dict:
+    """The teacher's captured distributions (instance id -> CapturedAnswer); every training
+    example must have one."""
+    from ..capture.storage import load_captures
+
+    captures = load_captures(store)
+    missing = sum(r["instance_id"] not in captures for r in train_rows)
+    if missing:
+        raise ValueError(
+            f"training.distill: the teacher has not scored {missing} of the {len(train_rows)} "
+            "training examples; capture them first (`tutelage capture`)"
+        )
+    return captures
+
+
+def check_capture_vocabulary(captures: dict, tokenizer) -> None:
+    """One line, unless the teacher that scored the examples has the student's vocabulary. (A
+    capture without a hash came from a teacher whose tokenizer was not at hand, a vLLM server:
+    the capture stage checked its answers' ids against the student's tokenizer instead.)"""
+    from ..model_files import vocabulary_hash
+
+    student = vocabulary_hash(tokenizer)
+    teacher = {c.teacher_vocab_hash for c in captures.values()} - {""}
+    if not teacher <= {student}:
+        raise ValueError(
+            f"training.distill: the student's vocabulary ({student[:12]}) is not the one of the "
+            f"teacher that scored the examples ({', '.join(sorted(h[:12] for h in teacher))}): "
+            "logit distillation needs the same tokenizer; use student.from_teacher or a student "
+            "of the teacher's family"
+        )
 
 
 def _resume_or_start(
@@ -240,6 +288,19 @@ def _fit(
     )
     model = load_model(config, path, device, bf16=bf16)
     packed = choose_packing(cfg.packing, model, device)
+    distill = Distillation.from_config(cfg.distill) if cfg.distill is not None else None
+    position_loss = distill or cross_entropy
+
+    def evaluate() -> dict | None:  # eval_loss is the cross-entropy, with or without distillation
+        losses = eval_losses(
+            model, valid_set, cfg.batch_size, pad_id, device, accelerator, position_loss
+        )
+        if losses is None:
+            return {"eval_loss": None}
+        if distill is None:
+            return {"eval_loss": losses["loss"]}
+        return {"eval_loss": losses["ce"], "eval_divergence": losses["divergence"]}
+
     model.train()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -278,9 +339,10 @@ def _fit(
             "train_s": 0.0,
             "elapsed_s": 0.0,
         }
-        first = eval_loss(model, valid_set, cfg.batch_size, pad_id, device, accelerator)
+        first = evaluate()
         if main:
-            store.log_train_step(run_id, 0, epoch=0.0, eval_loss=first, tokens=0, elapsed_s=0.0)
+            store.log_train_step(run_id, 0, epoch=0.0, tokens=0, elapsed_s=0.0, **first)
+            log_step(accelerator, 0, **first)
     state = loop.values
     plan, seen, tokens, train_s = state["plan"], state["seen"], state["tokens"], state["train_s"]
     loop_start, elapsed_before = time.perf_counter(), state["elapsed_s"]
@@ -295,7 +357,7 @@ def _fit(
         # so accumulation and N processes give the gradient of one big batch. DDP averages the
         # processes' gradients, hence the factor `world`.
         n_targets = sum(e.n_targets for micro in micro_batches for e in micro)
-        step_loss = 0.0
+        step_loss, parts = 0.0, {"ce": 0.0, "divergence": 0.0}
         for index, micro in enumerate(micro_batches):
             mine = micro[rank::world]
             # A process with no share still runs a forward and backward (weighted 0): the
@@ -304,40 +366,57 @@ def _fit(
             batch = pack(examples) if packed else collate(examples, pad_id)
             last = index == len(micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(model):  # sync once a step
-                loss, _ = loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+                loss, _ = loss_sum(
+                    model, {k: v.to(device) for k, v in batch.items()}, position_loss
+                )
                 accelerator.backward(loss * (world / n_targets if mine else 0.0))
             step_loss += loss.item() if mine else 0.0
+            if distill is not None:
+                sums = distill.take_sums()
+                parts = {k: v + sums[k] if mine else v for k, v in parts.items()}
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
-            step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "sum").item()
+            step_loss, parts["ce"], parts["divergence"] = accelerator.reduce(
+                torch.tensor(
+                    [step_loss, parts["ce"], parts["divergence"]],
+                    dtype=torch.float64,
+                    device=device,
+                ),
+                "sum",
+            ).tolist()
         seen += sum(len(micro) for micro in micro_batches)
         tokens += sum(len(e.input_ids) for micro in micro_batches for e in micro)  # no padding
         train_s += time.perf_counter() - t0
 
         loss_value, tokens_per_s = step_loss / n_targets, tokens / train_s
         evaluated = step % cfg.eval_every == 0 or step == total_steps
-        valid_loss = (
-            eval_loss(model, valid_set, cfg.batch_size, pad_id, device, accelerator)
-            if evaluated
-            else None
-        )
+        valid = evaluate() if evaluated else {"eval_loss": None}
         elapsed = elapsed_before + time.perf_counter() - loop_start
         if main:
+            # With distillation, the loss's two parts per response token (alpha weighs them).
+            split = (
+                {"ce_loss": parts["ce"] / n_targets, "divergence": parts["divergence"] / n_targets}
+                if distill is not None
+                else {}
+            )
             store.log_train_step(
                 run_id,
                 step,
                 epoch=seen / len(train_set),
                 loss=loss_value,
-                eval_loss=valid_loss,
                 lr=lr,
                 tokens=tokens,
                 tokens_per_s=tokens_per_s,
                 elapsed_s=elapsed,
+                **valid,
+                **split,
             )
+            figures = {"loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s}
+            log_step(accelerator, step, **figures, **valid, **split)
         if step % cfg.save_every == 0:
             loop.values = {
                 "step": step,
@@ -377,6 +456,15 @@ def _fit(
             eval_loss=evals[-1] if evals else None,
             eval_loss_first=evals[0] if evals else None,
         )
+        if distill is not None:
+            divergences = [r["eval_divergence"] for r in rows if r["eval_divergence"] is not None]
+            metrics.update(
+                distill=cfg.distill.loss,
+                train_ce=rows[-1]["ce_loss"],
+                train_divergence=rows[-1]["divergence"],
+                eval_divergence=divergences[-1] if divergences else None,
+                eval_divergence_first=divergences[0] if divergences else None,
+            )
     return trained, metrics
 
 
@@ -406,9 +494,12 @@ def _configure_deepspeed(accelerator, cfg) -> None:
     ds.pop("train_batch_size", None)
 
 
-def fingerprint(config: Config, train_rows: list[dict], valid_rows: list[dict]) -> str:
-    """What the trained weights depend on: settings, base model id, seed and the ordered data.
-    Not the number of processes: N of them compute the same updates as one."""
+def fingerprint(
+    config: Config, train_rows: list[dict], valid_rows: list[dict], captures: dict | None = None
+) -> str:
+    """What the trained weights depend on: settings, base model id, seed and the ordered data
+    (with distillation, the teacher's captured distributions of it too). Not the number of
+    processes: N of them compute the same updates as one."""
     fmt = config.training.prompt_format
     if fmt not in ("alpaca", "chat") and not Path(fmt).is_file():
         raise ValueError(f"training.prompt_format: {fmt}: neither alpaca, chat nor a template file")
@@ -425,17 +516,41 @@ def fingerprint(config: Config, train_rows: list[dict], valid_rows: list[dict]) 
     }
     if config.student.from_teacher is not None:  # the starting weights are the teacher's
         payload["teacher"] = config.teacher.model
+    if captures is not None:
+        payload["captures"] = captures_digest(captures, [*train_rows, *valid_rows])
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def make_accelerator():
-    """One process, or one of many under `accelerate launch` / `torchrun`, which set the
-    distributed environment that Accelerator reads (DDP, FSDP or DeepSpeed, gloo on CPUs)."""
-    from accelerate import Accelerator
+def captures_digest(captures: dict, rows: list[dict]) -> str:
+    """sha256 of the captures of `rows` (ids, log-probs and vocabulary), in row order."""
+    digest = hashlib.sha256()
+    for row in rows:
+        capture = captures.get(row["instance_id"])
+        if capture is None:
+            digest.update(b"-")
+            continue
+        digest.update(capture.teacher_vocab_hash.encode())
+        for array in (capture.answer_ids, capture.topk_ids, capture.topk_logprobs):
+            digest.update(str(array.shape).encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
 
+
+def make_accelerator(report_to: list[str] = (), logging_dir: Path | None = None):
+    """One process, or one of many under `accelerate launch` / `torchrun`, which set the
+    distributed environment that Accelerator reads (DDP, FSDP or DeepSpeed, gloo on CPUs), with
+    the experiment trackers `report_to` (see `trackers`) logging under `logging_dir`."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    check_trackers(report_to)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Without a GPU, accelerate runs several processes only when told they are CPU ones (gloo).
-    accelerator = Accelerator(cpu=launched > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=launched > 1 and not torch.cuda.is_available(),
+        log_with=list(report_to) or None,
+        project_config=ProjectConfiguration(logging_dir=logging_dir and str(logging_dir)),
+    )
     if accelerator.num_processes != launched:  # each process would train alone, all writing
         raise RuntimeError(
             f"launched as {launched} processes, but accelerate sees "

@@ -28,8 +28,10 @@ head in a way `finish_logits` does not know (`head_is_exact`, checked once per m
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -212,8 +214,11 @@ def loss_and_logits_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A chunk's loss (detached) and, when `differentiate`, its gradient with respect to the
     chunk's logits: in closed form where there is one, else by autograd."""
-    if position_loss in CLOSED_FORM_GRADIENTS and differentiate:
-        loss, gradient = CLOSED_FORM_GRADIENTS[position_loss](logits, targets)
+    closed_form = CLOSED_FORM_GRADIENTS.get(position_loss) or getattr(
+        position_loss, "loss_and_gradient", None
+    )
+    if closed_form is not None and differentiate:
+        loss, gradient = closed_form(logits, targets)
         return loss, gradient
     logits = logits.requires_grad_(differentiate)
     with torch.enable_grad():
@@ -322,6 +327,163 @@ def chunked_loss_sum(
     return ChunkedHeadLoss.apply(hidden, targets, project, position_loss, chunk_positions, *params)
 
 
+# -- distillation: the teacher's top-k distributions --------------------------------------------
+# A bucket of zero mass has an infinite log: the student's tail when the teacher's top-k covers the
+# whole vocabulary, the teacher's when its fp16 top-k log-probs round to a sum of one or more.
+TAIL_FLOOR = 1e-30
+# The teacher's remaining mass is 1 minus its top-k probabilities, computed from rounded log-probs:
+# below this it is rounding, not mass, and counts as none (softened by a temperature, 1e-7 of
+# rounding would otherwise grow to 3e-4 of mass at T = 2).
+TEACHER_TAIL_ROUNDING = 1e-5
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass(eq=False)  # compared and hashed by identity: it keeps running sums
+class Distillation:
+    """`alpha` x cross-entropy on the labels + (1 - `alpha`) x T^2 x a divergence between the
+    teacher's and the student's next-token distributions, each coarsened to k + 1 outcomes: the
+    teacher's top-k tokens, and everything else as one tail bucket (the teacher's remaining mass,
+    1 - its top-k probabilities; the student's, its probability outside those k ids).
+
+    Why the tail bucket: the top-k renormalised among themselves (DistillKit's sparse logits,
+    EasyDistill) forget how sure the teacher is; a teacher with 0.3 of its mass on its top 20 and
+    one with 0.99 look alike. Kept as one outcome, both sides are proper distributions over the
+    same k + 1 outcomes, the divergence is zero only when the student puts the teacher's mass on
+    each top-k token and on the rest, it never exceeds the full-vocabulary divergence (it is that
+    of a coarsening), and it equals it when k is the vocabulary.
+
+    The divergences, over those outcomes, with teacher t and student s:
+    - forward_kl: KL(t || s), word-level knowledge distillation (Hinton et al. 2015; Kim and Rush
+      2016), DistillKit's default: mass-covering, the student spreads over what the teacher
+      considers.
+    - reverse_kl: KL(s || t), MiniLLM's objective (Gu et al. 2024): mode-seeking, the student
+      concentrates where the teacher is sure.
+    - jsd: GKD's generalized Jensen-Shannon divergence (Agarwal et al. 2024), as TRL computes it:
+      beta x KL(t || m) + (1 - beta) x KL(s || m), m = beta x t + (1 - beta) x s; bounded, and
+      between the two KLs as beta moves.
+
+    Temperature (Hinton et al. 2015): both distributions softened, p^(1/T) renormalised, and the
+    divergence scaled by T^2 so that its gradients keep their size as T changes. It softens the
+    k + 1 outcomes, because only the teacher's top-k log-probs are stored, not its tail's logits;
+    when k is the vocabulary this is exactly Hinton's softened softmax.
+
+    A `PositionLoss` (log-probs of a chunk of positions and their targets: `labels`,
+    `teacher_ids` and `teacher_logprobs` (positions, k), `teacher_mask` (positions): whether the
+    teacher scored the position; a position it did not score has the cross-entropy only). The
+    chunked head uses `loss_and_gradient`, the gradient with respect to the logits in closed form.
+    `sums` collects the two parts, unweighted, for the training curves (`take_sums`)."""
+
+    divergence: str = "forward_kl"
+    alpha: float = 0.5
+    temperature: float = 1.0
+    beta: float = 0.5
+    sums: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(
+                f"training.distill.loss: {self.divergence!r} is not one of {DIVERGENCES}"
+            )
+
+    @classmethod
+    def from_config(cls, distill) -> Distillation:
+        """From `training.distill` (a DistillConfig)."""
+        return cls(distill.loss, distill.alpha, distill.temperature, distill.beta)
+
+    def take_sums(self) -> dict[str, float]:
+        """The parts summed over the positions scored since the last call: `ce` and
+        `divergence` (the latter with T^2, as it enters the loss), then start again."""
+        sums = {k: float(v) for k, v in self.sums.items()}
+        self.sums.clear()
+        return {"ce": sums.get("ce", 0.0), "divergence": sums.get("divergence", 0.0)}
+
+    def _add(self, ce: torch.Tensor, divergence: torch.Tensor) -> None:
+        for name, value in (("ce", ce), ("divergence", divergence)):
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().sum()
+
+    def divergence_rows(
+        self, student_buckets: torch.Tensor, targets: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """T^2 x the divergence at each position (0 where the teacher scored nothing), from the
+        student's log-probabilities of the k + 1 outcomes (positions, k + 1; tail last)."""
+        if "teacher_logprobs" not in targets:
+            return student_buckets.new_zeros(len(student_buckets))
+        teacher_top = targets["teacher_logprobs"].float()
+        remaining = 1 - teacher_top.exp().sum(-1)
+        teacher_tail = remaining.where(remaining > TEACHER_TAIL_ROUNDING, TAIL_FLOOR).log()
+        temperature = self.temperature
+        # Renormalised too: fp16 top-k probabilities may sum to a little more than one.
+        t = F.log_softmax(torch.cat([teacher_top, teacher_tail[:, None]], -1) / temperature, -1)
+        s = F.log_softmax(student_buckets / temperature, -1)
+        if self.divergence == "forward_kl":
+            rows = (t.exp() * (t - s)).sum(-1)
+        elif self.divergence == "reverse_kl":
+            rows = (s.exp() * (s - t)).sum(-1)
+        else:
+            beta = self.beta
+            mixture = torch.logsumexp(
+                torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0
+            )
+            rows = beta * (t.exp() * (t - mixture)).sum(-1) + (1 - beta) * (
+                s.exp() * (s - mixture)
+            ).sum(-1)
+        return rows * targets["teacher_mask"].to(rows.dtype) * temperature**2
+
+    def __call__(self, logprobs: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss from the student's full log-probabilities (positions, vocab): the
+        reference, differentiated by autograd where the head is not chunked."""
+        ce = F.nll_loss(logprobs, targets["labels"], reduction="none")
+        if "teacher_ids" in targets:
+            ids = targets["teacher_ids"]
+            outside = logprobs.exp().scatter(-1, ids, 0.0).sum(-1)  # the student's tail mass
+            buckets = torch.cat(
+                [logprobs.gather(-1, ids), outside.clamp_min(TAIL_FLOOR).log()[:, None]], -1
+            )
+            divergence = self.divergence_rows(buckets, targets)
+        else:
+            divergence = torch.zeros_like(ce)
+        self._add(ce, divergence)
+        return (self.alpha * ce + (1 - self.alpha) * divergence).sum()
+
+    def loss_and_gradient(
+        self, logits: torch.Tensor, targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed loss of the logits' log-softmax, and its gradient with respect to the
+        logits: one [positions x vocab] tensor, the probabilities turned into the gradient in
+        place. Autograd runs only on the (positions, k + 1) outcome log-probs.
+
+        With H_b the divergence's derivative by the student's log-probability of outcome b, and
+        p the student's probabilities: d log p_i / d z_v = [v = i] - p_v for a top-k token i, and
+        d log p_tail / d z_v = [v outside the top k] p_v / p_tail - p_v for the tail. So the
+        gradient is H_b at top-k token b, p_v H_tail / p_tail outside, minus p_v sum_b H_b
+        everywhere; plus alpha (p - one-hot(label)) from the cross-entropy."""
+        alpha, labels = self.alpha, targets["labels"]
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        rows = torch.arange(len(logprobs), device=logprobs.device)
+        ce = -logprobs[rows, labels]
+        if "teacher_ids" not in targets:  # nothing to distil here: cross-entropy
+            self._add(ce, torch.zeros_like(ce))
+            gradient = logprobs.exp_()
+            gradient[rows, labels] -= 1
+            return alpha * ce.sum(), gradient.mul_(alpha)
+        ids = targets["teacher_ids"]
+        top = logprobs.gather(-1, ids)
+        probs = logprobs.exp_()  # from here on the one big tensor holds probabilities
+        outside = probs.scatter_(-1, ids, 0.0).sum(-1)  # ... outside the top k: the tail
+        tail = outside.clamp_min(TAIL_FLOOR)
+        buckets = torch.cat([top, tail.log()[:, None]], -1).requires_grad_()
+        with torch.enable_grad():
+            divergence = self.divergence_rows(buckets, targets)
+            h = torch.autograd.grad(divergence.sum(), buckets)[0] * (1 - alpha)
+        h_top, h_tail = h[:, :-1], h[:, -1].where(outside > TAIL_FLOOR, 0.0)  # clamped: constant
+        h_sum = h_top.sum(-1) + h_tail
+        gradient = probs.mul_((alpha - h_sum + h_tail / tail)[:, None])  # outside the top k
+        gradient.scatter_(-1, ids, top.exp() * (alpha - h_sum)[:, None] + h_top)
+        gradient[rows, labels] -= alpha
+        self._add(ce, divergence.detach())
+        return (alpha * ce + (1 - alpha) * divergence.detach()).sum(), gradient
+
+
 # -- liger-kernel's fused linear cross-entropy, on CUDA -----------------------------------------
 @functools.cache  # a failed import is not cached by Python: it would search the path every step
 def liger_cross_entropy_function():
@@ -407,7 +569,6 @@ def loss_sum(
     return loss, len(hidden)
 
 
-@torch.no_grad()
 def eval_loss(
     model: torch.nn.Module,
     examples: list[Example],
@@ -416,25 +577,53 @@ def eval_loss(
     device: torch.device,
     accelerator=None,
 ) -> float | None:
-    """Mean loss per response token over `examples` (None when there are none). Under several
-    processes each scores its share of every batch, and all run the same number of forwards
-    (sharded models need every process in every forward)."""
+    """Mean cross-entropy per response token over `examples` (None when there are none)."""
+    losses = eval_losses(model, examples, batch_size, pad_id, device, accelerator)
+    return None if losses is None else losses["loss"]
+
+
+@torch.no_grad()
+def eval_losses(
+    model: torch.nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    accelerator=None,
+    position_loss: PositionLoss = cross_entropy,
+) -> dict[str, float] | None:
+    """Means per response token over `examples` (None when there are none): `loss`, and for a
+    `Distillation` loss its parts `ce` and `divergence`. Under several processes each scores its
+    share of every batch, and all run the same number of forwards (sharded models need every
+    process in every forward)."""
     if not examples:
         return None
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    parts = isinstance(position_loss, Distillation)
+    if parts:
+        position_loss.take_sums()  # start from nothing
     model.eval()
-    total, n = 0.0, 0
+    totals = [0.0, 0.0, 0.0, 0]  # loss, ce, divergence, positions
     ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
     for i in range(0, len(ordered), batch_size):
         part = ordered[i : i + batch_size]
         mine = part[rank::world]
         batch = {k: v.to(device) for k, v in collate(mine or part[:1], pad_id).items()}
-        loss, count = loss_sum(model, batch)
+        loss, count = loss_sum(model, batch, position_loss)
+        sums = position_loss.take_sums() if parts else {"ce": 0.0, "divergence": 0.0}
         if mine:
-            total, n = total + loss.item(), n + count
+            totals = [
+                totals[0] + loss.item(),
+                totals[1] + sums["ce"],
+                totals[2] + sums["divergence"],
+                totals[3] + count,
+            ]
     model.train()
     if world > 1:
-        total, n = accelerator.reduce(
-            torch.tensor([total, n], dtype=torch.float64, device=device), "sum"
+        totals = accelerator.reduce(
+            torch.tensor(totals, dtype=torch.float64, device=device), "sum"
         ).tolist()
-    return total / n
+    loss, ce, divergence, n = totals
+    if not parts:
+        return {"loss": loss / n}
+    return {"loss": loss / n, "ce": ce / n, "divergence": divergence / n}

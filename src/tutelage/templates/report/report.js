@@ -123,6 +123,7 @@
         const grade = r.grades.find((g) => g.role === a.role);
         let label = a.role;
         if (a.rouge_l !== null && a.rouge_l !== undefined) label += ` · ROUGE-L ${score(a.rouge_l)}`;
+        if (a.ifeval) label += ` · constraints met ${a.ifeval.strict} of ${a.ifeval.n}`;
         if (grade) label += ` · grade ${grade.grade || "failed"}`;
         cell.append(el("div", "label", label), el("pre", "text", a.answer === null ? "" : a.answer));
         if (grade && grade.rationale) cell.append(el("div", "about", grade.rationale));
@@ -137,7 +138,9 @@
         box.append(el("div", "label", `judge: ${first} vs ${second} · score ${score(p.score)} · ${outcome}`));
         for (const o of p.orders) {
           const shown = o.first_as === "A" ? `${first} as A, ${second} as B` : `${second} as A, ${first} as B`;
-          const said = o.verdict === null ? "no verdict" : `said ${VERDICT[o.verdict] || o.verdict}`;
+          const said = o.p_a !== null && o.p_a !== undefined
+            ? `P(A) ${score(o.p_a)}, P(B) ${score(o.p_b)}`
+            : o.verdict === null ? "no verdict" : `said ${VERDICT[o.verdict] || o.verdict}`;
           box.append(el("div", "about", `${shown}: ${said}. ${o.rationale || ""}`));
         }
         card.append(box);
