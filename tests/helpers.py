@@ -30,10 +30,9 @@ def save_tiny_model(path: Path, tokenizer, seed: int = 0, max_positions: int = 1
     return path
 
 
-def add_examples(store: Store, examples: list[tuple[str, str, str]], split: str) -> None:
-    """Store kept generated examples assigned to `split`, as generation and filter would."""
-    key = f"request-{split}"
-    store.begin_request(key, "scripted", "teacher", {"split": split}, "generate")
+def add_scripted_request(store: Store, key: str, body: dict) -> None:
+    """A finished, free generation request for records to hang on, as a scripted teacher's."""
+    store.begin_request(key, "scripted", "teacher", body, "generate")
     store.finish_request(
         key,
         text="",
@@ -44,6 +43,12 @@ def add_examples(store: Store, examples: list[tuple[str, str, str]], split: str)
         latency_s=0.0,
         attempts=1,
     )
+
+
+def add_examples(store: Store, examples: list[tuple[str, str, str]], split: str) -> None:
+    """Store kept generated examples assigned to `split`, as generation and filter would."""
+    key = f"request-{split}"
+    add_scripted_request(store, key, {"split": split})
     records = [
         {
             "text": ins,

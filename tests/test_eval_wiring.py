@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import add_examples, save_tiny_model
+from helpers import add_examples
 from transformers import AutoTokenizer
 
 from tutelage import evaluate as ev
@@ -20,7 +20,6 @@ from tutelage.config import Config
 from tutelage.evaluate import students
 from tutelage.evaluate.judge import judge_pair_logprobs, letter_probabilities
 from tutelage.evaluate.judging import judge_mode
-from tutelage.model_files import embedded_teacher_hf
 from tutelage.store import Store
 from tutelage.teachers import Completion, Ledger, Request, TeacherError
 
@@ -65,16 +64,6 @@ BREAKS = {
     "full of moisture and cools down.",
     13: "An apple is a sweet fruit.",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    tokenizer = AutoTokenizer.from_pretrained(embedded_teacher_hf())
-    root = tmp_path_factory.mktemp("tiny")
-    return {
-        "base": save_tiny_model(root / "base", tokenizer, 0),
-        "tuned": save_tiny_model(root / "tuned", tokenizer, 1),
-    }
 
 
 def ifeval_file(path: Path) -> Path:

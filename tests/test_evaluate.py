@@ -18,7 +18,6 @@ from transformers import AutoTokenizer
 from tutelage import evaluate as ev
 from tutelage.config import Config
 from tutelage.evaluate import students
-from tutelage.model_files import embedded_teacher_hf
 from tutelage.store import Store
 from tutelage.student_prompt import student_prompt
 
@@ -29,16 +28,6 @@ EXAMPLES = [
     ("Add the numbers.", "2 and 3", "2 plus 3 is 5."),
     ("Give an antonym of hot.", "", "Cold."),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    tokenizer = AutoTokenizer.from_pretrained(embedded_teacher_hf())
-    root = tmp_path_factory.mktemp("tiny")
-    return {
-        "base": save_tiny_model(root / "base", tokenizer, 0),
-        "tuned": save_tiny_model(root / "tuned", tokenizer, 1),
-    }
 
 
 def make_run(tmp_path: Path, tiny: dict[str, Path], sets: list[Path] = ()) -> tuple[Store, Config]:

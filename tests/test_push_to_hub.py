@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import add_examples
+from helpers import add_examples, add_scripted_request
 
 from tutelage import hub
 from tutelage import train as tr
@@ -31,17 +31,7 @@ SECRET = "hf_SECRETtokenThatMustNeverLeak0123456789"
 
 def add_rejected(store: Store) -> None:
     key = "request-rejected"
-    store.begin_request(key, "scripted", "teacher", {"rejected": True}, "generate")
-    store.finish_request(
-        key,
-        text="",
-        finish_reason="stop",
-        tokens_in=0,
-        tokens_out=0,
-        cost_usd=0.0,
-        latency_s=0.0,
-        attempts=1,
-    )
+    add_scripted_request(store, key, {"rejected": True})
     records = [
         {"text": text, "status": "rejected", "reason": reason, "instances": []}
         for text, reason in REJECTED

@@ -112,6 +112,23 @@ def _label(rest: str, labels: dict[str, str]) -> str | None:
 
 
 # -- asking -------------------------------------------------------------------------------------
+def _both_orders(
+    template, chat: bool, instruction: str, input: str, first: str, second: str, reference
+) -> list[str]:
+    """A pair's two prompts: `first` shown as answer A, then as answer B."""
+    task = {
+        "instruction": _fence(instruction),
+        "input": _fence(input),
+        "reference": _fence(reference) if reference else None,
+        "chat": chat,
+    }
+    first, second = _fence(first), _fence(second)
+    return [
+        render_template(template, answer_a=a, answer_b=b, **task).rstrip()
+        for a, b in ((first, second), (second, first))
+    ]
+
+
 def _fence(text: str | None) -> str:
     """Break our own tags inside model-written (or user-written) text, so that an answer cannot
     close its block and pose as the task or as the other answer."""
@@ -240,17 +257,7 @@ async def judge_pair(
     max_tokens: int | None = MAX_TOKENS,
 ) -> PairJudgement:
     """Judge `first` against `second` in both orders (first shown as A, then as B)."""
-    task = {
-        "instruction": _fence(instruction),
-        "input": _fence(input),
-        "reference": _fence(reference) if reference else None,
-        "chat": chat,
-    }
-    first, second = _fence(first), _fence(second)
-    prompts = [
-        render_template(PAIRWISE_TEMPLATE, answer_a=a, answer_b=b, **task).rstrip()
-        for a, b in ((first, second), (second, first))
-    ]
+    prompts = _both_orders(PAIRWISE_TEMPLATE, chat, instruction, input, first, second, reference)
     asked = await _gather(
         *(
             _ask(
@@ -360,17 +367,7 @@ async def judge_pair_logprobs(
 ) -> LogprobPairJudgement:
     """Judge `first` against `second` in both orders (first shown as A, then as B), each a
     one-token greedy request for the top log-probs of the verdict letter."""
-    task = {
-        "instruction": _fence(instruction),
-        "input": _fence(input),
-        "reference": _fence(reference) if reference else None,
-        "chat": chat,
-    }
-    first, second = _fence(first), _fence(second)
-    prompts = [
-        render_template(LOGPROBS_TEMPLATE, answer_a=a, answer_b=b, **task).rstrip()
-        for a, b in ((first, second), (second, first))
-    ]
+    prompts = _both_orders(LOGPROBS_TEMPLATE, chat, instruction, input, first, second, reference)
     asked = {"sampling": {"temperature": 0.0, "max_tokens": 1}, "top_logprobs": TOP_LOGPROBS}
     requests = [
         Request.make(messages=[{"role": "user", "content": p}], **asked)
