@@ -238,33 +238,12 @@ def check_commands(name: str, out: Path, cpu_smoke: bool) -> list[list[str]]:
     config, run = str(folder / "tutelage.yaml"), str(folder / "run")
     tutelage = [sys.executable, "-m", "tutelage"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    # FSDP and DeepSpeed differ only in the accelerate configuration written to the folder.
+    launched = [*launch, str(folder / "accelerate.yaml"), "-m", "tutelage", "train"]
+    launched += ["-c", config, "-r", run]
     by_name = {
-        "fsdp": [
-            [
-                *launch,
-                str(folder / "accelerate.yaml"),
-                "-m",
-                "tutelage",
-                "train",
-                "-c",
-                config,
-                "-r",
-                run,
-            ]
-        ],
-        "deepspeed": [
-            [
-                *launch,
-                str(folder / "accelerate.yaml"),
-                "-m",
-                "tutelage",
-                "train",
-                "-c",
-                config,
-                "-r",
-                run,
-            ]
-        ],
+        "fsdp": [launched],
+        "deepspeed": [launched],
         "vllm-teacher": [[*tutelage, "generate", "-c", config, "-r", run]],
         "distill": [
             [*tutelage, "capture", "-c", config, "-r", run],
