@@ -33,12 +33,13 @@ those two speeds more carefully, side by side on the same answers.
 Goal: distillation beats SFT on held-out NLL and on KL to the teacher, with intervals that do not
 overlap.
 
-Run: `python bench/distill.py --markdown` (about 25 minutes on 2 idle cores: generation ~8,
-capture ~1, each training ~3-4, the measurements ~1 each). Options: --prompts, --answer-tokens,
---test, --layers, --steps, --batch-size, --lr, --method full|lora, --max-seq-len, --alpha,
---temperature, --top-k, --beta, --runs sft,forward_kl,jsd, --builtin, --max-new-tokens, --threads,
---seed, --bootstrap, --keep DIR (keep the run folders; the data run and finished trainings in
-it are reused), --data-only (stop after the data run), --json FILE, --markdown.
+Run: `python bench/distill.py --markdown` (about 50 minutes with --threads 1 beside one other
+one-thread job: generation 13, capture 9, each training 10-12, the measurements 2-3 each).
+Options: --prompts, --answer-tokens, --test, --layers, --steps, --batch-size, --lr,
+--method full|lora, --max-seq-len, --alpha, --temperature, --top-k, --beta,
+--runs sft,forward_kl,jsd, --builtin, --max-new-tokens, --threads, --seed, --bootstrap,
+--keep DIR (keep the run folders; the data run and finished trainings in it are reused),
+--data-only (stop after the data run), --json FILE, --markdown.
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def copy_run(data: Path, run: Path) -> None:
         ):
             source.backup(target)
     base = data / "student-base"
-    if base.exists() and not (run / "student-base").exists():
+    if base.exists():  # always the data run's: a kept folder may hold another --layers' student
+        shutil.rmtree(run / "student-base", ignore_errors=True)
         shutil.copytree(base, run / "student-base")
 
 
@@ -373,13 +375,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--answer-tokens", type=int, default=160)
     parser.add_argument("--test", type=int, default=60)
-    parser.add_argument("--layers", type=int, default=15)
+    parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--method", choices=("full", "lora"), default="full")
     parser.add_argument("--max-seq-len", type=int, default=256)
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--alpha", type=float, default=0.2)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--beta", type=float, default=0.5)

@@ -76,6 +76,7 @@ import tutelage
 from tutelage.config import load_config
 from tutelage.evaluate.sets import BUILTIN_SET, load_eval_file
 from tutelage.evaluate.stats import bootstrap_ci
+from tutelage.pipeline import open_run
 from tutelage.store import Store
 from tutelage.templating import TEMPLATE_DIR
 
@@ -224,6 +225,9 @@ def run_reference(folder: Path, args: argparse.Namespace) -> dict:
     config = write_config(folder / "config.yaml", args, {})
     run, log = folder / "run", folder / "log.txt"
     console.print("[bold]reference[/]: base student and teacher answer the set", highlight=False)
+    # `tutelage evaluate` reads a run and never creates one: make this one (its store and seeds).
+    with open_run(load_config(config).model_copy(update={"run_dir": run})):
+        pass
     rc, seconds = cli("evaluate", config, run, log)
     if rc != 0:
         raise SystemExit(f"bench/recipes.py: the reference evaluation failed: {last_line(log)}")

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tutelage.config import ConfigError, Price, TeacherConfig, load_config
-from tutelage.generate import generate
+from tutelage.generate import answer, generate
 from tutelage.generate.answer import parse_choice
 from tutelage.generate.explain import explain
 from tutelage.pipeline import open_run
@@ -310,9 +310,29 @@ def test_a_bad_prompt_source_fails_in_one_line_before_any_request(tmp_path, name
     assert "\n" not in str(err.value) and teacher.calls == 0
 
 
+def test_without_prompts_the_seed_tasks_are_answered(tmp_path):
+    cfg = load_config(None, {"generation.recipe": "answer", "run_dir": str(tmp_path / "run")})
+    asked = answer.prompts(cfg)
+    seeds = load_seeds()
+    # one prompt per seed instance, with its input
+    assert len(asked) == sum(len(s["instances"]) for s in seeds)
+    assert (
+        sum(1 for p in asked if p.input)
+        == sum(1 for s in seeds for i in s["instances"] if i["input"])
+        > 100
+    )
+    first = seeds[0]["instances"][0]
+    assert (asked[0].instruction, asked[0].input) == (seeds[0]["instruction"], first["input"])
+    own = tmp_path / "seeds.jsonl"
+    own.write_text(
+        json.dumps({"instruction": "Name a colour.", "instances": [{"input": "", "output": "red"}]})
+        + "\n"
+    )
+    cfg.seeds.path = own
+    assert [p.instruction for p in answer.prompts(cfg)] == ["Name a colour."]
+
+
 def test_configuration_errors_name_the_field(cfg, tmp_path):
-    with pytest.raises(ConfigError, match="generation.prompts: the answer recipe needs"):
-        load_config(None, {"generation.recipe": "answer"})
     store = open_run(cfg)
     cfg.generation.responder = TeacherConfig(backend="openai", model="other-1")
     with pytest.raises(ConfigError, match="generation.responder: the answer recipe's teacher"):

@@ -227,7 +227,8 @@ class GenerationConfig(Strict):
     # -- answer ----------------------------------------------------------------------------------
     # Where the instructions come from: a file (JSONL, JSON, Alpaca, Self-Instruct, the first
     # user turn of ShareGPT/OpenAI `messages` rows), a `datasets` folder, a Hub dataset id
-    # (org/name), or a run folder (its kept instructions). Required by the answer recipe.
+    # (org/name), or a run folder (its kept instructions). Unset, the answer recipe answers the
+    # seed tasks (seeds.path), one prompt per seed instance.
     prompts: Path | None = None
 
     TEMPLATE_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -242,12 +243,6 @@ class GenerationConfig(Strict):
         shown = self.seed_demonstrations + self.machine_demonstrations
         if self.recipe == "self-instruct" and shown < 1:
             raise ValueError("seed_demonstrations + machine_demonstrations must be at least 1")
-        return self
-
-    @model_validator(mode="after")
-    def _prompts_for_answer(self) -> GenerationConfig:
-        if self.recipe == "answer" and self.prompts is None:
-            raise ValueError("generation.prompts: the answer recipe needs a file or run folder")
         return self
 
     def resolve_paths(self, base: Path) -> None:

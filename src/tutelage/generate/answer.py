@@ -2,7 +2,8 @@
 in OpenAI's distillation guide; Alpaca-GPT4 re-answered Alpaca's 52K instructions this way).
 
 Request idx answers prompt idx of `generation.prompts` (a file, a `datasets` folder, a Hub dataset
-or another run's kept instructions: `prompt_sources.load_prompts`, which asks exact repeats once),
+or another run's kept instructions: `prompt_sources.load_prompts`, which asks exact repeats once;
+unset, the run's seed tasks),
 in file order, as one chat turn; the run ends when the prompts run out (or at the target). Since a
 request is known by its number, a resumed run needs the same prompts: a prompt file may only grow at
 its end between runs of one run folder. Each prompt is screened before its answer counts:
@@ -35,6 +36,7 @@ from ..filter.answers import NOT_BEST
 from ..filter.quality import QualityRules, control_characters
 from ..filter.screen import Screen, Verdict
 from ..prompt_sources import Prompt, load_prompts
+from ..seeds import BUILTIN_SEEDS
 from ..teachers import speaks_chat
 from ..teachers.base import Request
 from ..teachers.ledger import LedgerResult
@@ -74,17 +76,23 @@ _TAGS = re.compile(r"<(\s*/?\s*(?:request|request_input|reply_\d+)\s*)>", re.IGN
 _loaded: dict[Path, list[Prompt]] = {}
 
 
+def prompts_path(config: Config) -> Path:
+    """generation.prompts, or, when unset, the run's seed tasks (seeds.path; the built-in ones
+    when that is unset too): one prompt per seed instance, its input included."""
+    if config.generation.prompts is not None:
+        return Path(config.generation.prompts)
+    return BUILTIN_SEEDS if config.seeds.path is None else Path(config.seeds.path)
+
+
 def check(config: Config) -> None:
     """Fail in one line, before any request, on missing or unreadable prompts or a responder."""
     gen = config.generation
-    if gen.prompts is None:
-        raise ConfigError("generation.prompts: the answer recipe needs a file or a run folder")
     if gen.responder is not None:
         raise ConfigError(
             "generation.responder: the answer recipe's teacher writes the answers; "
             "make that model the teacher instead"
         )
-    path = Path(gen.prompts)
+    path = prompts_path(config)
     if path.resolve() == Path(config.run_dir).resolve():
         raise ConfigError(f"generation.prompts: {path} is this run's own folder")
     try:
@@ -97,7 +105,7 @@ def check(config: Config) -> None:
 
 
 def prompts(config: Config) -> list[Prompt]:
-    path = Path(config.generation.prompts)
+    path = prompts_path(config)
     if path not in _loaded:
         check(config)
     return _loaded[path]
