@@ -50,7 +50,7 @@ def test_init_writes_a_config_that_loads(tmp_path):
     assert r.returncode == 0, r.stderr
     from tutelage.config import load_config
 
-    assert load_config(tmp_path / "proj" / "tutelage.yaml").generation.target == 50
+    assert load_config(tmp_path / "proj" / "tutelage.yaml").generation.target == 40
     again = tutelage("init", str(tmp_path / "proj"))
     assert again.returncode == 2 and "already exists" in again.stderr
 
