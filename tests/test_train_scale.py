@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from test_train import EXAMPLES, LORA_WITH_HEAD, make_run, student_weights
 from transformers import (
     AutoModelForCausalLM,
@@ -238,10 +239,17 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, tiny_model, la
         assert [v for v in row_a if v is not None] == pytest.approx(
             [v for v in row_b if v is not None], rel=1e-4, abs=1e-6
         )
+    # Adam divides by the root of the squared gradients, so float rounding in gloo's all-reduce
+    # reaches the weights amplified where a gradient is near zero (1e-4 on one CPU, 1e-6 on
+    # another): the two runs must agree to 1% of how far training moved each tensor.
     a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
+    base = load_file(tiny_model / "model.safetensors")
     assert a.keys() == b.keys()
+    trained = [name for name in a if not torch.equal(a[name], base[name])]
+    assert len(trained) >= 14, trained  # the LoRA targets of both layers, merged
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+        moved = (a[name] - base[name]).abs().max()
+        assert (a[name] - b[name]).abs().max() <= 1e-2 * moved, name
     assert [p.name for p in tr.checkpoints(tmp_path / "two" / "checkpoints")] == [
         "step-2",
         "step-4",
