@@ -33,7 +33,8 @@ the difference comes from (the vocabulary projection of every position, and padd
 
 Run: `python bench/train.py` (about 8 minutes on 2 idle cores; --explain adds 1.5-3). Options:
 --models tiny,student, --steps N (every model) or --tiny-steps/--student-steps, --batch-size,
---max-seq-len, --lr, --threads, --seed, --method lora|full, --gradient-checkpointing, --explain,
+--max-seq-len, --lr, --threads, --seed, --method lora|full, --gradient-checkpointing
+[none|ours|both], --explain,
 --explain-batches, --busy-retries, --markdown.
 The machine is noisy: compare within one run, mind the load average and the others' CPU share (a
 loop run while others used more than 5% of the CPUs is rerun once they are idle, twice at most).
@@ -257,7 +258,7 @@ def run_baseline(path: Path, args: argparse.Namespace) -> dict:
             report_to="none",
             disable_tqdm=True,
             label_names=["labels"],
-            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing=args.gradient_checkpointing == "both",
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         trainer = Trainer(
@@ -308,7 +309,7 @@ def run_ours(path: Path, args: argparse.Namespace) -> dict:
                 "learning_rate": args.lr,
                 "max_seq_len": args.max_seq_len,
                 "threads": args.threads,
-                "gradient_checkpointing": args.gradient_checkpointing,
+                "gradient_checkpointing": args.gradient_checkpointing != "none",
                 "eval_every": 10**6,
                 "save_every": 10**6,
                 "gguf": None,
@@ -697,8 +698,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--gradient-checkpointing",
-        action="store_true",
-        help="both loops: recompute each decoder layer's activations in the backward pass",
+        choices=["none", "ours", "both"],
+        nargs="?",
+        const="both",
+        default="none",
+        help="recompute each decoder layer's activations in the backward pass: in neither loop, "
+        "in ours only (the published recipe has none), or in both (the bare flag)",
     )
     parser.add_argument("--markdown", action="store_true", help="tables in Markdown")
     # Internal: one (model, loop) in this process, its result written to --out.
@@ -728,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     console.print(
         f"bench/train.py: {load_note()} at start, {os.cpu_count()} CPUs, {args.threads} threads, "
-        f"method {args.method}{', gradient checkpointing' * args.gradient_checkpointing}"
+        f"method {args.method}, gradient checkpointing: {args.gradient_checkpointing}"
     )
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
