@@ -186,6 +186,25 @@ def test_tiny_model_overfits_and_everything_is_stored(tmp_path, tiny_model, meth
     )
 
 
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_model):
+    # Recomputed layers must draw the same dropout masks as the first pass: same losses, same
+    # weights, with it (the default) and without.
+    options = {"lora": {"dropout": 0.1}, "max_steps": 3, "batch_size": 2, "eval_every": 3}
+    runs = {}
+    for on in (True, False):
+        store, config = make_run(tmp_path / str(on), tiny_model, **options)
+        config.training.gradient_checkpointing = on
+        tr.train(store, config, tmp_path / str(on))
+        steps = store.train_steps(store.latest_train_run()["id"])
+        measured = [v for r in steps for v in (r["loss"], r["eval_loss"]) if v is not None]
+        runs[on] = (measured, student_weights(tmp_path / str(on)))
+    assert Config().training.gradient_checkpointing
+    (losses_on, weights_on), (losses_off, weights_off) = runs[True], runs[False]
+    assert losses_on == pytest.approx(losses_off, rel=1e-5)
+    for name in weights_on:
+        assert torch.allclose(weights_on[name], weights_off[name], atol=1e-6), name
+
+
 class Killed(Exception):
     pass
 
