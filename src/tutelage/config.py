@@ -325,7 +325,7 @@ class TrainingConfig(Strict):
     save_every: int = Field(50, ge=1)
     # Recompute each decoder layer's activations in the backward pass instead of keeping them:
     # with the chunked head, LoRA on Gemma-3-270M at batch 8 x 256 needs 2.9 GB over the model
-    # instead of 7.0 GB, at about 1.3x the step time (docs/benchmarks.md, "Training").
+    # instead of 6.9 GB, at 1.16x the training time (docs/benchmarks.md, "Training").
     gradient_checkpointing: bool = True
     # Padding-free packing (sequences end to end, positions restarting): "auto" packs where the
     # attention kernel makes it free (flash attention); true packs with any attention that keeps
