@@ -33,9 +33,8 @@ the difference comes from (the vocabulary projection of every position, and padd
 
 Run: `python bench/train.py` (about 8 minutes on 2 idle cores; --explain adds 1.5-3). Options:
 --models tiny,student, --steps N (every model) or --tiny-steps/--student-steps, --batch-size,
---max-seq-len, --lr, --threads, --seed, --method lora|full, --gradient-checkpointing
-[none|ours|both], --explain,
---explain-batches, --busy-retries, --markdown.
+--max-seq-len, --lr, --threads, --seed, --method lora|full,
+--gradient-checkpointing [none|ours|both], --explain, --explain-batches, --busy-retries, --markdown.
 The machine is noisy: compare within one run, mind the load average and the others' CPU share (a
 loop run while others used more than 5% of the CPUs is rerun once they are idle, twice at most).
 """

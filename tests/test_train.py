@@ -192,8 +192,9 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_model)
     options = {"lora": {"dropout": 0.1}, "max_steps": 3, "batch_size": 2, "eval_every": 3}
     runs = {}
     for on in (True, False):
-        store, config = make_run(tmp_path / str(on), tiny_model, **options)
-        config.training.gradient_checkpointing = on
+        store, config = make_run(
+            tmp_path / str(on), tiny_model, gradient_checkpointing=on, **options
+        )
         tr.train(store, config, tmp_path / str(on))
         steps = store.train_steps(store.latest_train_run()["id"])
         measured = [v for r in steps for v in (r["loss"], r["eval_loss"]) if v is not None]

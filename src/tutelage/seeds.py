@@ -23,8 +23,13 @@ class SeedError(ValueError):
     """A malformed seed file, phrased as `file:line: what is wrong`."""
 
 
+def seed_file(path: Path | str | None) -> Path:
+    """The seed tasks' file: `seeds.path`, or the built-in seed tasks when it is unset."""
+    return Path(path) if path is not None else BUILTIN_SEEDS
+
+
 def load_seeds(path: Path | None = None) -> list[dict]:
-    path = Path(path) if path is not None else BUILTIN_SEEDS
+    path = seed_file(path)
     try:
         rows = list(read_rows(path, "seeds.path"))
     except ValueError as e:

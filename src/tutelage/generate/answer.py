@@ -36,7 +36,7 @@ from ..filter.answers import NOT_BEST
 from ..filter.quality import QualityRules, control_characters
 from ..filter.screen import Screen, Verdict
 from ..prompt_sources import Prompt, load_prompts
-from ..seeds import BUILTIN_SEEDS
+from ..seeds import seed_file
 from ..teachers import speaks_chat
 from ..teachers.base import Request
 from ..teachers.ledger import LedgerResult
@@ -81,7 +81,7 @@ def prompts_path(config: Config) -> Path:
     when that is unset too): one prompt per seed instance, its input included."""
     if config.generation.prompts is not None:
         return Path(config.generation.prompts)
-    return BUILTIN_SEEDS if config.seeds.path is None else Path(config.seeds.path)
+    return seed_file(config.seeds.path)
 
 
 def check(config: Config) -> None:
