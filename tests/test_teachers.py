@@ -226,6 +226,35 @@ def test_concurrency_is_bounded_and_answers_keep_their_order(server, store):
     assert server.max_in_flight == 3
 
 
+def test_the_client_alone_keeps_order_and_its_bound_and_starts_nothing_after_a_failure(server):
+    class Counting(OpenAITeacher):
+        """Counts the requests in its hands at once (the server's own count can run one over:
+        it counts a request out only after its reply has gone, and the next may come first)."""
+
+        now = most = 0
+
+        async def _complete_one(self, request):
+            self.now += 1
+            self.most = max(self.most, self.now)
+            try:
+                return await super()._complete_one(request)
+            finally:
+                self.now -= 1
+
+    server.delay_s = 0.05
+    teacher = Counting(
+        "gpt-test", base_url=server.url, api_key_env=KEY_ENV, timeout_s=5.0, concurrency=3
+    )
+    answers = asyncio.run(teacher.complete([chat(i) for i in range(10)]))
+    assert [a.text for a in answers] == [f"echo: task number {i}" for i in range(10)]
+    assert teacher.most == 3 and server.hits == 10
+
+    server.faults = ["none", "400"]  # the second request is refused for good
+    with pytest.raises(TeacherError, match="HTTP 400"):
+        asyncio.run(http_teacher(server, concurrency=1).complete([chat(i) for i in range(3)]))
+    assert server.hits == 12  # the third was never sent
+
+
 def test_rate_limit_waits_for_tokens():
     async def go() -> float:
         bucket = RateLimit(per_minute=600)  # 10 a second, 600 at once when full

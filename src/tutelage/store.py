@@ -111,15 +111,19 @@ class Store:
     def get_request(self, key: str) -> dict | None:
         return self._one("SELECT * FROM requests WHERE key=?", (key,))
 
-    def begin_request(self, key: str, backend: str, model: str, body: dict, purpose: str) -> None:
-        """Record a request before it is sent (a retry of a failed or pending one keeps its row)."""
+    def begin_request(
+        self, key: str, backend: str, model: str, body: dict | str, purpose: str
+    ) -> None:
+        """Record a request before it is sent (a retry of a failed or pending one keeps its row).
+        `body`: the canonical request, or its JSON text already made (the ledger hashes it too)."""
+        body_json = body if isinstance(body, str) else json.dumps(body, sort_keys=True)
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO requests (key, backend, model, body_json, status, purpose, created_at)"
                 " VALUES (?, ?, ?, ?, 'pending', ?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET status='pending', error=NULL"
                 " WHERE status != 'done'",
-                (key, backend, model, json.dumps(body, sort_keys=True), purpose, time.time()),
+                (key, backend, model, body_json, purpose, time.time()),
             )
 
     def finish_request(

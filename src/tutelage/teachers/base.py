@@ -68,9 +68,17 @@ class Request:
             **({"top_logprobs": self.top_logprobs} if self.top_logprobs else {}),
         }
 
+    def canonical_json(self, backend: str, model: str) -> str:
+        """The canonical request as JSON text: what the ledger stores, and hashes for the key."""
+        return json.dumps(self.canonical(backend, model), sort_keys=True, ensure_ascii=False)
+
     def key(self, backend: str, model: str) -> str:
-        blob = json.dumps(self.canonical(backend, model), sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return request_key(self.canonical_json(backend, model))
+
+
+def request_key(canonical_json: str) -> str:
+    """The ledger key of a request: the SHA-256 of its canonical JSON."""
+    return hashlib.sha256(canonical_json.encode("utf-8")).hexdigest()
 
 
 @dataclass

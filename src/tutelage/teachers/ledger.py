@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Price
 from ..store import Store
-from .base import Completion, Request, Teacher
+from .base import Completion, Request, Teacher, request_key
 from .prices import cost_usd, worst_case_cost
 
 if TYPE_CHECKING:
@@ -241,7 +241,9 @@ class Ledger:
 
     async def complete(self, request: Request, purpose: str = "generate") -> LedgerResult:
         """The stored answer to `request` if there is one, else the teacher's (recorded first)."""
-        key = self.key(request)
+        # The canonical JSON, made once: hashed for the key, and stored as the request's body.
+        body = request.canonical_json(self.teacher.backend, self.teacher.model)
+        key = request_key(body)
         async with self._key_locks[key]:
             row = self.store.get_request(key)
             if row is not None and row["status"] == "done":
@@ -251,7 +253,7 @@ class Ledger:
                 return LedgerResult(key, completion_from_row(row), True, row["cost_usd"])
             # A request a remote batch carries is waited for, not sent again.
             remote = row["remote_batch"] if row and row["status"] == "pending" else None
-            return await self._send(key, request, purpose, remote)
+            return await self._send(key, body, request, purpose, remote)
 
     async def complete_many(
         self, requests: Sequence[Request], purpose: str = "generate"
@@ -284,12 +286,12 @@ class Ledger:
         capture killed in between has it and does not ask again. Nothing is answered from the
         ledger here: the caller skips what it has saved."""
         backend, model = self.teacher.backend, self.teacher.model
-        keys = [r.key(backend, model) for r in requests]
+        bodies = [r.canonical_json(backend, model) for r in requests]
+        keys = [request_key(body) for body in bodies]
         worst = sum(cost_usd(self.price, r.estimated_tokens(), 0) for r in requests)
         self.account.reserve(worst)
         try:
-            for key, request in zip(keys, requests, strict=True):
-                body = request.canonical(backend, model)
+            for key, body in zip(keys, bodies, strict=True):
                 self.store.begin_request(key, backend, model, body, purpose)
             self.requests_sent += len(requests)
             start = time.perf_counter()
@@ -321,7 +323,7 @@ class Ledger:
         return scored
 
     async def _send(
-        self, key: str, request: Request, purpose: str, remote: str | None = None
+        self, key: str, body: str, request: Request, purpose: str, remote: str | None = None
     ) -> LedgerResult:
         """Record the request, send it (holding one of the `concurrency` slots), record its answer
         or its failure; the record commits before the request goes and before the answer is
@@ -331,7 +333,9 @@ class Ledger:
             worst = worst_case_cost(request, self.price)
             self.account.reserve(worst)
             try:
-                completion, latency_s = await self._record_and_ask(key, request, purpose, remote)
+                completion, latency_s = await self._record_and_ask(
+                    key, body, request, purpose, remote
+                )
             except Exception as e:
                 self.account.release(worst)
                 fail = functools.partial(
@@ -367,11 +371,10 @@ class Ledger:
         return LedgerResult(key, completion, False, cost)
 
     async def _record_and_ask(
-        self, key: str, request: Request, purpose: str, remote: str | None
+        self, key: str, body: str, request: Request, purpose: str, remote: str | None
     ) -> tuple[Completion, float]:
         backend, model = self.teacher.backend, self.teacher.model
-        # Only the canonical request is stored: never headers, keys or client settings.
-        body = request.canonical(backend, model)
+        # Only the canonical request (`body`) is stored: never headers, keys or client settings.
         begin = functools.partial(self.store.begin_request, key, backend, model, body, purpose)
         await self.commits.write(begin)
         self.requests_sent += 1

@@ -377,9 +377,32 @@ class OpenAITeacher:
 
     # -- requests ---------------------------------------------------------------------------------
     async def complete(self, requests: Sequence[Request]) -> list[Completion]:
-        if len(requests) == 1:  # the ledger's way: no gather for one
+        """Answers in request order. Many requests go through `concurrency` workers, each of
+        which sends its next request as soon as it has handled an answer: a task per request
+        waiting on a semaphore would wake a loop turn later, after every answer that came with
+        this one, and at a fixed latency the whole round would then go out again as one burst.
+        After a failure no new request starts; those in flight finish, then the first error
+        raises."""
+        if len(requests) == 1:  # the ledger's way: no workers for one
             return [await self._complete_one(requests[0])]
-        return list(await asyncio.gather(*(self._complete_one(r) for r in requests)))
+        answers: list[Completion | None] = [None] * len(requests)
+        todo = iter(enumerate(requests))
+        failed = False
+
+        async def worker() -> None:
+            nonlocal failed
+            for i, request in todo:
+                if failed:
+                    return
+                try:
+                    answers[i] = await self._complete_one(request)
+                except BaseException:
+                    failed = True
+                    raise
+
+        workers = min(self.concurrency, len(requests))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return answers  # type: ignore[return-value]  # every one set: no worker failed
 
     def endpoint_path(self, request: Request) -> str:
         return "chat/completions" if request.is_chat else "completions"

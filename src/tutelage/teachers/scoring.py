@@ -19,14 +19,13 @@ only the last is scored (distillation trains on it; the earlier turns keep plain
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .base import TeacherError
+from .base import TeacherError, request_key
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,9 +59,11 @@ class ScoreRequest:
             "score": {"messages": self.message_dicts(), "top_k": self.top_k},
         }
 
+    def canonical_json(self, backend: str, model: str) -> str:
+        return json.dumps(self.canonical(backend, model), sort_keys=True, ensure_ascii=False)
+
     def key(self, backend: str, model: str) -> str:
-        blob = json.dumps(self.canonical(backend, model), sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return request_key(self.canonical_json(backend, model))
 
     def estimated_tokens(self) -> int:
         """An upper-leaning guess of the tokens read, for the budget (as prices.py guesses)."""
