@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=50_000, help="kept tasks of the finished run")
     parser.add_argument("--more", type=int, default=10, help="the target raised by this much")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="resumes (0: build the run only)")
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--rebuild", action="store_true", help="build the run again")
     parser.add_argument("--profile", type=Path, help="cProfile the first resume into this file")
@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"building {run_dir}: a finished run of {args.tasks:,} kept tasks")
         facts = build(run_dir, args.tasks)
         print(f"  built in {facts['build_s']:.0f} s")
+    if args.repeats == 0:  # --repeats 0: build the run only
+        return
     from tutelage.store import Store
 
     trees = {"this tree": None, **({str(args.baseline): args.baseline} if args.baseline else {})}

@@ -21,7 +21,7 @@
    (max_batch 8, 8 requests in one call) against unbatched (max_batch 1), and against llama.cpp
    direct on the same prompts. Greedy decoding throughout; every prompt evaluated from scratch.
 
-Run: `python bench/teachers.py` (about 4-5 minutes on 2 cores; `make bench` runs it).
+Run: `python bench/teachers.py` (about 5-6 minutes on 2 cores; `make bench` runs it).
 Options: --quick (a smoke run, about a minute), --skip-http, --skip-local, --skip-hf,
 --only http|llama|hf, --markdown,
 --levels 1,16,64,256, --rounds N or --requests N, --server uvicorn, --jitter J,
@@ -537,7 +537,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=5,
+        default=20,
+        # 20, not fewer: the first round of a pass opens its connections and the whole run
+        # starts at once; in a pass of 5 rounds that start is a fifth of the wall time.
         help="HTTP requests per level = max(20, rounds x concurrency)",
     )
     parser.add_argument("--requests", type=int, default=0, help="HTTP requests per level, fixed")
