@@ -219,6 +219,15 @@ def test_the_same_request_twice_at_once_is_sent_once(server, store):
     assert a.completion == b.completion
 
 
+def test_no_lock_outlives_the_requests_of_its_key(server, store):
+    ledger = Ledger(http_teacher(server), store)
+    ask(ledger, chat(1), chat(1), chat(2))  # a key asked twice at once shares one lock
+    server.faults = ["400"]
+    with pytest.raises(TeacherError, match="HTTP 400"):
+        ask(ledger, chat(3))
+    assert ledger._key_locks == {}  # else a long run keeps a lock for every request it made
+
+
 def test_concurrency_is_bounded_and_answers_keep_their_order(server, store):
     server.delay_s = 0.2
     results = ask(Ledger(http_teacher(server), store, concurrency=3), *(chat(i) for i in range(9)))

@@ -204,7 +204,9 @@ class Ledger:
         self.cache_hits = 0
         self._slots = asyncio.Semaphore(concurrency)
         # One lock per key: the same request asked twice at once is sent once, then read back.
-        self._key_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # A key's lock lives while someone holds or waits for it (a run of a million requests
+        # would otherwise keep a million locks): key -> [lock, holders and waiters].
+        self._key_locks: dict[str, list] = {}
         self._queue: list[tuple[Request, asyncio.Future]] = []
         self._batcher: asyncio.Task | None = None
         # Batch API teachers: requests wait in remote batches the ledger submits and polls.
@@ -244,16 +246,30 @@ class Ledger:
         # The canonical JSON, made once: hashed for the key, and stored as the request's body.
         body = request.canonical_json(self.teacher.backend, self.teacher.model)
         key = request_key(body)
-        async with self._key_locks[key]:
-            row = self.store.get_request(key)
-            if row is not None and row["status"] == "done":
-                self.cache_hits += 1
-                # The run's count, across restarts: committed with the group of this moment.
-                await self.commits.write(functools.partial(self.store.count_cache_hit, key))
-                return LedgerResult(key, completion_from_row(row), True, row["cost_usd"])
-            # A request a remote batch carries is waited for, not sent again.
-            remote = row["remote_batch"] if row and row["status"] == "pending" else None
-            return await self._send(key, body, request, purpose, remote)
+        entry = self._key_locks.get(key)
+        if entry is None:
+            entry = self._key_locks[key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                return await self._complete_locked(key, body, request, purpose)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._key_locks[key]
+
+    async def _complete_locked(
+        self, key: str, body: str, request: Request, purpose: str
+    ) -> LedgerResult:
+        row = self.store.get_request(key)
+        if row is not None and row["status"] == "done":
+            self.cache_hits += 1
+            # The run's count, across restarts: committed with the group of this moment.
+            await self.commits.write(functools.partial(self.store.count_cache_hit, key))
+            return LedgerResult(key, completion_from_row(row), True, row["cost_usd"])
+        # A request a remote batch carries is waited for, not sent again.
+        remote = row["remote_batch"] if row and row["status"] == "pending" else None
+        return await self._send(key, body, request, purpose, remote)
 
     async def complete_many(
         self, requests: Sequence[Request], purpose: str = "generate"
