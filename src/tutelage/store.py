@@ -116,7 +116,10 @@ class Store:
     ) -> None:
         """Record a request before it is sent (a retry of a failed or pending one keeps its row).
         `body`: the canonical request, or its JSON text already made (the ledger hashes it too)."""
-        body_json = body if isinstance(body, str) else json.dumps(body, sort_keys=True)
+        # A dict is written as the ledger writes its text (sorted keys, characters as they are).
+        body_json = (
+            body if isinstance(body, str) else json.dumps(body, sort_keys=True, ensure_ascii=False)
+        )
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO requests (key, backend, model, body_json, status, purpose, created_at)"

@@ -70,10 +70,15 @@ class Request:
 
     def canonical_json(self, backend: str, model: str) -> str:
         """The canonical request as JSON text: what the ledger stores, and hashes for the key."""
-        return json.dumps(self.canonical(backend, model), sort_keys=True, ensure_ascii=False)
+        return canonical_json(self.canonical(backend, model))
 
     def key(self, backend: str, model: str) -> str:
         return request_key(self.canonical_json(backend, model))
+
+
+def canonical_json(canonical: dict) -> str:
+    """A canonical request (`Request.canonical`, `ScoreRequest.canonical`) as JSON text."""
+    return json.dumps(canonical, sort_keys=True, ensure_ascii=False)
 
 
 def request_key(canonical_json: str) -> str:

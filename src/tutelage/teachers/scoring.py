@@ -19,13 +19,12 @@ only the last is scored (distillation trains on it; the earlier turns keep plain
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .base import TeacherError, request_key
+from .base import TeacherError, canonical_json, request_key
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,7 +59,7 @@ class ScoreRequest:
         }
 
     def canonical_json(self, backend: str, model: str) -> str:
-        return json.dumps(self.canonical(backend, model), sort_keys=True, ensure_ascii=False)
+        return canonical_json(self.canonical(backend, model))
 
     def key(self, backend: str, model: str) -> str:
         return request_key(self.canonical_json(backend, model))
