@@ -25,7 +25,8 @@ Run: `python bench/teachers.py` (about 5-6 minutes on 2 cores; `make bench` runs
 Options: --quick (a smoke run, about a minute), --skip-http, --skip-local, --skip-hf,
 --only http|llama|hf, --markdown,
 --levels 1,16,64,256, --rounds N or --requests N, --server uvicorn, --jitter J,
---ledger-commits grouped|both (HTTP),
+--ledger-commits grouped|both (HTTP), --gc cli|python (the cycle collector as `tutelage` sets it,
+the default, or as Python has it),
 --prompts/--max-tokens/--repeats (llama.cpp), --hf-tokens/--hf-repeats (transformers).
 The machine is noisy: compare the ratios within one run. Each section runs in a fresh process.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -53,6 +55,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mock_openai import MockServer, load
 
+from tutelage.cli import collect_less_often
 from tutelage.store import Store
 from tutelage.teachers import Ledger, Request
 
@@ -188,7 +191,8 @@ def bench_http(
     rows = []
     table = Table(
         title=f"{title} vs the mock ({args.latency * 1000:.0f} ms latency, {args.slots} "
-        f"slots = {args.slots / args.latency:.0f} req/s capacity, {args.server})",
+        f"slots = {args.slots / args.latency:.0f} req/s capacity, {args.server}; "
+        f"collector thresholds {gc.get_threshold()})",
         box=BOX,
     )
     for col in (
@@ -569,6 +573,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="repeat the slow unbatched transformers run too",
     )
     # Internal: one section in this process; the llama.cpp worker for the direct baseline.
+    parser.add_argument(
+        "--gc",
+        choices=["cli", "python"],
+        default="cli",
+        help="the cycle collector as the tutelage command sets it, or Python's default",
+    )
     parser.add_argument("--section", choices=["http", "llama", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -586,6 +596,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_section(args: argparse.Namespace) -> None:
+    if args.gc == "cli":
+        collect_less_often()
     if args.section == "http":
         bench_mock(args)
         bench_http(args)

@@ -209,3 +209,20 @@ def test_run_stops_when_generation_kept_nothing(monkeypatch, tmp_path):
     assert r.exit_code == 1, r.output
     assert "generate: kept 0 of 2" in r.output and "generation kept no task" in r.output
     assert "filter:" not in r.output
+
+
+def test_the_command_runs_the_cycle_collector_less_often():
+    # The teacher client's requests in flight would otherwise be walked every 700 new objects.
+    import gc
+
+    from typer.testing import CliRunner
+
+    from tutelage import cli
+
+    thresholds = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        r = CliRunner().invoke(cli.app, ["--version"])
+        assert r.exit_code == 0 and gc.get_threshold() == (50_000, 10, 10)
+    finally:
+        gc.set_threshold(*thresholds)

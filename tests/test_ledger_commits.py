@@ -139,6 +139,103 @@ def test_writes_an_ended_event_loop_left_queued_commit_with_the_next_write(store
     assert (store.get_meta("left"), store.get_meta("next")) == (1, 2)
 
 
+# -- workers: the next request goes before the last answer's bookkeeping --------------------------
+class WatchingTeacher:
+    """Notes, as each request arrives, what another connection sees in the store: the request's
+    own row, and how many answers are stored. `hold` keeps the requests of those tasks waiting
+    until released; a held request that is cancelled is noted too."""
+
+    backend = "watch"
+    model = "watch-1"
+
+    def __init__(self, path: Path, wait_s: float = 0.01):
+        self.path, self.wait_s = path, wait_s
+        self.seen: list[tuple[str, tuple | None, int]] = []  # task, its row, answers stored
+        self.hold: dict[str, asyncio.Event] = {}
+        self.cancelled: list[str] = []
+
+    async def complete(self, requests):
+        [request] = requests
+        task = request.messages[0][1]
+        with sqlite3.connect(self.path) as db:
+            own = db.execute(
+                "SELECT status FROM requests WHERE body_json LIKE ?", (f"%{task}%",)
+            ).fetchone()
+            done = db.execute("SELECT COUNT(*) FROM requests WHERE status='done'").fetchone()[0]
+        db.close()
+        self.seen.append((task, own, done))
+        try:
+            if task in self.hold:
+                await self.hold[task].wait()
+            await asyncio.sleep(self.wait_s)
+        except asyncio.CancelledError:
+            self.cancelled.append(task)
+            raise
+        return [Completion(f"answer to {task}", "stop", 3, 4)]
+
+    async def aclose(self):
+        pass
+
+
+def test_a_worker_sends_its_next_request_before_the_answer_it_got_is_stored(store):
+    teacher = WatchingTeacher(store.path)
+    ledger = Ledger(teacher, store, concurrency=1)
+    results = asyncio.run(ledger.complete_many([ask(i) for i in range(4)]))
+    assert [r.completion.text for r in results] == [f"answer to task {i}" for i in range(4)]
+    # Each request was on disk before it went, and went before the answer just before it was
+    # stored (which was stored before its caller had it: the tests above).
+    assert [own for _, own, _ in teacher.seen] == [("pending",)] * 4
+    assert [done for _, _, done in teacher.seen] == [0, 0, 1, 2]
+
+
+def test_at_most_concurrency_requests_wait_recorded_and_the_budget_holds_them(store):
+    teacher = WatchingTeacher(store.path)
+    ledger = Ledger(teacher, store, concurrency=4)
+    pending: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            with sqlite3.connect(store.path) as db:
+                pending.append(
+                    db.execute("SELECT COUNT(*) FROM requests WHERE status='pending'").fetchone()[0]
+                )
+            db.close()
+            await asyncio.sleep(0.002)
+
+    async def main() -> list:
+        watching = asyncio.ensure_future(watch())
+        results = await ledger.complete_many([ask(i) for i in range(40)])
+        watching.cancel()
+        return results
+
+    assert len(asyncio.run(main())) == 40
+    # 4 in flight and 4 recorded ahead, never the 40 (nor 2 * 4 callers' worth more)
+    assert 4 < max(pending) <= 8
+    assert ledger.account.reserved_usd == 0  # every reservation released
+
+
+def test_a_cancelled_caller_stops_its_request_in_flight_and_the_others_go_on(store):
+    teacher = WatchingTeacher(store.path)
+    teacher.hold["task 0"] = asyncio.Event()  # never set: only cancelling ends it
+    ledger = Ledger(teacher, store, concurrency=2)
+
+    async def main() -> list:
+        first = asyncio.ensure_future(ledger.complete(ask(0)))
+        others = [asyncio.ensure_future(ledger.complete(ask(i))) for i in range(1, 6)]
+        while not teacher.seen:
+            await asyncio.sleep(0.001)
+        first.cancel()
+        return await asyncio.gather(*others)
+
+    results = asyncio.run(main())
+    assert [r.completion.text for r in results] == [f"answer to task {i}" for i in range(1, 6)]
+    assert teacher.cancelled == ["task 0"]
+    # sent and not answered: its row stays pending, to be asked again by the next run
+    totals = store.request_totals()
+    assert (totals["requests"], totals["done"]) == (6, 5)
+    assert ledger.account.reserved_usd == 0 and not ledger._workers
+
+
 # -- kill -9 in the middle of bursts --------------------------------------------------------------
 USER = textwrap.dedent("""
     import asyncio, random, sys

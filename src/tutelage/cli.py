@@ -8,6 +8,7 @@ so `tutelage --help` and a mistyped option answer at once.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import json
 import os
@@ -698,6 +699,15 @@ def dedup(
     console.print(f"read {s.read}, kept {s.kept}, rejected {s.rejected} in {s.seconds:.2f}s")
 
 
+def collect_less_often() -> None:
+    """Run the cycle collector after 50,000 new objects, not Python's 700. The teacher client
+    keeps thousands of requests alive at once, and at 700 the collector walks them over and over:
+    at 256 in flight it took a tenth of the time, and each of its full passes held the event loop
+    up to 0.1 s, every answer waiting meanwhile (docs/benchmarks.md, "Teachers"). Reference
+    counting still frees everything without cycles at once."""
+    gc.set_threshold(50_000, 10, 10)
+
+
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
@@ -705,6 +715,7 @@ def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ):
     ctx.meta[DEBUG_KEY] = debug  # meta is shared with the command's own context
+    collect_less_often()
     if version:
         print(__version__)
         raise typer.Exit()

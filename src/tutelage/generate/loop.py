@@ -101,7 +101,7 @@ async def _generate(
     responder: Teacher | None = None,
     judge: Teacher | None = None,
 ) -> GenerateResult:
-    # Built inside the event loop: the ledger's semaphore and tasks belong to it.
+    # Built inside the event loop: the ledger's futures and workers belong to it.
     loop = GenerationLoop(store, config, teacher, progress, responder=responder, judge=judge)
     return await loop.run()
 

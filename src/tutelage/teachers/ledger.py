@@ -9,6 +9,13 @@ Its writes are committed in groups (`GroupCommits`): the requests that start, fi
 answered from the store at about the same moment share one SQLite transaction instead of one each.
 A group commits before any of its requests is sent or its answer handed back, so an answer is on
 disk (in the WAL: a killed process loses nothing committed) before the caller can act on it.
+
+Requests go out through `concurrency` workers. A worker that has an answer sends its next request
+at once and leaves the answer to be stored after: at high concurrency answers come in bursts, and
+a request that waited for the bookkeeping of the whole burst would go out that much later. So the
+next requests must be on disk before then: up to `concurrency` waiting requests are recorded ahead
+(their records commit with the group of the moment), and their worst case is held against the
+budget from then on.
 Several ledgers of one run (the teacher's, the responder's, a judge's) share one `Account`: one
 budget caps what they spend together.
 """
@@ -19,7 +26,7 @@ import asyncio
 import functools
 import json
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,6 +46,46 @@ class LedgerResult:
     completion: Completion
     cached: bool  # answered from the store, not asked again
     cost_usd: float
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A request queued for the ledger's workers."""
+
+    key: str
+    body: str
+    request: Request
+    purpose: str
+    remote: str | None  # the remote batch that carries it, if one does
+    answer: asyncio.Future = None  # type: ignore[assignment]  # its caller's LedgerResult
+    worst: float = 0.0  # its worst-case cost, held against the budget once recorded
+    recorded: asyncio.Future | None = None  # its record's commit, once queued
+    worker: asyncio.Task | None = None  # the worker asking the teacher, while it does
+    abandoned: bool = False  # its caller was cancelled
+
+
+def _settle(
+    answer: asyncio.Future,
+    committed: asyncio.Future,
+    result: LedgerResult | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Give `answer` its result, or `error`, once `committed` is done: the record first. A
+    failed commit is the answer's error."""
+
+    def give(_: asyncio.Future) -> None:
+        if answer.done():
+            return
+        if committed.cancelled():
+            answer.cancel()
+        elif (failed := committed.exception()) is not None:
+            answer.set_exception(failed)
+        elif error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result)
+
+    committed.add_done_callback(give)
 
 
 class BudgetExceeded(RuntimeError):
@@ -114,11 +161,23 @@ class GroupCommits:
 
     async def write(self, op: Callable[[], None]) -> None:
         """Run `op` (a store write) in a transaction, and return once that has committed."""
-        if not self.grouped:
-            op()
-            self.commits += 1
-            return
+        # A caller cancelled meanwhile cancels only its wait: the write stays queued and commits.
+        await self.queue(op)
+
+    def queue(self, op: Callable[[], None]) -> asyncio.Future:
+        """Queue `op` (a store write); the future is done once a transaction holding it has
+        committed (its exception if that failed)."""
         loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self.grouped:
+            try:
+                op()
+            except Exception as e:  # noqa: BLE001 - the waiter's to raise
+                future.set_exception(e)
+            else:
+                future.set_result(None)
+                self.commits += 1
+            return future
         if loop is not self._loop:
             # Writes an earlier event loop left queued (it ended first, cancelled): nobody waits
             # for them any more, but what they record happened. Committed here, before the new.
@@ -129,13 +188,11 @@ class GroupCommits:
                 self._commit([op for op, _ in self._queue])
                 self._queue = []
             self._loop = loop
-        future = loop.create_future()
         self._queue.append((op, future))
         if self._check is None:
             self._opened, self._seen = loop.time(), len(self._queue)
             self._check = loop.call_soon(self._commit_when_whole)
-        # A caller cancelled meanwhile cancels only its wait: the write stays queued and commits.
-        await future
+        return future
 
     def _commit_when_whole(self) -> None:
         loop = asyncio.get_running_loop()
@@ -202,7 +259,11 @@ class Ledger:
         self.batch_window_s = batch_window_s
         self.requests_sent = 0
         self.cache_hits = 0
-        self._slots = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency
+        # Requests to send wait in order: unrecorded, then recorded (at most `concurrency`).
+        self._unrecorded: deque[_Waiting] = deque()
+        self._ready: deque[_Waiting] = deque()
+        self._workers: set[asyncio.Task] = set()
         # One lock per key: the same request asked twice at once is sent once, then read back.
         # A key's lock lives while someone holds or waits for it (a run of a million requests
         # would otherwise keep a million locks): key -> [lock, holders and waiters].
@@ -214,8 +275,8 @@ class Ledger:
         self.on_remote_update: Callable[[dict], None] | None = None
         self._remote_queue: list[tuple[str, Request, str | None, asyncio.Future]] = []
         self._remote_tasks: set[asyncio.Task] = set()
-        if self.remote:  # a remote batch holds many requests: the semaphore must not split it
-            self._slots = asyncio.Semaphore(max(concurrency, 4 * self.max_batch))
+        if self.remote:  # a remote batch holds many requests: enough workers not to split it
+            self.concurrency = max(concurrency, 4 * self.max_batch)
             self.batch_window_s = max(batch_window_s, 0.05)
 
     @property
@@ -275,10 +336,21 @@ class Ledger:
         self, requests: Sequence[Request], purpose: str = "generate"
     ) -> list[LedgerResult]:
         """Answers in request order, at most `concurrency` in flight. On a failure, every request
-        already sent still finishes and is stored (it is paid for), then the first error raises."""
-        results = await asyncio.gather(
-            *(self.complete(r, purpose) for r in requests), return_exceptions=True
-        )
+        still goes (what is sent is paid for and stored), then the first error raises.
+
+        Twice `concurrency` callers take the requests in turn, so a long list is keyed and looked
+        up in the store as it is worked through, not all before the first request goes."""
+        results: list = [None] * len(requests)
+        todo = iter(enumerate(requests))
+
+        async def caller() -> None:
+            for i, request in todo:
+                try:
+                    results[i] = await self.complete(request, purpose)
+                except Exception as e:  # noqa: BLE001 - raised below, in request order
+                    results[i] = e
+
+        await asyncio.gather(*(caller() for _ in range(min(2 * self.concurrency, len(requests)))))
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -341,39 +413,124 @@ class Ledger:
     async def _send(
         self, key: str, body: str, request: Request, purpose: str, remote: str | None = None
     ) -> LedgerResult:
-        """Record the request, send it (holding one of the `concurrency` slots), record its answer
-        or its failure; the record commits before the request goes and before the answer is
-        returned. The slot is free once the teacher has answered: the next request need not wait
-        for this one's commit."""
-        async with self._slots:
-            worst = worst_case_cost(request, self.price)
+        """Queue the request for the ledger's workers; its answer comes once stored."""
+        item = _Waiting(key, body, request, purpose, remote)
+        item.answer = asyncio.get_running_loop().create_future()
+        self._unrecorded.append(item)
+        self._record_ahead()
+        self._start_workers(len(self._ready) + len(self._unrecorded))
+        try:
+            return await item.answer
+        except asyncio.CancelledError:
+            item.abandoned = True
+            if item.worker is not None:  # in flight: nobody waits for its answer any more
+                item.worker.cancel()
+            raise
+
+    def _start_workers(self, wanted: int) -> None:
+        for _ in range(min(self.concurrency - len(self._workers), wanted)):
+            worker = asyncio.create_task(self._work())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+
+    def _record(self, item: _Waiting, refuse: bool) -> bool:
+        """Hold the request's worst case against the budget and queue its record (it commits with
+        the group of the moment). False if it could pass the budget: then, if `refuse`, its caller
+        gets BudgetExceeded, and it leaves no row."""
+        worst = worst_case_cost(item.request, self.price)
+        try:
             self.account.reserve(worst)
-            try:
-                completion, latency_s = await self._record_and_ask(
-                    key, body, request, purpose, remote
-                )
-            except Exception as e:
-                self.account.release(worst)
-                fail = functools.partial(
-                    self.store.fail_request,
-                    key,
-                    str(e) or type(e).__name__,
-                    getattr(e, "attempts", 1),
-                )
-                await self.commits.write(fail)
-                raise
-            except BaseException:
-                self.account.release(worst)
-                raise
-        cost = cost_usd(self.price, completion.tokens_in, completion.tokens_out)
-        # Charged before the reservation goes: the budget never sees this request as free.
-        self.account.charge(
-            cost, completion.tokens_in, completion.tokens_out, completion.usage_estimated
+        except BudgetExceeded as e:
+            if refuse:
+                item.answer.set_exception(e)
+            return False
+        item.worst = worst
+        # Only the canonical request (`body`) is stored: never headers, keys or settings.
+        begin = functools.partial(
+            self.store.begin_request,
+            item.key,
+            self.teacher.backend,
+            self.teacher.model,
+            item.body,
+            item.purpose,
         )
-        self.account.release(worst)
+        item.recorded = self.commits.queue(begin)
+        return True
+
+    def _record_ahead(self) -> None:
+        """Record waiting requests while fewer than `concurrency` recorded ones wait for a worker,
+        so that a worker that has handled an answer sends the next request at once. Ahead of its
+        turn, a request is only recorded while the budget has room for it; else a worker decides
+        on it when it is next."""
+        while self._unrecorded and len(self._ready) < self.concurrency:
+            item = self._unrecorded[0]
+            if not item.answer.done() and not self._record(item, refuse=False):
+                return
+            self._unrecorded.popleft()
+            if not item.answer.done():  # else its caller has gone
+                self._ready.append(item)
+
+    async def _work(self) -> None:
+        """A worker: send the next recorded request and wait for its answer, hand that to be
+        stored, repeat. Its caller has the answer once its record has committed; the worker does
+        not wait for that, and sends its next request first."""
+        while self._ready or self._unrecorded:
+            if self._ready:
+                item = self._ready.popleft()
+                self._record_ahead()
+            else:  # none recorded ahead (the budget had no room): this one now, or refused
+                item = self._unrecorded.popleft()
+                if item.answer.done() or not self._record(item, refuse=True):
+                    continue
+            if not item.answer.done():
+                try:
+                    await item.recorded  # committed already, unless it was just recorded
+                except Exception as e:  # noqa: BLE001 - the record failed: not sent
+                    item.answer.set_exception(e)
+            if item.answer.done():  # its caller has gone, or its record failed: not sent
+                self.account.release(item.worst)
+                if item.recorded.done() and not item.recorded.cancelled():
+                    item.recorded.exception()  # seen: a failed record it never needed is no news
+                continue
+            self.requests_sent += 1
+            start = time.perf_counter()
+            item.worker = asyncio.current_task()
+            try:
+                if self.remote:
+                    completion = await self._ask_remote(item.key, item.request, item.remote)
+                else:
+                    completion = await self._ask(item.request)
+            except asyncio.CancelledError:
+                self.account.release(item.worst)
+                if item.abandoned:  # its caller took this worker with it: another takes its place
+                    self._start_workers(sum(not w.answer.done() for w in self._ready))
+                raise
+            except Exception as e:  # noqa: BLE001 - stored, then raised in the caller
+                self.account.release(item.worst)
+                error, attempts = str(e) or type(e).__name__, getattr(e, "attempts", 1)
+                fail = functools.partial(self.store.fail_request, item.key, error, attempts)
+                _settle(item.answer, self.commits.queue(fail), error=e)
+                continue
+            finally:
+                item.worker = None
+            latency_s = time.perf_counter() - start
+            cost = cost_usd(self.price, completion.tokens_in, completion.tokens_out)
+            # Charged before the reservation goes: the budget never sees this request as free.
+            self.account.charge(
+                cost, completion.tokens_in, completion.tokens_out, completion.usage_estimated
+            )
+            self.account.release(item.worst)
+            # Stored once this worker has sent its next request: of answers that come together,
+            # each is followed by a request first, and their writes by the next group.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._store_answer, item, completion, cost, latency_s)
+
+    def _store_answer(
+        self, item: _Waiting, completion: Completion, cost: float, latency_s: float
+    ) -> None:
         finish = functools.partial(
             self.store.finish_request,
-            key,
+            item.key,
             text=completion.text,
             finish_reason=completion.finish_reason,
             tokens_in=completion.tokens_in,
@@ -383,23 +540,8 @@ class Ledger:
             attempts=attempts_of(completion),
             response=completion.raw,
         )
-        await self.commits.write(finish)  # on disk before anyone uses the answer
-        return LedgerResult(key, completion, False, cost)
-
-    async def _record_and_ask(
-        self, key: str, body: str, request: Request, purpose: str, remote: str | None
-    ) -> tuple[Completion, float]:
-        backend, model = self.teacher.backend, self.teacher.model
-        # Only the canonical request (`body`) is stored: never headers, keys or client settings.
-        begin = functools.partial(self.store.begin_request, key, backend, model, body, purpose)
-        await self.commits.write(begin)
-        self.requests_sent += 1
-        start = time.perf_counter()
-        if self.remote:
-            completion = await self._ask_remote(key, request, remote)
-        else:
-            completion = await self._ask(request)
-        return completion, time.perf_counter() - start
+        result = LedgerResult(item.key, completion, False, cost)
+        _settle(item.answer, self.commits.queue(finish), result=result)  # stored, then used
 
     async def _ask(self, request: Request) -> Completion:
         if self.max_batch <= 1:
