@@ -297,3 +297,27 @@ def test_kill_9_during_bursts_of_answers_and_hits_loses_nothing_used(tmp_path):
             assert rows[key]["status"] == "done" and rows[key]["text"] == text
         # every cache hit handed out was counted first (more may be: counted, then killed)
         assert sum(r["cache_hits"] for r in rows.values()) >= hits_used
+
+
+def test_a_request_the_budget_held_back_still_goes_when_the_only_worker_is_cancelled(store):
+    # Room for one request's worst case at a time: the second waits unrecorded. Its worker must
+    # not be the one cancelled with the first request's caller.
+    from tutelage.config import Price
+    from tutelage.teachers.prices import worst_case_cost
+
+    price = Price(input=0.0, output=1_000.0)
+    teacher = WatchingTeacher(store.path)
+    teacher.hold["task 0"] = asyncio.Event()  # never set: only cancelling ends it
+    budget = 1.5 * worst_case_cost(ask(0), price)
+    ledger = Ledger(teacher, store, concurrency=1, price=price, budget_usd=budget)
+
+    async def main():
+        first = asyncio.ensure_future(ledger.complete(ask(0)))
+        second = asyncio.ensure_future(ledger.complete(ask(1)))
+        while not teacher.seen:
+            await asyncio.sleep(0.001)
+        first.cancel()
+        return await asyncio.wait_for(second, 10)
+
+    assert asyncio.run(main()).completion.text == "answer to task 1"
+    assert teacher.cancelled == ["task 0"] and ledger.account.reserved_usd == 0

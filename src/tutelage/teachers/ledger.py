@@ -29,6 +29,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from ..config import Price
@@ -503,7 +504,9 @@ class Ledger:
             except asyncio.CancelledError:
                 self.account.release(item.worst)
                 if item.abandoned:  # its caller took this worker with it: another takes its place
-                    self._start_workers(sum(not w.answer.done() for w in self._ready))
+                    self._workers.discard(asyncio.current_task())  # type: ignore[arg-type]
+                    waiting = chain(self._ready, self._unrecorded)
+                    self._start_workers(sum(not w.answer.done() for w in waiting))
                 raise
             except Exception as e:  # noqa: BLE001 - stored, then raised in the caller
                 self.account.release(item.worst)
@@ -528,6 +531,12 @@ class Ledger:
     def _store_answer(
         self, item: _Waiting, completion: Completion, cost: float, latency_s: float
     ) -> None:
+        try:
+            attempts = attempts_of(completion)
+        except Exception as e:  # noqa: BLE001 - a malformed answer: its caller hears of it
+            if not item.answer.done():
+                item.answer.set_exception(e)
+            return
         finish = functools.partial(
             self.store.finish_request,
             item.key,
@@ -537,7 +546,7 @@ class Ledger:
             tokens_out=completion.tokens_out,
             cost_usd=cost,
             latency_s=latency_s,
-            attempts=attempts_of(completion),
+            attempts=attempts,
             response=completion.raw,
         )
         result = LedgerResult(item.key, completion, False, cost)
