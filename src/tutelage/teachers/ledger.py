@@ -58,11 +58,10 @@ class _Waiting:
     request: Request
     purpose: str
     remote: str | None  # the remote batch that carries it, if one does
-    answer: asyncio.Future = None  # type: ignore[assignment]  # its caller's LedgerResult
+    answer: asyncio.Future  # its caller's LedgerResult; cancelled if the caller was
     worst: float = 0.0  # its worst-case cost, held against the budget once recorded
     recorded: asyncio.Future | None = None  # its record's commit, once queued
     worker: asyncio.Task | None = None  # the worker asking the teacher, while it does
-    abandoned: bool = False  # its caller was cancelled
 
 
 def _settle(
@@ -415,15 +414,14 @@ class Ledger:
         self, key: str, body: str, request: Request, purpose: str, remote: str | None = None
     ) -> LedgerResult:
         """Queue the request for the ledger's workers; its answer comes once stored."""
-        item = _Waiting(key, body, request, purpose, remote)
-        item.answer = asyncio.get_running_loop().create_future()
+        answer = asyncio.get_running_loop().create_future()
+        item = _Waiting(key, body, request, purpose, remote, answer)
         self._unrecorded.append(item)
         self._record_ahead()
         self._start_workers(len(self._ready) + len(self._unrecorded))
         try:
-            return await item.answer
-        except asyncio.CancelledError:
-            item.abandoned = True
+            return await answer
+        except asyncio.CancelledError:  # the wait cancelled `answer` too
             if item.worker is not None:  # in flight: nobody waits for its answer any more
                 item.worker.cancel()
             raise
@@ -501,9 +499,11 @@ class Ledger:
                     completion = await self._ask_remote(item.key, item.request, item.remote)
                 else:
                     completion = await self._ask(item.request)
+                attempts = attempts_of(completion)
             except asyncio.CancelledError:
                 self.account.release(item.worst)
-                if item.abandoned:  # its caller took this worker with it: another takes its place
+                # Its caller was cancelled, and took this worker with it: a new one goes on.
+                if item.answer.cancelled():
                     self._workers.discard(asyncio.current_task())  # type: ignore[arg-type]
                     waiting = chain(self._ready, self._unrecorded)
                     self._start_workers(sum(not w.answer.done() for w in waiting))
@@ -526,17 +526,11 @@ class Ledger:
             # Stored once this worker has sent its next request: of answers that come together,
             # each is followed by a request first, and their writes by the next group.
             loop = asyncio.get_running_loop()
-            loop.call_soon(self._store_answer, item, completion, cost, latency_s)
+            loop.call_soon(self._store_answer, item, completion, cost, latency_s, attempts)
 
     def _store_answer(
-        self, item: _Waiting, completion: Completion, cost: float, latency_s: float
+        self, item: _Waiting, completion: Completion, cost: float, latency_s: float, attempts: int
     ) -> None:
-        try:
-            attempts = attempts_of(completion)
-        except Exception as e:  # noqa: BLE001 - a malformed answer: its caller hears of it
-            if not item.answer.done():
-                item.answer.set_exception(e)
-            return
         finish = functools.partial(
             self.store.finish_request,
             item.key,
